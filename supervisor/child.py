@@ -1,0 +1,155 @@
+"""The one child process: start it in its own group, report its exit at once, stop it with the
+configured signal or SIGKILL. It also recognises a child left behind by a supervisor that was
+killed, by pid *and* start time *and* boot, so it never signals a process it did not start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from supervisor import proc
+from supervisor.config import AppConfig
+from supervisor.events import ChildExited, ChildStarted, ChildStartFailed, Event
+from supervisor.statefile import ChildRecord, StateStore
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (which may contain spaces)."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2:].decode().split()
+
+
+def start_ticks(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None  # field 22 of the whole line
+
+
+def group_members(pgid: int, not_before: int) -> list[int]:
+    """Live processes in group `pgid` started no earlier than its leader: ours by construction,
+    since the kernel never reuses an id while a group or session still carries it."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if fields and int(fields[2]) == pgid and int(fields[19]) >= not_before and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+class Child:
+    """Starts and stops the child; exits are posted as ChildExited events."""
+
+    def __init__(self, config: AppConfig, store: StateStore, post: Callable[[Event], None],
+                 stats_file: Path | None, environ: Mapping[str, str] | None = None) -> None:
+        self.config, self.store, self.post = config, store, post
+        self.stats_file = stats_file
+        self.environ = dict(os.environ if environ is None else environ)
+        self.process: proc.Process | None = None
+
+    def start(self, commit: str | None) -> Event:
+        if self.process is not None and self.process.running:
+            # Rule 1 of the machine makes this unreachable; refusing keeps it true regardless.
+            return ChildStartFailed(error=f"refused: child {self.process.pid} is still running")
+        if self.stats_file is not None:
+            # Numbers written by a previous process must never count for this one.
+            try:
+                os.unlink(self.stats_file)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                return ChildStartFailed(error=f"cannot remove stats file: {error.strerror}")
+        env = {**self.environ, **self.config.env}
+        if commit:
+            env["SUPERVISOR_COMMIT"] = commit
+        try:
+            process = proc.spawn(self.config.command, cwd=self.config.cwd, env=env)
+        except OSError as error:
+            return ChildStartFailed(error=f"{self.config.command[0]}: {error.strerror or error}")
+        self.process = process
+        ticks = start_ticks(process.pid)
+        if ticks is not None:
+            self.store.save(child=ChildRecord(process.pid, ticks, boot_id(), commit))
+        process.exited.add_done_callback(lambda future: self._on_exit(process, future))
+        return ChildStarted(pid=process.pid, commit=commit)
+
+    def _on_exit(self, process: proc.Process, future: asyncio.Future[int]) -> None:
+        if self.store.current.child and self.store.current.child.pid == process.pid:
+            self.store.save(child=None)
+        exit_code, signal_name = proc.describe_returncode(future.result())
+        self.post(ChildExited(pid=process.pid, exit_code=exit_code, signal=signal_name))
+
+    def signal(self, pid: int, sig: int) -> bool:
+        process = self.process
+        if process is None or process.pid != pid:
+            return False
+        return process.signal_group(sig)
+
+    def stop(self, pid: int) -> bool:
+        return self.signal(pid, self.config.stop_signal)
+
+    def kill(self, pid: int) -> bool:
+        return self.signal(pid, signal.SIGKILL)
+
+
+async def stop_stale_child(record: ChildRecord, stop_signal: int, stop_timeout: float,
+                           report: Callable[[str, dict[str, object]], None]) -> None:
+    """Stop a child a killed supervisor left running, if it is provably that child."""
+    if record.boot_id != boot_id() or start_ticks(record.pid) != record.start_ticks:
+        return
+    try:
+        pidfd = os.pidfd_open(record.pid)
+    except ProcessLookupError:
+        return
+    try:
+        # Checked again with the pidfd held: from here on the pid cannot be reused under us.
+        if start_ticks(record.pid) != record.start_ticks:
+            return
+        report("child.stale_found", {"pid": record.pid, "commit": record.commit})
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        try:
+            for sig, grace in ((stop_signal, stop_timeout), (signal.SIGKILL, 5.0)):
+                for member in group_members(record.pid, record.start_ticks) or [record.pid]:
+                    _signal_verified(member, record.pid, record.start_ticks, sig)
+                done, _ = await asyncio.wait([exited], timeout=grace)
+                if done:
+                    break
+        finally:
+            loop.remove_reader(pidfd)
+        for member in group_members(record.pid, record.start_ticks):
+            _signal_verified(member, record.pid, record.start_ticks, signal.SIGKILL)
+        report("child.stale_stopped", {"pid": record.pid})
+    finally:
+        os.close(pidfd)
+
+
+def _signal_verified(pid: int, pgid: int, not_before: int, sig: int) -> None:
+    """Signal through a pidfd, after checking again that it is the process we mean."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (ProcessLookupError, OSError):
+        return
+    try:
+        fields = _stat_fields(pid)
+        if fields and int(fields[2]) == pgid and int(fields[19]) >= not_before:
+            signal.pidfd_send_signal(fd, sig)
+    except (ProcessLookupError, OSError):
+        pass
+    finally:
+        os.close(fd)

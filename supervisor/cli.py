@@ -1,0 +1,80 @@
+"""Command line: `run`, `check` and `demo`. Imports are lazy so that each command loads only
+what it uses; exit code 2 with one line per problem for anything the user must fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from supervisor import __version__
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="supervisor",
+        description="Keep one server program running and up to date with its git branch.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="supervise the app described by the config")
+    check = commands.add_parser("check", help="validate the config and print it with defaults")
+    for command in (run, check):
+        command.add_argument("-c", "--config", type=Path, default=Path("supervisor.toml"),
+                             metavar="PATH", help="config file (default: ./supervisor.toml)")
+    run.add_argument("--log-format", choices=("json", "text"),
+                     help="event log format (overrides log.format)")
+    demo = commands.add_parser("demo", help="show a whole deploy cycle in a temporary directory")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    return parser
+
+
+def _fail(lines: list[str]) -> int:
+    for line in lines:
+        print(f"supervisor: {line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from supervisor.demo import run_demo
+
+        return run_demo(keep=args.keep)
+
+    from supervisor.config import ConfigError, format_config, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        return _fail(error.problems)
+    if args.command == "check":
+        print(format_config(config), end="")
+        return 0
+    return _run(config, args.log_format)
+
+
+def _run(config, log_format: str | None) -> int:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from supervisor.eventlog import EventLog
+    from supervisor.service import Service, StartupError
+
+    stream = None
+    if config.log.file is not None:
+        try:
+            stream = open(config.log.file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        except OSError as error:
+            return _fail([f"log.file: cannot open {config.log.file}: {error.strerror}"])
+    log = EventLog(stream, log_format or config.log.format)
+    try:
+        return asyncio.run(Service(config, log).run())
+    except StartupError as error:
+        return _fail([str(error)])
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if stream is not None:
+            stream.close()

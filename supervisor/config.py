@@ -1,0 +1,365 @@
+"""`supervisor.toml` as frozen data: read once with tomllib, every problem reported at once as
+one line naming the key and what was expected. Nothing here starts or touches anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from supervisor.condition import Condition, ConditionError, parse_condition
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+DURATION_HINT = 'a duration such as 10, "500ms", "30s", "5m" or "1h"'
+
+
+class ConfigError(Exception):
+    """Every problem found, one line each, ready for the user."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    name: str
+    command: tuple[str, ...]
+    cwd: Path
+    env: dict[str, str] = field(default_factory=dict)
+    stop_signal: signal.Signals = signal.SIGTERM
+    stop_timeout: float = 10.0
+    state_dir: Path = Path(".")
+
+
+@dataclass(frozen=True, slots=True)
+class GitConfig:
+    repo: Path
+    remote: str | None = None
+    branch: str | None = None
+    poll_interval: float = 300.0
+    timeout: float = 120.0
+    on_diverge: str = "report"
+
+
+@dataclass(frozen=True, slots=True)
+class BuildConfig:
+    command: tuple[str, ...]
+    timeout: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class DrainConfig:
+    stats_file: Path
+    until: Condition
+    timeout: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RestartConfig:
+    backoff_min: float = 1.0
+    backoff_max: float = 60.0
+    reset_after: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: str = "json"
+    file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    app: AppConfig
+    git: GitConfig
+    build: BuildConfig | None
+    drain: DrainConfig | None
+    restart: RestartConfig
+    log: LogConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Value readers: each returns the value or raises _Bad with what was expected.
+
+
+class _Bad(Exception):
+    pass
+
+
+def _describe(value: object) -> str:
+    text = repr(value) if not isinstance(value, str) else '"' + value + '"'
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from 10, 2.5, "500ms", "30s", "5m" or "1h"; never negative."""
+    if isinstance(value, bool):
+        raise _Bad(DURATION_HINT)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise _Bad(DURATION_HINT)
+    if not 0 <= seconds < 10 * 365 * 86400:
+        raise _Bad(DURATION_HINT + " (not negative, under ten years)")
+    return seconds
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise _Bad(DURATION_HINT + ", more than zero")
+    return seconds
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Bad("a non-empty string")
+    if "\x00" in value:
+        raise _Bad("a string without NUL characters")
+    return value
+
+
+def _command(value: object) -> tuple[str, ...]:
+    """A string runs through /bin/sh -c; a list is an argv run as is."""
+    if isinstance(value, str) and value.strip() and "\x00" not in value:
+        return ("/bin/sh", "-c", value)
+    if (isinstance(value, list) and value
+            and all(isinstance(a, str) and a and "\x00" not in a for a in value)):
+        return tuple(value)
+    raise _Bad("a command string (run with /bin/sh -c) or a non-empty list of strings")
+
+
+def _env(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _Bad("a table of NAME = \"value\" strings")
+    for name, item in value.items():
+        if not name or "=" in name or "\x00" in name:
+            raise _Bad(f"variable names without '=' (got {_describe(name)})")
+        if not isinstance(item, str) or "\x00" in item:
+            raise _Bad(f"string values (got {_describe(item)} for {name})")
+    return dict(value)
+
+
+def _signal(value: object) -> signal.Signals:
+    if isinstance(value, str):
+        name = value.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        if name in signal.Signals.__members__ and name not in ("SIGKILL", "SIGSTOP"):
+            return signal.Signals[name]
+    raise _Bad('a signal name such as "SIGTERM", "SIGINT" or "SIGQUIT"')
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def read(value: object) -> str:
+        if value not in choices:
+            raise _Bad(" or ".join(f'"{c}"' for c in choices))
+        return str(value)
+    return read
+
+
+def _condition(value: object) -> Condition:
+    text = _text(value)
+    try:
+        return parse_condition(text)
+    except ConditionError as error:
+        raise _Bad(f'comparisons joined by "and", like "n_clients == 0": {error}') from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+class _Section:
+    """Reads one table, collecting problems instead of stopping at the first."""
+
+    def __init__(self, name: str, table: object, problems: list[str]) -> None:
+        self.name, self.problems = name, problems
+        if not isinstance(table, dict):
+            problems.append(f"{name}: expected a table ([{name}])")
+            table = {}
+        self.table: dict[str, Any] = table
+        self.used: set[str] = set()
+
+    def get(self, key: str, read: Callable[[Any], Any], default: Any = None,
+            required: bool = False) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if required:
+                self.problems.append(f"{self.name}.{key}: missing; expected a value")
+            return default
+        value = self.table[key]
+        try:
+            return read(value)
+        except _Bad as bad:
+            self.problems.append(f"{self.name}.{key}: expected {bad}, got {_describe(value)}")
+            return default
+
+    def finish(self) -> None:
+        for key in sorted(set(self.table) - self.used):
+            self.problems.append(f"{self.name}.{key}: unknown key")
+
+
+def default_state_dir(name: str, environ: Mapping[str, str]) -> Path:
+    """systemd's StateDirectory= when we run under it, else the XDG state home."""
+    if environ.get("STATE_DIRECTORY"):
+        return Path(environ["STATE_DIRECTORY"].split(":")[0]) / name
+    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "supervisor" / name
+
+
+_SECTIONS = ("app", "git", "build", "drain", "restart", "log")
+
+
+def parse_config(data: Mapping[str, Any], path: Path,
+                 environ: Mapping[str, str] | None = None) -> Config:
+    """Build a Config from parsed TOML; raise ConfigError listing every problem."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    base = path.parent
+
+    def resolve(value: str) -> Path:
+        return (base / os.path.expanduser(value)).resolve()
+
+    def path_reader(value: object) -> Path:
+        return resolve(_text(value))
+
+    for section in sorted(set(data) - set(_SECTIONS)):
+        problems.append(f"{section}: unknown section (expected one of {', '.join(_SECTIONS)})")
+
+    git = _Section("git", data.get("git", {}), problems)
+    repo = git.get("repo", path_reader, base.resolve())
+    git_config = GitConfig(
+        repo=repo,
+        remote=git.get("remote", _text),
+        branch=git.get("branch", _text),
+        poll_interval=git.get("poll_interval", _positive_duration, 300.0),
+        timeout=git.get("timeout", _positive_duration, 120.0),
+        on_diverge=git.get("on_diverge", _choice("report", "reset"), "report"),
+    )
+    git.finish()
+
+    app = _Section("app", data.get("app"), problems) if "app" in data else None
+    if app is None:
+        problems.append("app: missing section; expected [app] with at least command = \"...\"")
+        app = _Section("app", {}, [])
+    name = app.get("name", _text, repo.name or "app")
+    if "/" in name or name in (".", ".."):
+        problems.append(f"app.name: expected a name without '/', got {_describe(name)}")
+    app_config = AppConfig(
+        name=name,
+        command=app.get("command", _command, ("/bin/false",), required=True),
+        cwd=app.get("cwd", path_reader, repo),
+        env=app.get("env", _env, {}),
+        stop_signal=app.get("stop_signal", _signal, signal.SIGTERM),
+        stop_timeout=app.get("stop_timeout", parse_duration, 10.0),
+        state_dir=app.get("state_dir", path_reader, None) or default_state_dir(name, environ),
+    )
+    app.finish()
+
+    build_config = None
+    if "build" in data:
+        build = _Section("build", data["build"], problems)
+        build_config = BuildConfig(
+            command=build.get("command", _command, ("/bin/true",), required=True),
+            timeout=build.get("timeout", _positive_duration, 600.0),
+        )
+        build.finish()
+
+    drain_config = None
+    if "drain" in data:
+        drain = _Section("drain", data["drain"], problems)
+        drain_config = DrainConfig(
+            stats_file=drain.get("stats_file", path_reader, base, required=True),
+            until=drain.get("until", _condition, Condition(()), required=True),
+            timeout=drain.get("timeout", parse_duration, 0.0),
+        )
+        drain.finish()
+
+    restart = _Section("restart", data.get("restart", {}), problems)
+    restart_config = RestartConfig(
+        backoff_min=restart.get("backoff_min", _positive_duration, 1.0),
+        backoff_max=restart.get("backoff_max", _positive_duration, 60.0),
+        reset_after=restart.get("reset_after", parse_duration, 10.0),
+    )
+    if restart_config.backoff_max < restart_config.backoff_min:
+        problems.append("restart.backoff_max: expected a duration not below restart.backoff_min")
+    restart.finish()
+
+    log = _Section("log", data.get("log", {}), problems)
+    log_config = LogConfig(
+        format=log.get("format", _choice("json", "text"), "json"),
+        file=log.get("file", path_reader),
+    )
+    log.finish()
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(path, app_config, git_config, build_config, drain_config, restart_config,
+                  log_config)
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file; every failure becomes a ConfigError."""
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file (use -c PATH to name the config)"]) from None
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError([f"{path}: not valid TOML: {error}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not valid TOML: not UTF-8 text"]) from None
+    return parse_config(data, path.absolute(), environ)
+
+
+# ---------------------------------------------------------------------------------------------
+# `supervisor check` prints the effective config back as TOML.
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f'"{value:g}s"'
+    if isinstance(value, signal.Signals):
+        return f'"{value.name}"'
+    if isinstance(value, tuple) and value[:2] == ("/bin/sh", "-c") and len(value) == 3:
+        return _toml_value(value[2])
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + items + " }"
+    text = str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def format_config(config: Config) -> str:
+    lines = [f"# effective config from {config.path}"]
+    for section in _SECTIONS:
+        value = getattr(config, section)
+        if value is None:
+            continue
+        lines.append(f"\n[{section}]")
+        assert is_dataclass(value)
+        for item in fields(value):
+            item_value = getattr(value, item.name)
+            if item_value is not None:
+                lines.append(f"{item.name} = {_toml_value(item_value)}")
+    return "\n".join(lines) + "\n"

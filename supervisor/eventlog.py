@@ -1,0 +1,76 @@
+"""The event log: one JSON object per line (or a text line for people), written as it happens.
+Its event names and fields are a public interface (docs/events.md). Writing never raises:
+a closed stderr must not take the supervisor down.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import fields
+from typing import IO, Any
+
+from supervisor.events import Action, Event, Note
+
+
+def timestamp(now: float | None = None) -> str:
+    """RFC 3339, UTC, milliseconds."""
+    now = time.time() if now is None else now
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+def event_fields(item: Event | Action) -> dict[str, Any]:
+    return {f.name: getattr(item, f.name) for f in fields(item)}  # type: ignore[arg-type]
+
+
+def describe_action(action: Action) -> dict[str, Any]:
+    return {"action": action.name, **event_fields(action)}
+
+
+class EventLog:
+    def __init__(self, stream: IO[str] | None = None, format: str = "json") -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.format = format
+
+    def write(self, event: str, facts: dict[str, Any]) -> None:
+        record = {"ts": timestamp(), "event": event, **facts}
+        line = self._json(record) if self.format == "json" else self._text(record)
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # nowhere left to report it; the supervisor's job goes on
+
+    def transition(self, event: Event, before: str, after: str, actions: list[Action]) -> None:
+        """The step's line: the event's facts, the phase before and after, the actions taken."""
+        facts = event_fields(event)
+        facts.update(before=str(before), after=str(after),
+                     actions=[describe_action(a) for a in actions if not isinstance(a, Note)])
+        self.write(event.name, facts)
+
+    @staticmethod
+    def _json(record: dict[str, Any]) -> str:
+        return json.dumps(record, default=str, ensure_ascii=False, separators=(",", ":"))
+
+    @staticmethod
+    def _text(record: dict[str, Any]) -> str:
+        parts = [record.pop("ts"), record.pop("event")]
+        before, after = record.pop("before", None), record.pop("after", None)
+        if before is not None:
+            parts.append(before if before == after else f"{before}->{after}")
+        actions = record.pop("actions", None)
+        for key, value in record.items():
+            if value is None or value == "" or value == {}:
+                continue
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            parts.append(f"{key}={text}")
+        if actions:
+            parts.append("=> " + ", ".join(_action_text(a) for a in actions))
+        return " ".join(str(p) for p in parts)
+
+
+def _action_text(action: dict[str, Any]) -> str:
+    name = action.pop("action")
+    args = ", ".join(f"{k}={v}" for k, v in action.items() if v is not None)
+    return f"{name}({args})" if args else name

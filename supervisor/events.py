@@ -1,0 +1,211 @@
+"""The vocabulary between drivers and the machine: events are facts drivers report (past tense
+or nouns), actions are what the machine asks the loop to do (imperatives). Frozen values only:
+equality and repr come free, and `name` is the dotted name the event log uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+Relation = Literal["same", "behind", "ahead", "diverged"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Events: facts reported by drivers. `name` is the dotted name used in the event log.
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    name: ClassVar[str] = "event"
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSucceeded(Event):
+    name: ClassVar[str] = "git.fetched"
+    head: str
+    upstream: str
+    relation: Relation
+    dirty: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFailed(Event):
+    name: ClassVar[str] = "git.fetch_failed"
+    error: str
+    head: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRequested(Event):
+    name: ClassVar[str] = "git.check_requested"
+
+
+@dataclass(frozen=True, slots=True)
+class TreeUpdated(Event):
+    name: ClassVar[str] = "git.tree_updated"
+    commit: str
+
+
+@dataclass(frozen=True, slots=True)
+class TreeUpdateFailed(Event):
+    name: ClassVar[str] = "git.tree_update_failed"
+    commit: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class BuildSucceeded(Event):
+    name: ClassVar[str] = "build.succeeded"
+    commit: str
+    duration: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BuildFailed(Event):
+    name: ClassVar[str] = "build.failed"
+    commit: str
+    reason: str
+    exit_code: int | None = None
+    duration: float = 0.0
+    tail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ChildStarted(Event):
+    name: ClassVar[str] = "child.started"
+    pid: int
+    commit: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChildStartFailed(Event):
+    name: ClassVar[str] = "child.start_failed"
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChildExited(Event):
+    name: ClassVar[str] = "child.exited"
+    pid: int
+    exit_code: int | None = None
+    signal: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRead(Event):
+    """The stats file as last read; `values` is None while it is missing or unreadable."""
+
+    name: ClassVar[str] = "stats.read"
+    values: dict[str, str] | None = None
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired(Event):
+    name: ClassVar[str] = "timer.fired"
+    timer: str
+    serial: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopRequested(Event):
+    name: ClassVar[str] = "supervisor.stop_requested"
+    signal: str = "SIGTERM"
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.name: cls
+    for cls in (
+        FetchSucceeded, FetchFailed, CheckRequested, TreeUpdated, TreeUpdateFailed,
+        BuildSucceeded, BuildFailed, ChildStarted, ChildStartFailed, ChildExited, StatsRead,
+        TimerFired, StopRequested,
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Actions: what the loop must do. `name` is how the log shows them.
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    name: ClassVar[str] = "action"
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch(Action):
+    name: ClassVar[str] = "fetch"
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateTree(Action):
+    name: ClassVar[str] = "update_tree"
+    commit: str
+    reset: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StartBuild(Action):
+    name: ClassVar[str] = "start_build"
+    commit: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartChild(Action):
+    name: ClassVar[str] = "start_child"
+    commit: str | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopChild(Action):
+    name: ClassVar[str] = "stop_child"
+    pid: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class KillChild(Action):
+    name: ClassVar[str] = "kill_child"
+    pid: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class WatchStats(Action):
+    name: ClassVar[str] = "watch_stats"
+
+
+@dataclass(frozen=True, slots=True)
+class UnwatchStats(Action):
+    name: ClassVar[str] = "unwatch_stats"
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer(Action):
+    name: ClassVar[str] = "start_timer"
+    timer: str
+    seconds: float
+    serial: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer(Action):
+    name: ClassVar[str] = "cancel_timer"
+    timer: str
+
+
+@dataclass(frozen=True, slots=True)
+class Note(Action):
+    """A decision worth its own line in the event log (e.g. `drain.timed_out`)."""
+
+    name: ClassVar[str] = "note"
+    event: str
+    facts: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Exit(Action):
+    name: ClassVar[str] = "exit"
+    code: int = 0

@@ -1,0 +1,84 @@
+"""Example app for supervisor: a tiny HTTP server that reports its connected clients in a stats
+file, the way the seed's server did. Standard library only; shipped for the demo and the tests.
+
+    GET /            -> "hello from VERSION" (VERSION is the file beside this script)
+    GET /hold?s=N    -> keeps the connection for N seconds, so a client stays "connected"
+
+Environment: PORT (default 8080), HOST (default 127.0.0.1), STATS_FILE (default: none).
+"""
+
+import os
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(HERE, "VERSION")) as version_file:
+    VERSION = version_file.read().strip()
+STATS_FILE = os.environ.get("STATS_FILE")
+lock = threading.Lock()
+clients = 0
+
+
+def write_stats():
+    """Write then rename, so the supervisor never reads half a file."""
+    if not STATS_FILE:
+        return
+    temporary = f"{STATS_FILE}.{os.getpid()}.tmp"
+    with open(temporary, "w") as file:
+        file.write(f'n_clients="{clients}"\nversion="{VERSION}"\npid={os.getpid()}\n')
+    os.replace(temporary, STATS_FILE)
+
+
+def count(delta):
+    global clients
+    with lock:
+        clients += delta
+        write_stats()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        count(+1)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            count(-1)
+
+    def do_GET(self):
+        url = urlparse(self.path)
+        if url.path == "/hold":
+            seconds = float(parse_qs(url.query).get("s", ["10"])[0])
+            time.sleep(min(seconds, 3600))
+        body = f"hello from {VERSION}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        pass
+
+
+def main():
+    server = ThreadingHTTPServer((os.environ.get("HOST", "127.0.0.1"),
+                                  int(os.environ.get("PORT", "8080"))), Handler)
+    server.daemon_threads = True
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    write_stats()
+    print(f"example app {VERSION} listening on port {server.server_address[1]}", file=sys.stderr,
+          flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,452 @@
+r"""Every decision the supervisor makes: `decide(state, event) -> (state, actions)`.
+
+Theory of operation
+-------------------
+Drivers (git poller, child monitor, builder, stats watcher, timers, signals) report facts as
+events. This module alone decides what to do about them and answers with actions that the
+service loop carries out. It performs no IO, reads no clock and imports nothing that could:
+time arrives only as `TimerFired` for timers it asked for, so every rule can be tested by
+calling a function with plain values.
+
+    STARTING --first fetch--> UPDATING/BUILDING (tree behind or never built) --> RUNNING
+        \------------------ tree up to date and built -------------------------/
+    RUNNING --newer commit--> DRAINING --drained | drain timeout | child died--> UPDATING
+    UPDATING --tree at commit--> BUILDING --built--> RESTARTING --old child gone--> RUNNING
+                   (drain still unmet after the build: back to DRAINING, then RESTARTING)
+    UPDATING/BUILDING --failed--> RUNNING (the old child was never touched)
+    RUNNING --child died--> RUNNING (first death: at once) | BACKOFF --timer--> RUNNING
+    any --StopRequested--> SHUTTING_DOWN --child gone--> STOPPED
+
+Rules
+1. At most one child: `StartChild` is only ever issued while no child is known to run, and the
+   loop answers it at once with `ChildStarted` or `ChildStartFailed`.
+2. A deploy stops the child only while the latest stats satisfy `drain.until`, after the drain
+   timeout fired, or when no drain is configured; a child that died needs no drain.
+3. Commits coalesce: a commit found while busy replaces any older one waiting, so the newest wins.
+4. A commit whose tree update or build failed is not tried again until upstream moves on.
+5. Events race. An event with no rule in the current phase changes nothing and is reported as
+   ignored; this module never raises on an event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from supervisor.condition import Condition
+from supervisor.events import (
+    Action,
+    BuildFailed,
+    BuildSucceeded,
+    CancelTimer,
+    CheckRequested,
+    ChildExited,
+    ChildStarted,
+    ChildStartFailed,
+    Event,
+    Exit,
+    Fetch,
+    FetchFailed,
+    FetchSucceeded,
+    KillChild,
+    Note,
+    StartBuild,
+    StartChild,
+    StartTimer,
+    StatsRead,
+    StopChild,
+    StopRequested,
+    TimerFired,
+    TreeUpdated,
+    TreeUpdateFailed,
+    UnwatchStats,
+    UpdateTree,
+    WatchStats,
+)
+
+BACKOFF_TIMER = "backoff"
+UPTIME_TIMER = "uptime"
+STOP_TIMER = "stop"
+DRAIN_TIMER = "drain"
+
+
+class Phase(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    DRAINING = "draining"
+    UPDATING = "updating"
+    BUILDING = "building"
+    RESTARTING = "restarting"
+    SHUTTING_DOWN = "shutting_down"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The parts of the config that rules depend on; the drivers hold the rest."""
+
+    backoff_min: float = 1.0
+    backoff_max: float = 60.0
+    reset_after: float = 10.0
+    stop_timeout: float = 10.0
+    drain_condition: Condition | None = None
+    drain_timeout: float = 0.0
+    has_build: bool = False
+    reset_on_diverge: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    settings: Settings = field(default_factory=Settings)
+    phase: Phase = Phase.STARTING
+    child: int | None = None  # pid of the running child, None while none runs
+    child_commit: str | None = None
+    head: str | None = None  # commit checked out in the working tree, as last seen
+    built: str | None = None  # last commit built successfully
+    target: str | None = None  # commit being deployed (draining, updating, building, restarting)
+    target_reset: bool = False  # the target needs a reset, not a fast-forward
+    pending: str | None = None  # newer commit found while busy with `target`
+    pending_reset: bool = False
+    failed: str | None = None  # last commit whose deploy failed: not tried again
+    crashes: int = 0  # deaths in a row, each before the child stayed up `reset_after`
+    draining: bool = False  # the stats watcher is running for the current deploy
+    stats_ok: bool = False  # latest stats satisfy the drain condition
+    drain_expired: bool = False  # the drain timeout fired for the current deploy
+    timers: frozenset[tuple[str, int]] = frozenset()  # armed (name, serial)
+    serial: int = 0
+
+
+def initial_state(settings: Settings, built: str | None = None) -> State:
+    return State(settings=settings, built=built)
+
+
+Decision = tuple[State, list[Action]]
+
+
+def decide(state: State, event: Event) -> Decision:
+    """Apply one event. The `match` below is the table of contents of every rule."""
+    phase = state.phase
+    match phase, event:
+        case Phase.STOPPED, _:
+            return _ignored(state, event)
+        case _, StopRequested():
+            return _on_stop_requested(state)
+        case _, ChildStarted(pid=pid, commit=commit):
+            return _on_child_started(state, pid, commit)
+        case _, ChildStartFailed(error=error):
+            return _on_crash(state, error)
+        case _, ChildExited(pid=pid) if pid != state.child:
+            return _ignored(state, event)
+        case _, TimerFired(timer=name, serial=serial) if (name, serial) not in state.timers:
+            return _ignored(state, event)
+        case _, TimerFired(timer="uptime"):
+            return _disarm(replace(state, crashes=0), UPTIME_TIMER, cancel=False)
+        case Phase.SHUTTING_DOWN, ChildExited():
+            return replace(state, phase=Phase.STOPPED, child=None), [Exit(0)]
+        case Phase.SHUTTING_DOWN | Phase.RESTARTING, TimerFired(timer="stop"):
+            return _kill_after_stop_timeout(state)
+        case Phase.SHUTTING_DOWN, _:
+            return _ignored(state, event)
+        case _, CheckRequested():
+            return state, [Fetch()]
+        case Phase.STARTING, FetchSucceeded() | FetchFailed():
+            return _reconcile_at_start(state, event)
+        case _, FetchSucceeded():
+            return _on_fetch(state, event)
+        case _, FetchFailed():
+            return state, []
+        case Phase.RUNNING, ChildExited(exit_code=code, signal=sig):
+            return _on_crash(replace(state, child=None), _describe_exit(code, sig))
+        case Phase.BACKOFF, TimerFired(timer="backoff"):
+            state, _ = _disarm(state, BACKOFF_TIMER, cancel=False)
+            return _start_child(state, state.head, "crash restart")
+        case Phase.DRAINING, StatsRead(values=values):
+            return _on_stats(state, values)
+        case Phase.UPDATING | Phase.BUILDING, StatsRead(values=values) if state.draining:
+            return replace(state, stats_ok=_satisfied(state, values)), []
+        case Phase.DRAINING | Phase.UPDATING | Phase.BUILDING, TimerFired(timer="drain"):
+            return _on_drain_timeout(state)
+        case Phase.DRAINING, ChildExited(exit_code=code, signal=sig):
+            state = replace(state, child=None)
+            notes = [Note("drain.child_exited", {"reason": _describe_exit(code, sig)})]
+            state, actions = _end_drain(state)
+            return _after_drain(state, notes + actions)
+        case Phase.UPDATING | Phase.BUILDING, ChildExited(exit_code=code, signal=sig):
+            # The tree is mid-update; starting it now would run half a release. The new
+            # release starts when the build ends, or the old one if the build fails.
+            notes = [Note("child.exited_during_deploy", {"reason": _describe_exit(code, sig)})]
+            return replace(state, child=None), notes
+        case Phase.UPDATING, TreeUpdated(commit=commit) if commit == state.target:
+            return _on_tree_updated(replace(state, head=commit))
+        case Phase.UPDATING, TreeUpdateFailed(commit=commit, error=error) if commit == state.target:
+            return _on_deploy_failed(state, "tree update failed: " + error)
+        case Phase.BUILDING, BuildSucceeded(commit=commit) if commit == state.target:
+            return _on_built(replace(state, built=commit))
+        case Phase.BUILDING, BuildFailed(commit=commit, reason=reason) if commit == state.target:
+            return _on_deploy_failed(state, "build failed: " + reason)
+        case Phase.RESTARTING, ChildExited():
+            state, cancel = _disarm(replace(state, child=None), STOP_TIMER)
+            state, actions = _start_child(replace(state, crashes=0), state.target, "deploy")
+            return state, cancel + actions
+        case _:
+            return _ignored(state, event)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules too long for one line of the match.
+
+
+def _ignored(state: State, event: Event) -> Decision:
+    return state, [Note("event.ignored", {"ignored": event.name, "phase": str(state.phase)})]
+
+
+def _describe_exit(exit_code: int | None, signal: str | None) -> str:
+    return f"killed by {signal}" if signal else f"exit code {exit_code}"
+
+
+def _arm(state: State, name: str, seconds: float) -> Decision:
+    serial = state.serial + 1
+    timers = frozenset(t for t in state.timers if t[0] != name) | {(name, serial)}
+    return replace(state, timers=timers, serial=serial), [StartTimer(name, seconds, serial)]
+
+
+def _disarm(state: State, name: str, cancel: bool = True) -> Decision:
+    """Forget a timer; `cancel=False` when it has just fired and there is nothing to cancel."""
+    armed = [t for t in state.timers if t[0] == name]
+    if not armed:
+        return state, []
+    state = replace(state, timers=state.timers - set(armed))
+    return state, [CancelTimer(name)] if cancel else []
+
+
+def backoff_delay(settings: Settings, crashes: int) -> float:
+    """The first death restarts at once; each further quick death doubles the wait, capped."""
+    if crashes <= 1:
+        return 0.0
+    return min(settings.backoff_min * 2 ** (crashes - 2), settings.backoff_max)
+
+
+def _start_child(state: State, commit: str | None, reason: str) -> Decision:
+    return replace(state, phase=Phase.RUNNING), [StartChild(commit, reason)]
+
+
+def _on_child_started(state: State, pid: int, commit: str | None) -> Decision:
+    state = replace(state, child=pid, child_commit=commit)
+    state, actions = _arm(state, UPTIME_TIMER, state.settings.reset_after)
+    if state.pending is not None and state.phase == Phase.RUNNING:
+        target, reset = state.pending, state.pending_reset
+        state = replace(state, pending=None, pending_reset=False)
+        state, more = _begin_deploy(state, target, reset)
+        actions += more
+    return state, actions
+
+
+def _on_crash(state: State, reason: str) -> Decision:
+    crashes = state.crashes + 1
+    delay = backoff_delay(state.settings, crashes)
+    state, actions = _disarm(replace(state, crashes=crashes), UPTIME_TIMER)
+    facts: dict[str, object] = {"reason": reason, "crashes": crashes, "delay": delay}
+    if state.phase != Phase.RUNNING:
+        # A start that failed mid-deploy (the deploy target crashed at once) lands here too.
+        state = replace(state, phase=Phase.RUNNING)
+    if delay == 0:
+        state, more = _start_child(state, state.head, "crash restart")
+        return state, actions + [Note("child.restarting", facts)] + more
+    if delay >= state.settings.backoff_max:
+        actions.append(Note("child.crash_looping", facts))
+    else:
+        actions.append(Note("child.backing_off", facts))
+    state, more = _arm(replace(state, phase=Phase.BACKOFF), BACKOFF_TIMER, delay)
+    return state, actions + more
+
+
+def _deploy_candidate(state: State, fetch: FetchSucceeded) -> tuple[str | None, bool, list[Action]]:
+    """Which commit this fetch asks us to deploy, if any, and whether by reset."""
+    facts: dict[str, object] = {"head": fetch.head, "upstream": fetch.upstream}
+    if fetch.relation == "same":
+        return None, False, []
+    if fetch.dirty:
+        return None, False, [Note("git.dirty", facts)]
+    reset = fetch.relation != "behind"
+    if reset and not state.settings.reset_on_diverge:
+        return None, False, [Note("git.diverged", facts | {"relation": fetch.relation})]
+    if fetch.upstream == state.failed:
+        return None, False, [Note("deploy.skipped", facts | {"reason": "failed before"})]
+    return fetch.upstream, reset, []
+
+
+def _reconcile_at_start(state: State, event: FetchSucceeded | FetchFailed) -> Decision:
+    head = event.head
+    state = replace(state, head=head)
+    notes: list[Action] = []
+    if isinstance(event, FetchSucceeded):
+        commit, reset, notes = _deploy_candidate(state, event)
+        if commit is not None:
+            state = replace(state, target=commit, target_reset=reset, phase=Phase.UPDATING)
+            return state, notes + [UpdateTree(commit, reset)]
+    if state.settings.has_build and head is not None and head != state.built:
+        return replace(state, target=head, phase=Phase.BUILDING), notes + [StartBuild(head)]
+    state, actions = _start_child(state, head, "startup")
+    return state, notes + actions
+
+
+def _on_fetch(state: State, fetch: FetchSucceeded) -> Decision:
+    state = replace(state, head=fetch.head)
+    commit, reset, notes = _deploy_candidate(state, fetch)
+    if commit is None:
+        upstream_went_back = fetch.relation == "same" and state.target != fetch.upstream
+        if upstream_went_back and state.phase == Phase.DRAINING:
+            # Upstream went back to what runs: the deploy we were draining for is gone.
+            state, actions = _end_drain(replace(state, target=None, phase=Phase.RUNNING))
+            return state, notes + [Note("deploy.cancelled", {"upstream": fetch.upstream})] + actions
+        return state, notes
+    match state.phase:
+        case Phase.RUNNING | Phase.BACKOFF:
+            state, actions = _begin_deploy(state, commit, reset)
+            return state, notes + actions
+        case Phase.DRAINING if state.target != state.built:
+            # Nothing has been built for the old target yet: drain for the newest instead.
+            return replace(state, target=commit, target_reset=reset), notes
+        case _ if commit != state.target:
+            return replace(state, pending=commit, pending_reset=reset), notes
+    return state, notes
+
+
+def _begin_deploy(state: State, commit: str, reset: bool) -> Decision:
+    state, actions = _disarm(state, BACKOFF_TIMER)
+    state = replace(state, target=commit, target_reset=reset, stats_ok=False, drain_expired=False)
+    facts = {"commit": commit, "reset": reset}
+    if state.child is None or state.settings.drain_condition is None:
+        state = replace(state, phase=Phase.UPDATING)
+        return state, actions + [Note("deploy.started", facts), UpdateTree(commit, reset)]
+    state = replace(state, phase=Phase.DRAINING, draining=True)
+    actions += [Note("deploy.waiting_for_drain", facts), WatchStats()]
+    if state.settings.drain_timeout > 0:
+        state, timer = _arm(state, DRAIN_TIMER, state.settings.drain_timeout)
+        actions += timer
+    return state, actions
+
+
+def _satisfied(state: State, values: dict[str, str] | None) -> bool:
+    condition = state.settings.drain_condition
+    return values is not None and condition is not None and condition.holds(values)
+
+
+def _drain_done(state: State) -> bool:
+    return state.child is None or state.stats_ok or state.drain_expired
+
+
+def _on_stats(state: State, values: dict[str, str] | None) -> Decision:
+    state = replace(state, stats_ok=_satisfied(state, values))
+    if not state.stats_ok:
+        return state, []
+    return _after_drain(state, [Note("drain.satisfied", {"stats": values})])
+
+
+def _on_drain_timeout(state: State) -> Decision:
+    state, _ = _disarm(replace(state, drain_expired=True), DRAIN_TIMER, cancel=False)
+    note = Note("drain.timed_out", {"timeout": state.settings.drain_timeout})
+    if state.phase == Phase.DRAINING:
+        return _after_drain(state, [note])
+    return state, [note]
+
+
+def _after_drain(state: State, actions: list[Action]) -> Decision:
+    """Drained: update and build the target, or, if that is done already, restart into it."""
+    if state.target == state.built and state.target == state.head:
+        state, more = _restart_into_target(state)
+        return state, actions + more
+    state = replace(state, phase=Phase.UPDATING)
+    return state, actions + [Note("deploy.started", {"commit": state.target}),
+                             UpdateTree(state.target, state.target_reset)]
+
+
+def _end_drain(state: State) -> Decision:
+    """Stop watching stats and forget the drain timer: the deploy stops waiting on clients."""
+    actions: list[Action] = [UnwatchStats()] if state.draining else []
+    state, cancel = _disarm(replace(state, draining=False), DRAIN_TIMER)
+    return state, actions + cancel
+
+
+def _on_tree_updated(state: State) -> Decision:
+    if state.settings.has_build:
+        return replace(state, phase=Phase.BUILDING), [StartBuild(state.target)]
+    return _on_built(replace(state, built=state.target))
+
+
+def _on_built(state: State) -> Decision:
+    if state.pending is not None:
+        # Still drained from before: go straight on to the newest commit.
+        target, reset = state.pending, state.pending_reset
+        state = replace(state, target=target, target_reset=reset, pending=None,
+                        pending_reset=False, phase=Phase.UPDATING)
+        return state, [Note("deploy.superseded", {"commit": target}), UpdateTree(target, reset)]
+    if state.settings.drain_condition is not None and not _drain_done(state):
+        # Clients connected while we built (the old child kept serving): wait for them again.
+        actions: list[Action] = [Note("deploy.waiting_for_drain",
+                                      {"commit": state.target, "built": True})]
+        if not state.draining:
+            actions.append(WatchStats())
+        return replace(state, phase=Phase.DRAINING, draining=True), actions
+    return _restart_into_target(state)
+
+
+def _restart_into_target(state: State) -> Decision:
+    state, actions = _end_drain(state)
+    if state.child is None:
+        reason = "deploy" if state.child_commit is not None else "startup"
+        state, more = _start_child(replace(state, crashes=0), state.target, reason)
+        return state, actions + more
+    state, timer = _arm(replace(state, phase=Phase.RESTARTING), STOP_TIMER,
+                        state.settings.stop_timeout)
+    reason = f"deploy {state.target}"
+    if state.drain_expired:
+        reason += " (drain timed out)"
+    return state, actions + [StopChild(state.child, reason)] + timer
+
+
+def _on_deploy_failed(state: State, reason: str) -> Decision:
+    failed = state.target
+    state = replace(state, failed=failed)
+    actions: list[Action] = [Note("deploy.failed", {"commit": failed, "reason": reason})]
+    if state.pending is not None:
+        # Still draining for this deploy: keep watching and go on with the newer commit.
+        target, reset = state.pending, state.pending_reset
+        state = replace(state, target=target, target_reset=reset, pending=None,
+                        pending_reset=False, phase=Phase.UPDATING)
+        return state, actions + [UpdateTree(target, reset)]
+    state, more = _end_drain(replace(state, target=None, phase=Phase.RUNNING))
+    actions += more
+    if state.child is None:
+        state, more = _start_child(state, state.head, "deploy failed; starting the tree as it is")
+        return state, actions + more
+    return state, actions
+
+
+def _kill_after_stop_timeout(state: State) -> Decision:
+    state, _ = _disarm(state, STOP_TIMER, cancel=False)
+    if state.child is None:
+        return state, []
+    reason = f"did not stop within {state.settings.stop_timeout:g}s"
+    return state, [KillChild(state.child, reason)]
+
+
+def _on_stop_requested(state: State) -> Decision:
+    if state.phase == Phase.SHUTTING_DOWN:
+        if state.child is None:
+            return state, []
+        return state, [KillChild(state.child, "second stop request")]
+    state, actions = _end_drain(state)
+    for name in (BACKOFF_TIMER, UPTIME_TIMER):
+        state, cancel = _disarm(state, name)
+        actions += cancel
+    if state.child is None:
+        return replace(state, phase=Phase.STOPPED), actions + [Exit(0)]
+    state, timer = _arm(replace(state, phase=Phase.SHUTTING_DOWN), STOP_TIMER,
+                        state.settings.stop_timeout)
+    return state, actions + [StopChild(state.child, "shutdown")] + timer

@@ -1,0 +1,70 @@
+"""What must survive the supervisor: the last commit built successfully and the identity of the
+running child. One small JSON file, replaced atomically (write, fsync, rename), so a power cut
+leaves either the old or the new version, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class ChildRecord:
+    """Enough to recognise our child later without trusting the pid alone."""
+
+    pid: int
+    start_ticks: int  # /proc/PID/stat field 22: start time since boot, in clock ticks
+    boot_id: str
+    commit: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Persisted:
+    built: str | None = None
+    child: ChildRecord | None = None
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class StateStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "state.json"
+        self.current = Persisted()
+
+    def load(self) -> Persisted:
+        """A missing or damaged file means nothing is known, which is always safe."""
+        try:
+            data = json.loads(self.path.read_bytes())
+            child = data.get("child")
+            self.current = Persisted(
+                built=data.get("built") if isinstance(data.get("built"), str) else None,
+                child=ChildRecord(**child) if isinstance(child, dict) else None,
+            )
+        except (OSError, ValueError, TypeError):
+            self.current = Persisted()
+        return self.current
+
+    def save(self, **changes: object) -> None:
+        self.current = replace(self.current, **changes)  # type: ignore[arg-type]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        payload = {"built": self.current.built,
+                   "child": asdict(self.current.child) if self.current.child else None}
+        write_atomically(self.path, json.dumps(payload).encode() + b"\n")
