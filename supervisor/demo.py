@@ -1,0 +1,367 @@
+"""`supervisor demo`: the whole cycle (drain, build, restart, crash restart) in a temporary
+directory, narrated for someone who has just cloned the repository. It runs the real supervisor as
+a child process and waits on its log and on HTTP answers, never on fixed sleeps that could lie.
+Only `supervisor demo` imports this module, so nothing here costs the service any memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from supervisor.statsfile import read_stats
+
+EXAMPLE_APP = Path(os.path.dirname(os.path.abspath(__file__))) / "example_app"
+HOLD_SECONDS = 6  # how long the demo's client stays connected
+READING_PAUSE = 1.5  # the one fixed pause: time to read the lines above before the push
+STEP_TIMEOUT = 15.0  # every wait below is bounded; a step that takes longer fails the demo
+STOP_TIMEOUT = 10.0  # Ctrl-C: how long the supervisor gets to stop its app before SIGKILL
+
+CONFIG = """\
+# Written by `supervisor demo`. Paths are relative to this file.
+[app]
+name = "demo"
+command = [{python}, "server.py"]
+env = {{ PORT = "{port}", STATS_FILE = {stats} }}
+stop_timeout = "3s"
+state_dir = "state"
+
+[git]
+repo = "deploy"
+poll_interval = "1s"
+timeout = "10s"
+
+[build]
+command = [{python}, "-m", "py_compile", "server.py"]
+timeout = "30s"
+
+[drain]
+stats_file = "example.stats"
+until = "n_clients == 0"
+timeout = "30s"
+
+[restart]
+backoff_min = "500ms"
+backoff_max = "4s"
+reset_after = "2s"
+"""
+
+
+class DemoFailed(Exception):
+    """A step did not happen in time; the message says which."""
+
+
+def say(text: str) -> None:
+    print(f"demo: {text}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# Local requests must not go through an http_proxy the user may have set.
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_get(url: str, timeout: float = 2.0) -> str:
+    with _opener.open(url, timeout=timeout) as response:
+        return str(response.read().decode().strip())
+
+
+def wait_for_answer(url: str, expected: str, timeout: float = STEP_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            last = http_get(url)
+            if last == expected:
+                return
+        except OSError as error:
+            last = str(error)
+        time.sleep(0.1)
+    raise DemoFailed(f'the app did not answer "{expected}" within {timeout:g}s (last: {last})')
+
+
+class Client(threading.Thread):
+    """A visitor that stays connected for a while, as a slow download or a game session would."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(name="demo-client", daemon=True)
+        self.url, self.answer, self.error = url, "", ""
+
+    def run(self) -> None:
+        try:
+            self.answer = http_get(self.url, timeout=HOLD_SECONDS + STEP_TIMEOUT)
+        except OSError as error:
+            self.error = str(error)
+
+
+class LogFollower:
+    """Copies the supervisor's log to our stderr and keeps its lines to wait on."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self.closed = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), name="demo-log", daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+    def mark(self) -> int:
+        with self._changed:
+            return len(self.lines)
+
+    def wait_for(self, event: str, since: int, timeout: float = STEP_TIMEOUT) -> int:
+        """Index of the first `event` line at or after `since`; text lines read `TS EVENT ...`."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for index in range(since, len(self.lines)):
+                    words = self.lines[index].split(maxsplit=2)
+                    if len(words) > 1 and words[1] == event:
+                        return index
+                since = max(since, len(self.lines))
+                remaining = deadline - time.monotonic()
+                if self.closed:
+                    raise DemoFailed(f"the supervisor exited before its log showed {event}")
+                if remaining <= 0:
+                    raise DemoFailed(f"the log did not show {event} within {timeout:g}s")
+                self._changed.wait(remaining)
+
+    def field(self, index: int, name: str) -> str:
+        for word in self.lines[index].split():
+            if word.startswith(name + "="):
+                return word.split("=", 1)[1]
+        raise DemoFailed(f"no {name}= in the log line: {self.lines[index]}")
+
+    def child_pids(self) -> list[int]:
+        with self._changed:
+            lines = list(self.lines)
+        return [int(word[4:]) for line in lines if " child.started " in line
+                for word in line.split() if word.startswith("pid=") and word[4:].isdigit()]
+
+
+@contextmanager
+def interrupts_as_keyboard_interrupt() -> Iterator[None]:
+    """Ctrl-C and SIGTERM both lead to the same clean-up, even if SIGINT was inherited ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Demo:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.remote, self.dev, self.deploy = root / "remote.git", root / "dev", root / "deploy"
+        self.stats = root / "example.stats"
+        self.config = root / "supervisor.toml"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "GIT_AUTHOR_NAME": "Demo Developer", "GIT_AUTHOR_EMAIL": "dev@example.invalid",
+            "GIT_COMMITTER_NAME": "Demo Developer", "GIT_COMMITTER_EMAIL": "dev@example.invalid",
+            # The user's own git config (signing, hooks, default branch) must not change the demo.
+            "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
+        }
+        self.process: subprocess.Popen[str] | None = None
+        self.log: LogFollower | None = None
+
+    def git(self, *args: str) -> None:
+        try:
+            subprocess.run(["git", *args], cwd=self.root, env=self.env, check=True,
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            raise DemoFailed("git is not installed (apt install git)") from None
+        except subprocess.CalledProcessError as error:
+            raise DemoFailed(f"git {args[0]} failed: {error.stderr.strip()}") from None
+        except subprocess.TimeoutExpired:
+            raise DemoFailed(f"git {args[0]} did not finish within 30s") from None
+
+    def make_repositories(self) -> None:
+        self.git("init", "-q", "--bare", "-b", "main", str(self.remote))
+        self.git("init", "-q", "-b", "main", str(self.dev))
+        for name in ("server.py", "VERSION"):
+            shutil.copy(EXAMPLE_APP / name, self.dev / name)
+        (self.dev / "VERSION").write_text("1\n")
+        self.git("-C", str(self.dev), "add", "server.py", "VERSION")
+        self.git("-C", str(self.dev), "commit", "-q", "-m", "Example app, version 1")
+        self.git("-C", str(self.dev), "remote", "add", "origin", str(self.remote))
+        self.git("-C", str(self.dev), "push", "-q", "-u", "origin", "main")
+        self.git("clone", "-q", str(self.remote), str(self.deploy))
+
+    def write_config(self) -> None:
+        python = json.dumps(sys.executable)  # a JSON string is a valid TOML basic string
+        self.config.write_text(CONFIG.format(python=python, port=self.port,
+                                             stats=json.dumps(str(self.stats))))
+
+    def start_supervisor(self) -> LogFollower:
+        env = dict(self.env)
+        # Run this very copy of the package, installed or not.
+        package_parent = str(EXAMPLE_APP.parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent,
+                                                           env.get("PYTHONPATH")]))
+        # Its own process group: Ctrl-C reaches only the demo, which then stops it in order.
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "run", "-c", str(self.config),
+             "--log-format", "text"],
+            cwd=self.root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+        assert self.process.stdout is not None
+        self.log = LogFollower(self.process.stdout)
+        return self.log
+
+    def push_version(self, version: str) -> None:
+        (self.dev / "VERSION").write_text(version + "\n")
+        self.git("-C", str(self.dev), "commit", "-q", "-a", "-m", f"Version {version}")
+        self.git("-C", str(self.dev), "push", "-q")
+
+    def wait_for_clients(self, count: int) -> None:
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while time.monotonic() < deadline:
+            values = read_stats(str(self.stats)).values or {}
+            if values.get("n_clients") == str(count):
+                return
+            time.sleep(0.05)
+        raise DemoFailed(f"the stats file did not show n_clients={count} within {STEP_TIMEOUT:g}s")
+
+    def stop(self) -> int | None:
+        """SIGTERM, a bounded wait, then SIGKILL: the watchfiles stop sequence. Safe to repeat."""
+        process = self.process
+        if process is None:
+            return None
+        try:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=STOP_TIMEOUT)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            pass  # a second Ctrl-C means "now"
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            self.kill_orphaned_app()
+        return process.returncode
+
+    def kill_orphaned_app(self) -> None:
+        """A supervisor killed with SIGKILL leaves its app running. Ours are the pids its log
+        named that still run in our deploy tree; a recycled pid would not have that directory."""
+        if self.log is None:
+            return
+        for pid in self.log.child_pids():
+            try:
+                if os.path.realpath(f"/proc/{pid}/cwd") == os.path.realpath(self.deploy):
+                    os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def run(self) -> None:
+        self.make_repositories()
+        self.write_config()
+        say(f"made a git remote, a developer clone and the deploy clone in {self.root}")
+        say(f"starting: supervisor run -c {self.config} --log-format text")
+        log = self.start_supervisor()
+        wait_for_answer(self.url + "/", "hello from 1")
+        say(f'{self.url}/ answers "hello from 1"')
+
+        client = Client(f"{self.url}/hold?s={HOLD_SECONDS}")
+        client.start()
+        self.wait_for_clients(1)
+        say(f"a client connects and stays for {HOLD_SECONDS}s (GET /hold?s={HOLD_SECONDS})")
+        time.sleep(READING_PAUSE)
+
+        mark = log.mark()
+        self.push_version("2")
+        say("pushed a change (VERSION 1 -> 2) while the client is connected")
+        log.wait_for("deploy.waiting_for_drain", mark)
+        say("the supervisor fetched it and waits for n_clients == 0 before touching anything")
+
+        client.join(HOLD_SECONDS + STEP_TIMEOUT)
+        if client.is_alive() or client.error:
+            raise DemoFailed(f"the client did not get its answer: {client.error or 'timed out'}")
+        say(f'the client got "{client.answer}" from the old version, undisturbed, and left')
+        satisfied = log.wait_for("drain.satisfied", mark)
+        built = log.wait_for("build.succeeded", satisfied)
+        started = log.wait_for("child.started", built)
+        say("drained -> tree updated -> built -> old app stopped -> new app started")
+        wait_for_answer(self.url + "/", "hello from 2")
+        say(f'{self.url}/ answers "hello from 2"')
+
+        pid = int(log.field(started, "pid"))
+        mark = log.mark()
+        os.kill(pid, signal.SIGKILL)
+        say(f"kill -9 {pid}: the app crashes")
+        restarted = log.wait_for("child.started", log.wait_for("child.restarting", mark))
+        wait_for_answer(self.url + "/", "hello from 2")
+        say(f'restarted at once as pid {log.field(restarted, "pid")}; it answers "hello from 2"')
+
+        mark = log.mark()
+        say("sending SIGTERM to the supervisor")
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=STEP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise DemoFailed(f"the supervisor did not exit within {STEP_TIMEOUT:g}s") from None
+        if code != 0:
+            raise DemoFailed(f"the supervisor exited with code {code}, not 0")
+        log.wait_for("supervisor.stopped", mark, timeout=2.0)
+        say("it stopped the app and exited with code 0")
+
+
+def run_demo(keep: bool = False) -> int:
+    began = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="supervisor-demo-")).resolve()
+    demo = Demo(root)
+    code = 0
+    with interrupts_as_keyboard_interrupt():
+        try:
+            demo.run()
+        except DemoFailed as error:
+            print(f"demo: failed: {error}", file=sys.stderr, flush=True)
+            code = 1
+        except KeyboardInterrupt:
+            say("interrupted; stopping the supervisor")
+            code = 130
+        finally:
+            demo.stop()
+            if keep:
+                say(f"kept {root}; run it again with: supervisor run -c {demo.config}")
+            else:
+                shutil.rmtree(root, ignore_errors=True)
+    if code == 0:
+        say(f"done in {time.monotonic() - began:.1f}s")
+    return code

@@ -1,0 +1,236 @@
+"""Random event histories against the pure machine, with the promises it must keep checked after
+every step. The world is modelled just enough to produce plausible facts (which pids are alive,
+which build or tree update is outstanding), and junk facts (stale timers, unknown pids) are mixed
+in because events race in the real loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from supervisor.condition import parse_condition
+from supervisor.events import (
+    BuildFailed,
+    BuildSucceeded,
+    CheckRequested,
+    ChildExited,
+    ChildStarted,
+    ChildStartFailed,
+    Event,
+    Exit,
+    FetchFailed,
+    FetchSucceeded,
+    KillChild,
+    StartBuild,
+    StartChild,
+    StatsRead,
+    StopChild,
+    StopRequested,
+    TimerFired,
+    TreeUpdated,
+    TreeUpdateFailed,
+    UnwatchStats,
+    UpdateTree,
+    WatchStats,
+)
+from supervisor.machine import Phase, Settings, State, decide, initial_state
+
+COMMITS = ["a" * 40, "b" * 40, "c" * 40, "d" * 40]
+CONDITION = parse_condition("n_clients == 0")
+
+
+@dataclass
+class World:
+    """What is true outside the machine, as far as the invariants need to know."""
+
+    head: str = COMMITS[0]
+    alive: set[int] = field(default_factory=set)
+    next_pid: int = 100
+    build: str | None = None  # commit of the build in progress
+    update: str | None = None  # commit of the tree update in progress
+    watching: bool = False
+    stats_idle: bool = False  # the latest stats read says no client is connected
+    drain_expired: bool = False  # the drain timer fired since the watch began
+    exited: bool = False
+    start_fails: bool = False
+
+
+def check_and_apply(world: World, before: State, after: State, actions: list, settings_: Settings
+                    ) -> list[Event]:
+    """Assert the invariants on one decision and let the world react; returns instant answers."""
+    answers: list[Event] = []
+    assert not world.exited, "a decision after Exit"
+    for action in actions:
+        match action:
+            case StartChild():
+                assert not world.alive, f"a second child while {world.alive} still run"
+                if world.start_fails:
+                    answers.append(ChildStartFailed(error="cannot start"))
+                else:
+                    world.next_pid += 1
+                    world.alive.add(world.next_pid)
+                    answers.append(ChildStarted(pid=world.next_pid, commit=action.commit))
+            case StopChild(pid=pid, reason=reason):
+                assert pid in world.alive, "stopping a process that is not our live child"
+                if reason.startswith("deploy") and settings_.drain_condition is not None:
+                    assert world.stats_idle or world.drain_expired, \
+                        "restart while the stats file says a client is connected"
+            case KillChild(pid=pid):
+                assert pid in world.alive
+            case StartBuild(commit=commit):
+                assert world.build is None, "two builds at once"
+                assert settings_.has_build
+                world.build = commit
+            case UpdateTree(commit=commit):
+                assert world.update is None and world.build is None, "tree moved under a build"
+                world.update = commit
+            case WatchStats():
+                assert not world.watching
+                world.watching, world.stats_idle, world.drain_expired = True, False, False
+            case UnwatchStats():
+                assert world.watching
+                world.watching = False
+            case Exit():
+                assert not world.alive, "exit with the child still running"
+                world.exited = True
+    assert (after.phase == Phase.STOPPED) == world.exited
+    if after.phase == Phase.BACKOFF:
+        assert after.child is None and any(name == "backoff" for name, _ in after.timers)
+    names = [name for name, _ in after.timers]
+    assert len(names) == len(set(names)), "one timer armed twice under one name"
+    return answers
+
+
+@st.composite
+def next_event(draw: st.DrawFn, world: World, state: State) -> Event:
+    # Weighted so that deep phases (draining, restarting) are reached often; a stop request
+    # ends the history, so it stays rare.
+    choices = ["fetch"] * 4 + ["fetch_failed", "check", "stats", "junk_exit", "junk_timer"]
+    if world.watching:
+        choices += ["stats"] * 4
+    if world.alive:
+        choices += ["exit"] * 2
+    if state.timers:
+        choices += ["timer"] * 2
+    if world.build is not None:
+        choices += ["build"] * 3
+    if world.update is not None:
+        choices += ["update"] * 3
+    kind = draw(st.sampled_from(choices))
+    if kind == "check" and draw(st.integers(0, 3)) == 0:
+        kind = "stop"
+    match kind:
+        case "fetch":
+            upstream = draw(st.sampled_from(COMMITS))
+            relation = "same" if upstream == world.head else draw(
+                st.sampled_from(["behind", "behind", "behind", "ahead", "diverged"]))
+            return FetchSucceeded(head=world.head, upstream=upstream, relation=relation,
+                                  dirty=draw(st.booleans()) and draw(st.booleans()))
+        case "fetch_failed":
+            return FetchFailed(error="remote down", head=world.head)
+        case "check":
+            return CheckRequested()
+        case "stop":
+            return StopRequested()
+        case "stats":
+            values = draw(st.one_of(st.none(), st.fixed_dictionaries(
+                {"n_clients": st.sampled_from(["0", "1", "7", "x"])})))
+            return StatsRead(values=values)
+        case "exit":
+            pid = draw(st.sampled_from(sorted(world.alive)))
+            return ChildExited(pid=pid, exit_code=draw(st.sampled_from([0, 1, 137])))
+        case "junk_exit":
+            return ChildExited(pid=draw(st.integers(1, 99)), exit_code=0)
+        case "timer":
+            name, serial = draw(st.sampled_from(sorted(state.timers)))
+            return TimerFired(timer=name, serial=serial)
+        case "junk_timer":
+            return TimerFired(timer=draw(st.sampled_from(["backoff", "uptime", "stop", "drain"])),
+                              serial=draw(st.integers(-5, 0)))
+        case "build":
+            commit = world.build
+            return (BuildSucceeded(commit=commit) if draw(st.booleans())
+                    else BuildFailed(commit=commit, reason="exit code 1"))
+        case _:
+            commit = world.update
+            return (TreeUpdated(commit=commit) if draw(st.booleans())
+                    else TreeUpdateFailed(commit=commit, error="refused"))
+
+
+def record_fact(world: World, event: Event, state: State) -> None:
+    """The world changes when a fact happens, before the machine hears of it."""
+    match event:
+        case ChildExited(pid=pid):
+            world.alive.discard(pid)
+        case BuildSucceeded() | BuildFailed():
+            world.build = None
+        case TreeUpdated(commit=commit):
+            world.head, world.update = commit, None
+        case TreeUpdateFailed():
+            world.update = None
+        case StatsRead(values=values) if world.watching:
+            world.stats_idle = values is not None and CONDITION.holds(values)
+        case TimerFired(timer="drain", serial=serial) if ("drain", serial) in state.timers:
+            world.drain_expired = True
+
+
+SETTINGS = st.builds(
+    Settings,
+    backoff_min=st.just(1.0), backoff_max=st.sampled_from([1.0, 4.0, 60.0]),
+    reset_after=st.just(10.0), stop_timeout=st.just(5.0),
+    drain_condition=st.sampled_from([CONDITION, None]),
+    drain_timeout=st.sampled_from([0.0, 30.0]),
+    has_build=st.booleans(), reset_on_diverge=st.booleans(),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(settings_=SETTINGS, data=st.data(), built=st.sampled_from([None, COMMITS[0]]),
+       start_fails=st.booleans())
+def test_random_histories_keep_every_promise(settings_, data, built, start_fails):
+    world = World(start_fails=start_fails and data.draw(st.booleans()))
+    state = initial_state(settings_, built=built)
+    for _ in range(80):
+        if world.exited:
+            break
+        event = data.draw(next_event(world, state))
+        queue = [event]
+        while queue:
+            current = queue.pop(0)
+            record_fact(world, current, state)
+            before = state
+            state, actions = decide(before, current)
+            queue += check_and_apply(world, before, state, actions, settings_)
+        # The machine's view of its child always matches the world's.
+        assert (state.child is None) == (not world.alive) or state.phase in (
+            Phase.SHUTTING_DOWN, Phase.RESTARTING)
+        if state.child is not None:
+            assert world.alive == {state.child}
+
+
+@settings(max_examples=200, deadline=None)
+@given(settings_=SETTINGS, data=st.data())
+def test_every_history_ends_stopped_after_a_stop_request_and_child_exit(settings_, data):
+    """Liveness: whatever happened before, SIGTERM plus the child's exit always ends the run."""
+    world = World()
+    state = initial_state(settings_, built=COMMITS[0])
+    for _ in range(data.draw(st.integers(0, 30))):
+        event = data.draw(next_event(world, state))
+        if isinstance(event, StopRequested):
+            continue
+        queue = [event]
+        while queue:
+            current = queue.pop(0)
+            record_fact(world, current, state)
+            before = state
+            state, actions = decide(before, current)
+            queue += check_and_apply(world, before, state, actions, settings_)
+    state, actions = decide(state, StopRequested())
+    check_and_apply(world, state, state, actions, settings_)
+    for pid in sorted(world.alive):
+        world.alive.discard(pid)
+        state, actions = decide(state, ChildExited(pid=pid, signal="SIGTERM"))
+        check_and_apply(world, state, state, actions, settings_)
+    assert state.phase == Phase.STOPPED and world.exited
