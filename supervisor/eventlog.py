@@ -28,13 +28,31 @@ def describe_action(action: Action) -> dict[str, Any]:
     return {"action": action.name, **event_fields(action)}
 
 
+MAX_TEXT = 8192  # characters of one string field (a build tail, a git error)
+MAX_ITEMS = 32  # entries of one mapping field (the stats values)
+
+
+def bounded(value: Any) -> Any:
+    """Cap a field so that a hostile stats file or a noisy build cannot make a giant line."""
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        return value[-MAX_TEXT:] + f" [{len(value) - MAX_TEXT} earlier characters cut]"
+    if isinstance(value, dict) and len(value) > MAX_ITEMS:
+        kept = dict(list(value.items())[:MAX_ITEMS])
+        kept["..."] = f"{len(value) - MAX_ITEMS} more"
+        return {k: bounded(v) for k, v in kept.items()}
+    if isinstance(value, dict):
+        return {k: bounded(v) for k, v in value.items()}
+    return value
+
+
 class EventLog:
     def __init__(self, stream: IO[str] | None = None, format: str = "json") -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.format = format
 
     def write(self, event: str, facts: dict[str, Any]) -> None:
-        record = {"ts": timestamp(), "event": event, **facts}
+        record = {"ts": timestamp(), "event": event}
+        record.update((key, bounded(value)) for key, value in facts.items())
         line = self._json(record) if self.format == "json" else self._text(record)
         try:
             self.stream.write(line + "\n")

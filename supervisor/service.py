@@ -105,13 +105,19 @@ class Service:
         self.state = initial_state(settings_from(self.config), built=built)
 
     async def run(self) -> int:
-        await self._prepare()
         loop = asyncio.get_running_loop()
+        # Signals are queued from the start, so a stop during a slow start-up (a stale child
+        # being stopped) is honoured once the loop runs, instead of killing us half-way.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.inbox.put_nowait, StopRequested(signal=sig.name))
         loop.add_signal_handler(signal.SIGUSR1, self.inbox.put_nowait, CheckRequested())
         loop.add_signal_handler(signal.SIGHUP, self.log.write, "supervisor.sighup_ignored",
                                 {"reason": "config reload is not supported yet"})
+        try:
+            await self._prepare()
+        except BaseException:
+            self._remove_signal_handlers(loop)
+            raise
         poller = loop.create_task(self.repo.poll(self.inbox.put_nowait))
         try:
             while self.state.phase != Phase.STOPPED:
@@ -119,10 +125,14 @@ class Service:
         finally:
             poller.cancel()
             await self._shut_down_drivers(poller)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            self._remove_signal_handlers(loop)
         self.log.write("supervisor.stopped", {"pid": os.getpid()})
         return 0
+
+    @staticmethod
+    def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
 
     def _handle(self, first: Event) -> None:
         """Decide one event, then any events its actions answered at once (ChildStarted)."""
