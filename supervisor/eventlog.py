@@ -69,7 +69,9 @@ class EventLog:
 
     @staticmethod
     def _json(record: dict[str, Any]) -> str:
-        return json.dumps(record, default=str, ensure_ascii=False, separators=(",", ":"))
+        # ASCII only: U+2028, U+0085 and friends count as line breaks for some readers, and one
+        # record must stay one line whatever a child or a commit message contains.
+        return json.dumps(record, default=str, ensure_ascii=True, separators=(",", ":"))
 
     @staticmethod
     def _text(record: dict[str, Any]) -> str:
@@ -81,7 +83,8 @@ class EventLog:
         for key, value in record.items():
             if value is None or value == "" or value == {}:
                 continue
-            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            plain = isinstance(value, str) and value.isprintable() and " " not in value
+            text = value if plain else json.dumps(value, default=str)
             parts.append(f"{key}={text}")
         if actions:
             parts.append("=> " + ", ".join(_action_text(a) for a in actions))

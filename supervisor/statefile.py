@@ -43,6 +43,17 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
+def _child_record(data: object) -> ChildRecord | None:
+    """Only a record with every field of the right type is trusted to name our child."""
+    if not isinstance(data, dict):
+        return None
+    pid, ticks, boot, commit = (data.get(k) for k in ("pid", "start_ticks", "boot_id", "commit"))
+    if (type(pid) is not int or type(ticks) is not int or pid <= 1 or not isinstance(boot, str)
+            or not (commit is None or isinstance(commit, str))):
+        return None
+    return ChildRecord(pid, ticks, boot, commit)
+
+
 class StateStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -53,13 +64,13 @@ class StateStore:
         """A missing or damaged file means nothing is known, which is always safe."""
         try:
             data = json.loads(self.path.read_bytes())
-            child = data.get("child")
-            self.current = Persisted(
-                built=data.get("built") if isinstance(data.get("built"), str) else None,
-                child=ChildRecord(**child) if isinstance(child, dict) else None,
-            )
-        except (OSError, ValueError, TypeError):
-            self.current = Persisted()
+        except (OSError, ValueError):
+            data = None
+        if not isinstance(data, dict):
+            data = {}
+        built = data.get("built")
+        self.current = Persisted(built=built if isinstance(built, str) else None,
+                                 child=_child_record(data.get("child")))
         return self.current
 
     def save(self, **changes: object) -> None:

@@ -1,0 +1,78 @@
+"""The event log is a public interface: valid JSON per line, RFC 3339 times, bounded fields."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from supervisor.eventlog import MAX_ITEMS, MAX_TEXT, EventLog, timestamp
+from supervisor.events import BuildFailed, ChildExited, Note, StartChild, StartTimer, StatsRead
+
+
+def lines(stream: io.StringIO) -> list[str]:
+    return stream.getvalue().splitlines()
+
+
+def test_a_transition_is_one_json_line_with_event_phases_facts_and_actions():
+    stream = io.StringIO()
+    log = EventLog(stream)
+    actions = [StartTimer("backoff", 2.0, 7), Note("child.backing_off", {"delay": 2.0}),
+               StartChild("a" * 40, "crash restart")]
+    log.transition(ChildExited(pid=42, exit_code=3), "running", "backoff", actions)
+    (line,) = lines(stream)
+    record = json.loads(line)
+    assert record["event"] == "child.exited"
+    assert (record["pid"], record["exit_code"], record["signal"]) == (42, 3, None)
+    assert (record["before"], record["after"]) == ("running", "backoff")
+    assert record["actions"] == [
+        {"action": "start_timer", "timer": "backoff", "seconds": 2.0, "serial": 7},
+        {"action": "start_child", "commit": "a" * 40, "reason": "crash restart"},
+    ]  # notes get lines of their own, written by the loop
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["ts"])
+
+
+def test_timestamps_are_utc_with_milliseconds():
+    assert timestamp(0) == "1970-01-01T00:00:00.000Z"
+    assert timestamp(1700000000.25) == "2023-11-14T22:13:20.250Z"
+
+
+def test_text_format_reads_as_one_line_per_event_for_people():
+    stream = io.StringIO()
+    log = EventLog(stream, format="text")
+    log.transition(ChildExited(pid=42, signal="SIGKILL"), "running", "running",
+                   [StartChild("abc", "crash restart")])
+    (line,) = lines(stream)
+    assert " child.exited running pid=42 signal=SIGKILL => start_child(commit=abc, " in line
+    assert "exit_code" not in line  # empty facts are left out for people
+
+
+def test_huge_fields_are_cut_so_no_line_can_grow_without_bound():
+    stream = io.StringIO()
+    log = EventLog(stream)
+    log.transition(BuildFailed(commit="c", reason="exit code 1", tail="x" * 100_000), "building",
+                   "running", [])
+    log.transition(StatsRead(values={f"k{i}": "v" * 50_000 for i in range(10_000)}), "draining",
+                   "draining", [])
+    build, stats = (json.loads(line) for line in lines(stream))
+    assert len(build["tail"]) < MAX_TEXT + 100 and build["tail"].startswith("x")
+    assert len(stats["values"]) == MAX_ITEMS + 1
+    assert all(len(v) < MAX_TEXT + 100 for v in stats["values"].values())
+    assert len(stream.getvalue()) < 400_000
+
+
+@given(st.dictionaries(st.text(), st.one_of(st.text(), st.integers(), st.none(), st.floats())))
+def test_any_facts_make_exactly_one_valid_json_line(facts):
+    stream = io.StringIO()
+    EventLog(stream).write("stats.lines_ignored", facts)
+    (line,) = lines(stream)
+    assert json.loads(line)["event"] == "stats.lines_ignored"
+
+
+def test_a_closed_stream_never_raises():
+    stream = io.StringIO()
+    stream.close()
+    EventLog(stream).write("supervisor.stopped", {"pid": 1})
