@@ -24,6 +24,7 @@ _TOKEN = re.compile(
     )""",
     re.VERBOSE,
 )
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")
 MAX_LENGTH = 1000
 
 
@@ -58,7 +59,14 @@ class Comparison:
         return False
 
     def __str__(self) -> str:
-        literal = self.value if _as_number(self.value) is not None else repr(self.value)
+        # Written back in the grammar's own terms: bare only if the lexer reads it as a number,
+        # else quoted without escapes (the lexer has none), with a quote the value lacks.
+        if _NUMBER.fullmatch(self.value):
+            literal = self.value
+        elif '"' in self.value:
+            literal = "'" + self.value + "'"
+        else:
+            literal = '"' + self.value + '"'
         return f"{self.key} {self.op} {literal}"
 
 

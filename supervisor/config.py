@@ -4,6 +4,7 @@ one line naming the key and what was expected. Nothing here starts or touches an
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -95,8 +96,13 @@ class _Bad(Exception):
 
 
 def _describe(value: object) -> str:
-    text = repr(value) if not isinstance(value, str) else '"' + value + '"'
+    # Escaped, so that a multi-line TOML string cannot split a problem over several lines.
+    text = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _describe(name)
 
 
 def parse_duration(value: object) -> float:
@@ -104,7 +110,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise _Bad(DURATION_HINT)
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # tomllib reads integers of any size
+            raise _Bad(DURATION_HINT + " (not negative, under ten years)") from None
     elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
@@ -146,7 +155,7 @@ def _env(value: object) -> dict[str, str]:
         if not name or "=" in name or "\x00" in name:
             raise _Bad(f"variable names without '=' (got {_describe(name)})")
         if not isinstance(item, str) or "\x00" in item:
-            raise _Bad(f"string values (got {_describe(item)} for {name})")
+            raise _Bad(f"string values (got {_describe(item)} for {_key(name)})")
     return dict(value)
 
 
@@ -206,14 +215,15 @@ class _Section:
 
     def finish(self) -> None:
         for key in sorted(set(self.table) - self.used):
-            self.problems.append(f"{self.name}.{key}: unknown key")
+            self.problems.append(f"{self.name}.{_key(key)}: unknown key")
 
 
 def default_state_dir(name: str, environ: Mapping[str, str]) -> Path:
     """systemd's StateDirectory= when we run under it, else the XDG state home."""
     if environ.get("STATE_DIRECTORY"):
         return Path(environ["STATE_DIRECTORY"].split(":")[0]) / name
-    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    home = environ.get("HOME") or os.path.expanduser("~")
+    base = environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
     return Path(base) / "supervisor" / name
 
 
@@ -234,7 +244,8 @@ def parse_config(data: Mapping[str, Any], path: Path,
         return resolve(_text(value))
 
     for section in sorted(set(data) - set(_SECTIONS)):
-        problems.append(f"{section}: unknown section (expected one of {', '.join(_SECTIONS)})")
+        problems.append(f"{_key(section)}: unknown section "
+                        f"(expected one of {', '.join(_SECTIONS)})")
 
     git = _Section("git", data.get("git", {}), problems)
     repo = git.get("repo", path_reader, base.resolve())
@@ -321,6 +332,8 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError([f"{path}: not valid TOML: {error}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not valid TOML: not UTF-8 text"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: not valid TOML: nested too deeply"]) from None
     return parse_config(data, path.absolute(), environ)
 
 
@@ -331,8 +344,10 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, float):
-        return f'"{value:g}s"'
+    if isinstance(value, float):  # every float in a Config is a duration in seconds
+        if value.is_integer():
+            return f'"{int(value)}s"'
+        return f'"{value!r}s"' if "e" not in repr(value) else repr(value)
     if isinstance(value, signal.Signals):
         return f'"{value.name}"'
     if isinstance(value, tuple) and value[:2] == ("/bin/sh", "-c") and len(value) == 3:
@@ -342,8 +357,20 @@ def _toml_value(value: object) -> str:
     if isinstance(value, dict):
         items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
         return "{ " + items + " }"
-    text = str(value)
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return _toml_string(str(value))
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped."""
+    out = []
+    for char in text:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif (char < " " and char != "\t") or char == "\x7f":
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
 
 
 def _toml_key(key: str) -> str:

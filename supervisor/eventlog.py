@@ -52,7 +52,8 @@ class EventLog:
 
     def write(self, event: str, facts: dict[str, Any]) -> None:
         record = {"ts": timestamp(), "event": event}
-        record.update((key, bounded(value)) for key, value in facts.items())
+        for key, value in facts.items():
+            record["fact_" + key if key in record else key] = bounded(value)
         line = self._json(record) if self.format == "json" else self._text(record)
         try:
             self.stream.write(line + "\n")

@@ -24,7 +24,9 @@ def git_environment(base: Mapping[str, str], timeout: float) -> dict[str, str]:
     env.update(GIT_TERMINAL_PROMPT="0", GCM_INTERACTIVE="never", SSH_ASKPASS_REQUIRE="never",
                LC_ALL="C", LANGUAGE="C",
                GIT_HTTP_LOW_SPEED_LIMIT="1000", GIT_HTTP_LOW_SPEED_TIME=str(int(min(timeout, 30))))
-    env.pop("GIT_ASKPASS", None)
+    # git runs GIT_ASKPASS, else core.askPass, else SSH_ASKPASS (a desktop's password dialog)
+    # even with GIT_TERMINAL_PROMPT=0; set but empty, it makes git skip all three.
+    env["GIT_ASKPASS"] = ""
     if "GIT_SSH_COMMAND" not in env and "GIT_SSH" not in env:
         connect = int(max(1, min(timeout, 30)))
         env["GIT_SSH_COMMAND"] = (f"ssh -o BatchMode=yes -o ConnectTimeout={connect} "

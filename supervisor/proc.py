@@ -96,6 +96,7 @@ class _OutputReader:
         self.fd, self.on_line, self.limit = fd, on_line, limit
         self.tail: deque[str] = deque(maxlen=tail_lines)
         self.partial = b""
+        self.overlong = False  # the current line passed `limit`: drop the rest of it
         self.closed = asyncio.get_running_loop().create_future()
         os.set_blocking(fd, False)
         asyncio.get_running_loop().add_reader(fd, self._read)
@@ -110,12 +111,18 @@ class _OutputReader:
         if not chunk:
             self.close()
             return
-        *lines, self.partial = (self.partial + chunk).split(b"\n")
-        if len(self.partial) > self.limit:
-            lines.append(self.partial)
-            self.partial = b""
+        *lines, partial = (self.partial + chunk).split(b"\n")
         for line in lines:
-            self._line(line)
+            if self.overlong:  # the end of a line already passed on, capped
+                self.overlong = False
+            else:
+                self._line(line)
+        if self.overlong and not lines:
+            partial = b""
+        elif len(partial) > self.limit:
+            self._line(partial)  # capped to `limit` by _line; the rest is dropped
+            self.overlong, partial = True, b""
+        self.partial = partial
 
     def _line(self, raw: bytes) -> None:
         line = raw[: self.limit].decode("utf-8", errors="replace").rstrip("\r")

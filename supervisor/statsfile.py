@@ -10,6 +10,7 @@ import os
 import re
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,7 +36,7 @@ class Stats:
 
 def parse_stats(data: bytes) -> Stats:
     """Parse `KEY=value`, `KEY="value"`, `KEY='value'` lines and `#` comments; ignore the rest."""
-    text = data.decode("utf-8", errors="replace")
+    text = data.decode("utf-8", errors="replace").removeprefix("\ufeff")
     values: dict[str, str] = {}
     ignored, first = 0, None
     for raw in text.splitlines():
@@ -130,12 +131,19 @@ class StatsWatcher:
         try:
             with RustNotify([directory], False, False, 300, False, False) as notify:
                 self._post(loop, stop)
+                last_read = time.monotonic()
                 while not stop.is_set():
                     changes = notify.watch(self.DEBOUNCE_MS, self.STEP_MS, 0, stop)
                     if isinstance(changes, set) and any(
                         os.path.basename(path) == name for _kind, path in changes
                     ):
+                        # RustNotify returns as soon as its set of (kind, path) stops growing,
+                        # which for one file rewritten in a loop is every other step: pace here.
+                        pause = last_read + self.DEBOUNCE_MS / 1000 - time.monotonic()
+                        if pause > 0 and stop.wait(pause):
+                            break
                         self._post(loop, stop)
+                        last_read = time.monotonic()
         except Exception as error:
             if not stop.is_set():
                 loop.call_soon_threadsafe(
