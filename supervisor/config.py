@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -322,6 +323,8 @@ def parse_config(data: Mapping[str, Any], path: Path,
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file; every failure becomes a ConfigError."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open below
+            raise ConfigError([f"{path}: not a regular file"])
         with open(path, "rb") as file:
             data = tomllib.load(file)
     except FileNotFoundError:

@@ -6,6 +6,7 @@ valid forms and defaults, and `supervisor check` printing a config that loads ba
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import subprocess
 import sys
@@ -187,7 +188,13 @@ def test_cli_missing_file(tmp_path: Path) -> None:
 
 
 def test_cli_config_path_is_a_directory(tmp_path: Path) -> None:
-    assert_usage_error(cli_check(tmp_path), "cannot read")
+    assert_usage_error(cli_check(tmp_path), "not a regular file")
+
+
+def test_cli_config_path_is_a_fifo_and_does_not_block(tmp_path: Path) -> None:
+    fifo = tmp_path / "supervisor.toml"
+    os.mkfifo(fifo)
+    assert_usage_error(cli_check(fifo), "not a regular file")
 
 
 def test_cli_a_multiline_value_still_gives_one_line_per_problem(tmp_path: Path) -> None:
