@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -83,10 +83,13 @@ def http_get(url: str, timeout: float = 2.0) -> str:
         return str(response.read().decode().strip())
 
 
-def wait_for_answer(url: str, expected: str, timeout: float = STEP_TIMEOUT) -> None:
+def wait_for_answer(url: str, expected: str, alive: Callable[[], bool],
+                    timeout: float = STEP_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
+        if not alive():
+            raise DemoFailed(f'the supervisor exited before the app answered "{expected}"')
         try:
             last = http_get(url)
             if last == expected:
@@ -114,8 +117,9 @@ class Client(threading.Thread):
 class LogFollower:
     """Copies the supervisor's log to our stderr and keeps its lines to wait on."""
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str], alive: Callable[[], bool]) -> None:
         self.lines: list[str] = []
+        self.alive = alive
         self.closed = False
         self._changed = threading.Condition()
         threading.Thread(target=self._read, args=(stream,), name="demo-log", daemon=True).start()
@@ -138,6 +142,7 @@ class LogFollower:
     def wait_for(self, event: str, since: int, timeout: float = STEP_TIMEOUT) -> int:
         """Index of the first `event` line at or after `since`; text lines read `TS EVENT ...`."""
         deadline = time.monotonic() + timeout
+        gone_at: float | None = None
         with self._changed:
             while True:
                 for index in range(since, len(self.lines)):
@@ -145,12 +150,16 @@ class LogFollower:
                     if len(words) > 1 and words[1] == event:
                         return index
                 since = max(since, len(self.lines))
-                remaining = deadline - time.monotonic()
-                if self.closed:
+                now = time.monotonic()
+                if not self.closed and not self.alive():
+                    # Its last lines may still be in the pipe, which an app that outlived it
+                    # keeps open: give them a moment rather than wait for the end of the pipe.
+                    gone_at = gone_at or now
+                if self.closed or (gone_at is not None and now - gone_at > 1.0):
                     raise DemoFailed(f"the supervisor exited before its log showed {event}")
-                if remaining <= 0:
+                if now >= deadline:
                     raise DemoFailed(f"the log did not show {event} within {timeout:g}s")
-                self._changed.wait(remaining)
+                self._changed.wait(min(deadline - now, 0.2))
 
     def field(self, index: int, name: str) -> str:
         for word in self.lines[index].split():
@@ -242,8 +251,14 @@ class Demo:
             cwd=self.root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
         assert self.process.stdout is not None
-        self.log = LogFollower(self.process.stdout)
+        self.log = LogFollower(self.process.stdout, self.alive)
         return self.log
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_for_answer(self, expected: str) -> None:
+        wait_for_answer(self.url + "/", expected, self.alive)
 
     def push_version(self, version: str) -> None:
         (self.dev / "VERSION").write_text(version + "\n")
@@ -252,15 +267,17 @@ class Demo:
 
     def wait_for_clients(self, count: int) -> None:
         deadline = time.monotonic() + STEP_TIMEOUT
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.alive():
             values = read_stats(str(self.stats)).values or {}
             if values.get("n_clients") == str(count):
                 return
             time.sleep(0.05)
+        if not self.alive():
+            raise DemoFailed("the supervisor exited while the demo waited for the client")
         raise DemoFailed(f"the stats file did not show n_clients={count} within {STEP_TIMEOUT:g}s")
 
     def stop(self) -> int | None:
-        """SIGTERM, a bounded wait, then SIGKILL: the watchfiles stop sequence. Safe to repeat."""
+        """SIGTERM, a bounded wait, then SIGKILL, as watchfiles stops its process. Repeatable."""
         process = self.process
         if process is None:
             return None
@@ -273,11 +290,11 @@ class Demo:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            self.kill_orphaned_app()
+        self.kill_orphaned_app()
         return process.returncode
 
     def kill_orphaned_app(self) -> None:
-        """A supervisor killed with SIGKILL leaves its app running. Ours are the pids its log
+        """A supervisor that died or was killed leaves its app running. Ours are the pids its log
         named that still run in our deploy tree; a recycled pid would not have that directory."""
         if self.log is None:
             return
@@ -294,7 +311,7 @@ class Demo:
         say(f"made a git remote, a developer clone and the deploy clone in {self.root}")
         say(f"starting: supervisor run -c {self.config} --log-format text")
         log = self.start_supervisor()
-        wait_for_answer(self.url + "/", "hello from 1")
+        self.wait_for_answer("hello from 1")
         say(f'{self.url}/ answers "hello from 1"')
 
         client = Client(f"{self.url}/hold?s={HOLD_SECONDS}")
@@ -317,7 +334,7 @@ class Demo:
         built = log.wait_for("build.succeeded", satisfied)
         started = log.wait_for("child.started", built)
         say("drained -> tree updated -> built -> old app stopped -> new app started")
-        wait_for_answer(self.url + "/", "hello from 2")
+        self.wait_for_answer("hello from 2")
         say(f'{self.url}/ answers "hello from 2"')
 
         pid = int(log.field(started, "pid"))
@@ -325,7 +342,7 @@ class Demo:
         os.kill(pid, signal.SIGKILL)
         say(f"kill -9 {pid}: the app crashes")
         restarted = log.wait_for("child.started", log.wait_for("child.restarting", mark))
-        wait_for_answer(self.url + "/", "hello from 2")
+        self.wait_for_answer("hello from 2")
         say(f'restarted at once as pid {log.field(restarted, "pid")}; it answers "hello from 2"')
 
         mark = log.mark()
@@ -345,10 +362,11 @@ class Demo:
 def run_demo(keep: bool = False) -> int:
     began = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="supervisor-demo-")).resolve()
-    demo = Demo(root)
+    demo: Demo | None = None
     code = 0
     with interrupts_as_keyboard_interrupt():
         try:
+            demo = Demo(root)
             demo.run()
         except DemoFailed as error:
             print(f"demo: failed: {error}", file=sys.stderr, flush=True)
@@ -357,11 +375,16 @@ def run_demo(keep: bool = False) -> int:
             say("interrupted; stopping the supervisor")
             code = 130
         finally:
-            demo.stop()
+            if demo is not None:
+                demo.stop()
             if keep:
-                say(f"kept {root}; run it again with: supervisor run -c {demo.config}")
+                say(f"kept {root}; run it again with: supervisor run -c {root / 'supervisor.toml'}")
             else:
                 shutil.rmtree(root, ignore_errors=True)
     if code == 0:
         say(f"done in {time.monotonic() - began:.1f}s")
+    elif code == 130:
+        say("stopped" + ("" if keep else f" and removed {root}"))
+    elif not keep:
+        say("the log above shows how far it got; `supervisor demo --keep` keeps the files")
     return code

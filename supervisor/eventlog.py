@@ -35,7 +35,7 @@ MAX_ITEMS = 32  # entries of one mapping field (the stats values)
 def bounded(value: Any) -> Any:
     """Cap a field so that a hostile stats file or a noisy build cannot make a giant line."""
     if isinstance(value, str) and len(value) > MAX_TEXT:
-        return value[-MAX_TEXT:] + f" [{len(value) - MAX_TEXT} earlier characters cut]"
+        return f"[{len(value) - MAX_TEXT} earlier characters cut] " + value[-MAX_TEXT:]
     if isinstance(value, dict) and len(value) > MAX_ITEMS:
         kept = dict(list(value.items())[:MAX_ITEMS])
         kept["..."] = f"{len(value) - MAX_ITEMS} more"
@@ -94,5 +94,6 @@ class EventLog:
 
 def _action_text(action: dict[str, Any]) -> str:
     name = action.pop("action")
-    args = ", ".join(f"{k}={v}" for k, v in action.items() if v is not None)
+    args = ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                     for k, v in action.items() if v is not None)
     return f"{name}({args})" if args else name

@@ -34,6 +34,15 @@ def git_environment(base: Mapping[str, str], timeout: float) -> dict[str, str]:
     return env
 
 
+def _first_complaint(output: str, returncode: int | None) -> str:
+    """git's own words: its `fatal:`/`error:` lines say what went wrong; the last line is
+    often advice ("...and the repository exists.")."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    complaints = [line for line in lines if line.startswith(("fatal:", "error:"))]
+    chosen = complaints[:2] or lines[-1:]
+    return "; ".join(chosen) or f"exit code {returncode}"
+
+
 class GitRepo:
     def __init__(self, config: GitConfig, environ: Mapping[str, str] | None = None) -> None:
         self.config = config
@@ -50,8 +59,7 @@ class GitRepo:
         if result.timed_out:
             raise GitError(f"git {args[0]} timed out after {self.config.timeout:g}s")
         if not result.ok:
-            last = result.output.strip().splitlines()[-1:] or [f"exit code {result.returncode}"]
-            raise GitError(f"git {args[0]}: {last[0]}")
+            raise GitError(f"git {args[0]}: {_first_complaint(result.output, result.returncode)}")
         return result.output.strip()
 
     async def _config_value(self, key: str) -> str | None:

@@ -114,6 +114,7 @@ class State:
     pending_reset: bool = False
     failed: str | None = None  # last commit whose deploy failed: not tried again
     crashes: int = 0  # deaths in a row, each before the child stayed up `reset_after`
+    reverting: bool = False  # moving the tree back to `built` after a failed build
     draining: bool = False  # the stats watcher is running for the current deploy
     stats_ok: bool = False  # latest stats satisfy the drain condition
     drain_expired: bool = False  # the drain timeout fired for the current deploy
@@ -181,6 +182,12 @@ def decide(state: State, event: Event) -> Decision:
             # release starts when the build ends, or the old one if the build fails.
             notes = [Note("child.exited_during_deploy", {"reason": _describe_exit(code, sig)})]
             return replace(state, child=None), notes
+        case Phase.UPDATING, TreeUpdated(commit=commit) if (
+                commit == state.target and state.reverting):
+            return _on_reverted(replace(state, head=commit), None)
+        case Phase.UPDATING, TreeUpdateFailed(commit=commit, error=error) if (
+                commit == state.target and state.reverting):
+            return _on_reverted(state, error)
         case Phase.UPDATING, TreeUpdated(commit=commit) if commit == state.target:
             return _on_tree_updated(replace(state, head=commit))
         case Phase.UPDATING, TreeUpdateFailed(commit=commit, error=error) if commit == state.target:
@@ -288,7 +295,8 @@ def _reconcile_at_start(state: State, event: FetchSucceeded | FetchFailed) -> De
         commit, reset, notes = _deploy_candidate(state, event)
         if commit is not None:
             state = replace(state, target=commit, target_reset=reset, phase=Phase.UPDATING)
-            return state, notes + [UpdateTree(commit, reset)]
+            return state, notes + [Note("deploy.started", {"commit": commit, "reset": reset}),
+                                   UpdateTree(commit, reset)]
     if state.settings.has_build and head is not None and head != state.built:
         return replace(state, target=head, phase=Phase.BUILDING), notes + [StartBuild(head)]
     state, actions = _start_child(state, head, "startup")
@@ -320,12 +328,13 @@ def _on_fetch(state: State, fetch: FetchSucceeded) -> Decision:
 def _begin_deploy(state: State, commit: str, reset: bool) -> Decision:
     state, actions = _disarm(state, BACKOFF_TIMER)
     state = replace(state, target=commit, target_reset=reset, stats_ok=False, drain_expired=False)
-    facts = {"commit": commit, "reset": reset}
     if state.child is None or state.settings.drain_condition is None:
         state = replace(state, phase=Phase.UPDATING)
-        return state, actions + [Note("deploy.started", facts), UpdateTree(commit, reset)]
+        return state, actions + [Note("deploy.started", {"commit": commit, "reset": reset}),
+                                 UpdateTree(commit, reset)]
     state = replace(state, phase=Phase.DRAINING, draining=True)
-    actions += [Note("deploy.waiting_for_drain", facts), WatchStats()]
+    actions += [Note("deploy.waiting_for_drain", {"commit": commit, "built": False}),
+                WatchStats()]
     if state.settings.drain_timeout > 0:
         state, timer = _arm(state, DRAIN_TIMER, state.settings.drain_timeout)
         actions += timer
@@ -362,7 +371,8 @@ def _after_drain(state: State, actions: list[Action]) -> Decision:
         state, more = _restart_into_target(state)
         return state, actions + more
     state = replace(state, phase=Phase.UPDATING)
-    return state, actions + [Note("deploy.started", {"commit": state.target}),
+    facts = {"commit": state.target, "reset": state.target_reset}
+    return state, actions + [Note("deploy.started", facts),
                              UpdateTree(state.target, state.target_reset)]
 
 
@@ -422,8 +432,39 @@ def _on_deploy_failed(state: State, reason: str) -> Decision:
         return state, actions + [UpdateTree(target, reset)]
     state, more = _end_drain(replace(state, target=None, phase=Phase.RUNNING))
     actions += more
+    good = state.built
+    if state.head == failed and good is not None and good != failed:
+        # The tree now holds the commit that failed to build: a crash restart, or a restarted
+        # supervisor, would run it. Go back to the last good build before anything starts.
+        state = replace(state, target=good, target_reset=True, reverting=True,
+                        phase=Phase.UPDATING)
+        return state, actions + [Note("deploy.reverting", {"commit": good}),
+                                 UpdateTree(good, True)]
+    return _carry_on_after_failure(state, actions, "deploy failed; starting the tree as it is")
+
+
+def _on_reverted(state: State, error: str | None) -> Decision:
+    commit = state.target
+    if error is None:
+        note = Note("deploy.reverted", {"commit": commit})
+        reason = "deploy failed; back on the last good build"
+    else:
+        note = Note("deploy.revert_failed", {"commit": commit, "error": error})
+        reason = "deploy failed; starting the tree as it is"
+    state = replace(state, target=None, target_reset=False, reverting=False, phase=Phase.RUNNING)
+    return _carry_on_after_failure(state, [note], reason)
+
+
+def _carry_on_after_failure(state: State, actions: list[Action], reason: str) -> Decision:
+    """After a failed deploy: a newer commit found meanwhile goes next; else make sure a child
+    runs (it may have died during the build)."""
+    if state.pending is not None:
+        target, reset = state.pending, state.pending_reset
+        state = replace(state, pending=None, pending_reset=False)
+        state, more = _begin_deploy(state, target, reset)
+        return state, actions + more
     if state.child is None:
-        state, more = _start_child(state, state.head, "deploy failed; starting the tree as it is")
+        state, more = _start_child(state, state.head, reason)
         return state, actions + more
     return state, actions
 

@@ -73,7 +73,7 @@ class Service:
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.tree_update: asyncio.Task[None] | None = None
         self.state: State = initial_state(settings_from(config))
-        self._last_stats: dict[str, str] | bool | None = False
+        self._last_stats: Stats | None = None
 
     async def _prepare(self) -> None:
         """Everything that must hold before the first child starts; failures are StartupError."""
@@ -141,19 +141,9 @@ class Service:
             event = queue.popleft()
             before = self.state
             self.state, actions = decide(before, event)
-            if self._worth_logging(before, event, actions):
-                self.log.transition(event, before.phase, self.state.phase, actions)
+            self.log.transition(event, before.phase, self.state.phase, actions)
             for action in actions:
                 queue.extend(self._perform(action))
-
-    def _worth_logging(self, before: State, event: Event, actions: list[Action]) -> bool:
-        """Identical stats reads that change nothing are left out: a chatty child writing its
-        stats file all day must not fill the log."""
-        if not isinstance(event, StatsRead):
-            return True
-        changed = event.values != self._last_stats or actions or before.phase != self.state.phase
-        self._last_stats = event.values
-        return bool(changed)
 
     def _perform(self, action: Action) -> list[Event]:
         match action:
@@ -171,6 +161,7 @@ class Service:
             case StartBuild(commit=commit) if self.builder is not None:
                 self.builder.start(commit)
             case WatchStats() if self.watcher is not None:
+                self._last_stats = None
                 self.watcher.start()
             case UnwatchStats() if self.watcher is not None:
                 self.watcher.stop()
@@ -195,6 +186,11 @@ class Service:
             handle.cancel()
 
     def _on_stats(self, stats: Stats) -> None:
+        """A read identical to the previous one is dropped: it can change no decision, and a
+        child that rewrites its stats file all day must not fill the log."""
+        if stats == self._last_stats:
+            return
+        self._last_stats = stats
         if stats.ignored_lines:
             self.log.write("stats.lines_ignored", {"count": stats.ignored_lines,
                                                    "first": stats.first_ignored})

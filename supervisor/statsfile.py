@@ -12,7 +12,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAX_BYTES = 64 * 1024
 _LINE = re.compile(
@@ -31,7 +31,6 @@ class Stats:
     problem: str | None = None
     ignored_lines: int = 0
     first_ignored: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
 
 def parse_stats(data: bytes) -> Stats:

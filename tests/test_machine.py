@@ -74,7 +74,8 @@ def test_startup_builds_a_tree_that_was_never_built_before_starting():
 
 def test_startup_behind_upstream_fast_forwards_and_builds_first():
     harness = Harness.new(DRAIN, built=A)
-    assert harness.feed(behind(B)) == [UpdateTree(B, False)]
+    assert kinds(harness.feed(behind(B))) == ["deploy.started", "update_tree"]
+    assert of_type(harness.actions, UpdateTree) == [UpdateTree(B, False)]
     assert harness.feed(TreeUpdated(commit=B)) == [StartBuild(B)]
     actions = harness.feed(BuildSucceeded(commit=B))
     assert of_type(actions, StartChild) == [StartChild(B, "startup")]
@@ -247,11 +248,58 @@ def test_a_failed_build_leaves_the_child_alone_and_is_not_retried_until_a_newer_
     harness.feed(IDLE)
     harness.feed(TreeUpdated(commit=B))
     actions = harness.feed(BuildFailed(commit=B, reason="exit code 2", exit_code=2))
-    assert kinds(actions) == ["deploy.failed", "unwatch_stats", "cancel_timer"]
+    assert kinds(actions) == ["deploy.failed", "unwatch_stats", "cancel_timer",
+                              "deploy.reverting", "update_tree"]
     assert of_type(actions, Note)[0].facts["commit"] == B
+    assert of_type(actions, UpdateTree) == [UpdateTree(A, True)]  # back to the last good build
+    assert kinds(harness.feed(TreeUpdated(commit=A))) == ["deploy.reverted"]
     assert harness.state.phase == Phase.RUNNING and harness.state.child == 101
+    assert harness.state.head == A
     assert kinds(harness.feed(behind(B))) == ["deploy.skipped"]
-    assert "watch_stats" in kinds(harness.feed(behind(C, head=B)))
+    assert "watch_stats" in kinds(harness.feed(behind(C)))
+
+
+def test_a_crash_after_a_failed_build_restarts_the_last_good_build_not_the_broken_one():
+    harness = running(NO_DRAIN)
+    harness.feed(behind(B))
+    harness.feed(TreeUpdated(commit=B))
+    harness.feed(BuildFailed(commit=B, reason="exit code 1"))
+    actions = harness.feed(ChildExited(pid=101, exit_code=1))  # while the tree goes back
+    assert of_type(actions, StartChild) == []
+    actions = harness.feed(TreeUpdated(commit=A))
+    assert of_type(actions, StartChild) == [StartChild(A, "deploy failed; back on the last good build")]
+    harness.feed(ChildExited(pid=102, exit_code=1))
+    assert of_type(harness.actions, StartChild)[-1] == StartChild(A, "crash restart")
+
+
+def test_a_tree_that_cannot_go_back_is_started_as_it_is_and_says_why():
+    harness = running(NO_DRAIN)
+    harness.feed(behind(B))
+    harness.feed(TreeUpdated(commit=B))
+    harness.feed(ChildExited(pid=101, exit_code=1))
+    harness.feed(BuildFailed(commit=B, reason="exit code 1"))
+    actions = harness.feed(TreeUpdateFailed(commit=A, error="local changes in the working tree"))
+    assert kinds(actions)[0] == "deploy.revert_failed"
+    assert of_type(actions, StartChild) == [StartChild(B, "deploy failed; starting the tree as it is")]
+
+
+def test_startup_goes_back_to_the_recorded_good_build_when_the_checked_out_commit_fails():
+    harness = Harness.new(DRAIN, built=A)  # killed after a fast-forward, before the build ended
+    assert harness.feed(up_to_date(B)) == [StartBuild(B)]
+    actions = harness.feed(BuildFailed(commit=B, reason="exit code 2"))
+    assert of_type(actions, UpdateTree) == [UpdateTree(A, True)]
+    actions = harness.feed(TreeUpdated(commit=A))
+    assert of_type(actions, StartChild) == [StartChild(A, "deploy failed; back on the last good build")]
+
+
+def test_a_newer_commit_found_while_going_back_is_deployed_next():
+    harness = running(NO_DRAIN)
+    harness.feed(behind(B))
+    harness.feed(TreeUpdated(commit=B))
+    harness.feed(BuildFailed(commit=B, reason="exit code 1"))
+    harness.feed(behind(C, head=B))
+    actions = harness.feed(TreeUpdated(commit=A))
+    assert of_type(actions, UpdateTree) == [UpdateTree(C, False)]
 
 
 def test_a_failed_tree_update_is_a_failed_deploy_too():

@@ -1,0 +1,121 @@
+"""`supervisor demo` and the shipped `supervisor.toml`, run the way a user runs them: as
+commands, with real git, real processes and a real port. TMPDIR points the demo's temporary
+directory into the test's own, so we can check that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = [sys.executable, "-m", "supervisor", "demo"]
+
+
+def demo_env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "TMPDIR": str(tmp_path)}
+
+
+def processes_using(path: Path) -> list[str]:
+    """Live processes whose command line or working directory lies in `path`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except (OSError, UnicodeDecodeError):
+            continue  # gone meanwhile, a zombie, or not ours to read
+        if str(path) in cmdline or cwd.startswith(str(path)):
+            found.append(f"{entry} (cwd {cwd}): {cmdline}")
+    return found
+
+
+def log_events(output: str) -> list[str]:
+    """Event names of the supervisor's text log lines (`TS EVENT ...`) in order."""
+    events = []
+    for line in output.splitlines():
+        words = line.split()
+        if len(words) > 1 and words[0][:4].isdigit() and words[0].endswith("Z"):
+            events.append(words[1])
+    return events
+
+
+def in_order(events: list[str], expected: list[str]) -> bool:
+    remaining = iter(events)
+    return all(name in remaining for name in expected)
+
+
+def assert_nothing_left(tmp_path: Path) -> None:
+    assert os.listdir(tmp_path) == [], "the demo's temporary directory was not removed"
+    assert processes_using(tmp_path) == []
+
+
+def test_demo_deploys_through_a_drain_and_restarts_after_a_crash(tmp_path: Path) -> None:
+    result = subprocess.run(DEMO, cwd=ROOT, env=demo_env(tmp_path), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=60)
+    output = result.stdout
+    assert result.returncode == 0, output
+    assert '"hello from 1"' in output
+    assert '"hello from 2"' in output
+    events = log_events(output)
+    assert in_order(events, [
+        "supervisor.started", "child.started",
+        "deploy.waiting_for_drain", "drain.satisfied", "git.tree_updated", "build.succeeded",
+        "child.exited", "child.started",  # the restart into the new version
+        "child.exited", "child.restarting", "child.started",  # the crash restart
+        "supervisor.stop_requested", "supervisor.stopped",
+    ]), output
+    assert "stop_child(pid=" in output and "reason=deploy " in output, output
+    assert_nothing_left(tmp_path)
+
+
+def test_ctrl_c_during_the_drain_stops_everything_and_cleans_up(tmp_path: Path) -> None:
+    process = subprocess.Popen(DEMO, cwd=ROOT, env=demo_env(tmp_path), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    seen = []
+    try:
+        while True:
+            line = lines.get(timeout=30)
+            assert line is not None, "".join(seen)
+            seen.append(line)
+            if " deploy.waiting_for_drain " in line:
+                break
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    while (line := lines.get(timeout=5)) is not None:
+        seen.append(line)
+    output = "".join(seen)
+    assert code == 130, output
+    assert "demo: interrupted" in output
+    assert " supervisor.stopped " in output, output  # it was stopped politely, not killed
+    assert_nothing_left(tmp_path)
+
+
+def test_the_shipped_config_is_valid() -> None:
+    installed = Path(sys.executable).parent / "supervisor"
+    command = [str(installed)] if installed.exists() else [sys.executable, "-m", "supervisor"]
+    result = subprocess.run([*command, "check", "-c", "supervisor.toml"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "[drain]" in result.stdout and "[build]" in result.stdout
