@@ -5,7 +5,7 @@ equality and repr come free, and `name` is the dotted name the event log uses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Literal
 
 Relation = Literal["same", "behind", "ahead", "diverged"]
@@ -209,3 +209,12 @@ class Note(Action):
 class Exit(Action):
     name: ClassVar[str] = "exit"
     code: int = 0
+
+
+def event_from_record(record: dict[str, object]) -> Event | None:
+    """The event of one transition line of the JSON log, or None for any other line. With
+    `decide`, this turns a production log back into a unit test."""
+    cls = EVENT_TYPES.get(str(record.get("event")))
+    if cls is None or "before" not in record:
+        return None
+    return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})

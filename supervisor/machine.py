@@ -122,8 +122,9 @@ class State:
     serial: int = 0
 
 
-def initial_state(settings: Settings, built: str | None = None) -> State:
-    return State(settings=settings, built=built)
+def initial_state(settings: Settings, built: str | None = None,
+                  failed: str | None = None) -> State:
+    return State(settings=settings, built=built, failed=failed)
 
 
 Decision = tuple[State, list[Action]]
@@ -298,6 +299,12 @@ def _reconcile_at_start(state: State, event: FetchSucceeded | FetchFailed) -> De
             return state, notes + [Note("deploy.started", {"commit": commit, "reset": reset}),
                                    UpdateTree(commit, reset)]
     if state.settings.has_build and head is not None and head != state.built:
+        if head == state.failed and state.built is not None:
+            # Killed before the tree went back after a failed build: finish going back.
+            state = replace(state, target=state.built, target_reset=True, reverting=True,
+                            phase=Phase.UPDATING)
+            return state, notes + [Note("deploy.reverting", {"commit": state.built}),
+                                   UpdateTree(state.built, True)]
         return replace(state, target=head, phase=Phase.BUILDING), notes + [StartBuild(head)]
     state, actions = _start_child(state, head, "startup")
     return state, notes + actions

@@ -95,14 +95,16 @@ class Service:
         self.log.write("supervisor.started", {
             "pid": os.getpid(), "app": self.config.app.name, "repo": str(self.config.git.repo),
             "remote": self.repo.remote, "branch": self.repo.branch, "head": head,
-            "built": persisted.built, "config": str(self.config.path),
+            "built": persisted.built, "failed": persisted.failed,
+            "config": str(self.config.path),
         })
         if persisted.child is not None:
             await stop_stale_child(persisted.child, self.config.app.stop_signal,
                                    self.config.app.stop_timeout, self.log.write)
             self.store.save(child=None)
         built = persisted.built if self.config.build else None
-        self.state = initial_state(settings_from(self.config), built=built)
+        self.state = initial_state(settings_from(self.config), built=built,
+                                   failed=persisted.failed)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -141,6 +143,8 @@ class Service:
             event = queue.popleft()
             before = self.state
             self.state, actions = decide(before, event)
+            if self.state.failed != before.failed:
+                self.store.save(failed=self.state.failed)
             self.log.transition(event, before.phase, self.state.phase, actions)
             for action in actions:
                 queue.extend(self._perform(action))

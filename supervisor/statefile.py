@@ -1,6 +1,6 @@
-"""What must survive the supervisor: the last commit built successfully and the identity of the
-running child. One small JSON file, replaced atomically (write, fsync, rename), so a power cut
-leaves either the old or the new version, never half of one.
+"""What must survive the supervisor: the last commit built successfully, the last commit whose
+deploy failed, and the identity of the running child. One small JSON file, replaced atomically
+(write, fsync, rename), so a power cut leaves either the old or the new version, never half of one.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class ChildRecord:
 class Persisted:
     built: str | None = None
     child: ChildRecord | None = None
+    failed: str | None = None  # not tried again, even after a restart, until upstream moves on
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -68,14 +69,15 @@ class StateStore:
             data = None
         if not isinstance(data, dict):
             data = {}
-        built = data.get("built")
+        built, failed = data.get("built"), data.get("failed")
         self.current = Persisted(built=built if isinstance(built, str) else None,
-                                 child=_child_record(data.get("child")))
+                                 child=_child_record(data.get("child")),
+                                 failed=failed if isinstance(failed, str) else None)
         return self.current
 
     def save(self, **changes: object) -> None:
         self.current = replace(self.current, **changes)  # type: ignore[arg-type]
         self.directory.mkdir(parents=True, exist_ok=True)
-        payload = {"built": self.current.built,
+        payload = {"built": self.current.built, "failed": self.current.failed,
                    "child": asdict(self.current.child) if self.current.child else None}
         write_atomically(self.path, json.dumps(payload).encode() + b"\n")

@@ -31,9 +31,11 @@ from supervisor.events import (
     UpdateTree,
     WatchStats,
 )
-from supervisor.machine import Phase, Settings, backoff_delay, decide
+from supervisor.machine import Phase, Settings, backoff_delay, decide, initial_state
 from tests.machine_harness import DRAIN, NO_DRAIN, A, B, C, Harness, kinds, of_type
 
+BACK_ON_GOOD = "deploy failed; back on the last good build"
+AS_IT_IS = "deploy failed; starting the tree as it is"
 BUSY = StatsRead(values={"n_clients": "2"})
 IDLE = StatsRead(values={"n_clients": "0"})
 
@@ -267,7 +269,7 @@ def test_a_crash_after_a_failed_build_restarts_the_last_good_build_not_the_broke
     actions = harness.feed(ChildExited(pid=101, exit_code=1))  # while the tree goes back
     assert of_type(actions, StartChild) == []
     actions = harness.feed(TreeUpdated(commit=A))
-    assert of_type(actions, StartChild) == [StartChild(A, "deploy failed; back on the last good build")]
+    assert of_type(actions, StartChild) == [StartChild(A, BACK_ON_GOOD)]
     harness.feed(ChildExited(pid=102, exit_code=1))
     assert of_type(harness.actions, StartChild)[-1] == StartChild(A, "crash restart")
 
@@ -280,7 +282,7 @@ def test_a_tree_that_cannot_go_back_is_started_as_it_is_and_says_why():
     harness.feed(BuildFailed(commit=B, reason="exit code 1"))
     actions = harness.feed(TreeUpdateFailed(commit=A, error="local changes in the working tree"))
     assert kinds(actions)[0] == "deploy.revert_failed"
-    assert of_type(actions, StartChild) == [StartChild(B, "deploy failed; starting the tree as it is")]
+    assert of_type(actions, StartChild) == [StartChild(B, AS_IT_IS)]
 
 
 def test_startup_goes_back_to_the_recorded_good_build_when_the_checked_out_commit_fails():
@@ -289,7 +291,16 @@ def test_startup_goes_back_to_the_recorded_good_build_when_the_checked_out_commi
     actions = harness.feed(BuildFailed(commit=B, reason="exit code 2"))
     assert of_type(actions, UpdateTree) == [UpdateTree(A, True)]
     actions = harness.feed(TreeUpdated(commit=A))
-    assert of_type(actions, StartChild) == [StartChild(A, "deploy failed; back on the last good build")]
+    assert of_type(actions, StartChild) == [StartChild(A, BACK_ON_GOOD)]
+
+
+def test_a_restart_killed_before_going_back_finishes_going_back_instead_of_rebuilding():
+    harness = Harness(initial_state(DRAIN, built=A, failed=B))
+    actions = harness.feed(up_to_date(B))
+    assert of_type(actions, StartBuild) == []
+    assert of_type(actions, UpdateTree) == [UpdateTree(A, True)]
+    harness.feed(TreeUpdated(commit=A))
+    assert of_type(harness.actions, StartChild) == [StartChild(A, BACK_ON_GOOD)]
 
 
 def test_a_newer_commit_found_while_going_back_is_deployed_next():

@@ -77,7 +77,7 @@ def main():
     write_stats()
     print(f"example app {VERSION} listening on port {server.server_address[1]}", file=sys.stderr,
           flush=True)
-    server.serve_forever()
+    server.serve_forever(poll_interval=0.1)  # answers a stop request within ~0.1 s
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""Replay a JSON event log through the pure machine: the same events must lead through the same
+phases. Used by the tests, and by people turning an incident's log into a unit test:
+
+    python -m supervisor.replay -c supervisor.toml < events.log
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from supervisor.events import event_from_record
+from supervisor.machine import Settings, State, decide, initial_state
+
+
+def replay(records: Iterable[dict[str, object]], settings: Settings) -> Iterator[str]:
+    """Yield one message per transition line whose phases the machine does not reproduce.
+
+    The machine starts afresh at each `supervisor.started` line, with the `built` commit it
+    reports (when a build step is configured)."""
+    state: State | None = None
+    for number, record in enumerate(records, 1):
+        if record.get("event") == "supervisor.started":
+            built = record.get("built") if settings.has_build else None
+            failed = record.get("failed")
+            state = initial_state(settings, built=built if isinstance(built, str) else None,
+                                  failed=failed if isinstance(failed, str) else None)
+            continue
+        event = event_from_record(record)
+        if event is None or state is None:
+            continue
+        if str(state.phase) != record["before"]:
+            yield f"line {number}: {event.name} found the machine {state.phase}, " \
+                  f"the log says {record['before']}"
+        state, _actions = decide(state, event)
+        if str(state.phase) != record["after"]:
+            yield (f"line {number}: {event.name} led to {state.phase}, "
+                   f"the log says {record['after']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from supervisor.config import ConfigError, load_config
+    from supervisor.service import settings_from
+
+    parser = argparse.ArgumentParser(prog="python -m supervisor.replay", description=__doc__)
+    parser.add_argument("-c", "--config", type=Path, default=Path("supervisor.toml"))
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from(load_config(args.config))
+    except ConfigError as error:
+        print("\n".join(error.problems), file=sys.stderr)
+        return 2
+    records = (json.loads(line) for line in sys.stdin if line.startswith("{"))
+    mismatches = list(replay(records, settings))
+    print("\n".join(mismatches) or "the machine reproduces every transition")
+    return 1 if mismatches else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,615 @@
+"""Shared fixtures for the end-to-end tests: real git repositories, a real supervisor subprocess
+whose JSON event log is read line by line, real HTTP clients against the example app.
+
+Every wait is bounded and waits on something observable (a log record, an HTTP answer, a file's
+content, a process's exit); a timeout fails with the tail of the supervisor's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+EXAMPLE_APP = Path(__file__).resolve().parent.parent / "supervisor" / "example_app"
+PROJECT_ROOT = EXAMPLE_APP.parent.parent
+
+# No global or system git config may leak in, for the test's git and the supervisor's alike.
+BASE_ENV = {
+    **{k: v for k, v in os.environ.items()
+       if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_ASKPASS", "SSH_ASKPASS")},
+    "GIT_CONFIG_GLOBAL": "/dev/null",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_TERMINAL_PROMPT": "0",
+    "PYTHONPATH": str(PROJECT_ROOT),
+}
+GIT_ENV = {
+    **BASE_ENV,
+    "GIT_AUTHOR_NAME": "Dev",
+    "GIT_AUTHOR_EMAIL": "dev@example.invalid",
+    "GIT_COMMITTER_NAME": "Dev",
+    "GIT_COMMITTER_EMAIL": "dev@example.invalid",
+}
+
+BUILD_SCRIPT = 'test -s VERSION && echo "built version $(cat VERSION)"\n'
+DEFAULT_WAIT = 15.0  # generous: a loaded 2-core machine; a passing test never waits this long
+
+
+# ---------------------------------------------------------------------------------------------
+# Small facts about processes, sockets and time
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` is a live process (a zombie counts as dead: it can serve nothing)."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return data[data.rfind(b")") + 2:].split()[0] != b"Z"
+
+
+def start_ticks(pid: int) -> int:
+    data = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(data[data.rfind(b")") + 2:].split()[19])
+
+
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the listening TCP socket on 127.0.0.1:`port`."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as file:
+            for line in file.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    inodes.add(fields[9])
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes}:
+                return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def parse_ts(ts: str) -> float:
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str,
+               on_timeout: Callable[[], str] = lambda: "") -> Any:
+    """Re-check `condition` until it is truthy; for conditions nothing notifies us about
+    (an HTTP answer, a file's content, a process gone that is not our child)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}\n{on_timeout()}")
+        time.sleep(0.02)
+
+
+def has_action(record: dict[str, Any], name: str) -> bool:
+    return any(a.get("action") == name for a in record.get("actions") or ())
+
+
+def action(record: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(a for a in record.get("actions") or () if a.get("action") == name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The supervisor under test
+
+
+class Supervisor:
+    """`python -m supervisor run -c CONFIG` with its JSON event log read in a thread.
+
+    Records are dicts as logged plus `_i` (their index) and `_t` (when the test saw them).
+    """
+
+    def __init__(self, config: Path, cwd: Path, owned: ChildRegistry) -> None:
+        self.config = config
+        self.owned = owned
+        self.records: list[dict[str, Any]] = []
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self._stdout = open(cwd / f"supervisor-{time.monotonic_ns()}.out", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "run", "-c", str(config)],
+            cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._stdout, stderr=subprocess.PIPE,
+            start_new_session=True, env=BASE_ENV,
+        )
+        self.pid = self.proc.pid
+        self._reader = threading.Thread(target=self._read, name=f"log-{self.pid}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            record = None
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+            with self._cond:
+                self.lines.append(line)
+                if isinstance(record, dict) and "event" in record:
+                    record["_i"], record["_t"] = len(self.records), time.time()
+                    self.records.append(record)
+                    if record["event"] in ("child.started", "child.stale_found"):
+                        self.owned.adopt(record["pid"])
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    # -- looking at the log ---------------------------------------------------------------
+
+    has_action = staticmethod(has_action)
+    action = staticmethod(action)
+
+    @staticmethod
+    def seconds_between(first: dict[str, Any], second: dict[str, Any]) -> float:
+        """Time between two records by the supervisor's own clock (millisecond stamps)."""
+        return parse_ts(second["ts"]) - parse_ts(first["ts"])
+
+    @staticmethod
+    def _matches(record: dict[str, Any], event: str | None, where: Callable | None,
+                 fields: dict[str, Any]) -> bool:
+        if event is not None and record["event"] != event:
+            return False
+        for key, expected in fields.items():
+            if key == "action":
+                if not has_action(record, expected):
+                    return False
+            elif callable(expected):
+                if not expected(record.get(key)):
+                    return False
+            elif record.get(key) != expected:
+                return False
+        return where is None or bool(where(record))
+
+    @staticmethod
+    def _start(after: dict[str, Any] | int | None) -> int:
+        if after is None:
+            return 0
+        return after["_i"] + 1 if isinstance(after, dict) else after
+
+    def select(self, event: str | None = None, *, after: dict[str, Any] | int | None = None,
+               where: Callable[[dict[str, Any]], Any] | None = None,
+               **fields: Any) -> list[dict[str, Any]]:
+        """Records so far that match: `event` name, `after` a record or index, `where` a
+        predicate, `field=value` (a callable value is a predicate on that field), and
+        `action=NAME` for a transition whose actions include NAME."""
+        with self._cond:
+            records = self.records[self._start(after):]
+        return [r for r in records if self._matches(r, event, where, fields)]
+
+    def mark(self) -> int:
+        """Index for `after=`: only records logged from now on."""
+        with self._cond:
+            return len(self.records)
+
+    def wait_for(self, event: str | None = None, *, timeout: float = DEFAULT_WAIT,
+                 after: dict[str, Any] | int | None = None,
+                 where: Callable[[dict[str, Any]], Any] | None = None,
+                 **fields: Any) -> dict[str, Any]:
+        """The first record matching (as for `select`), waiting for it if need be."""
+        deadline = time.monotonic() + timeout
+        index = self._start(after)
+        with self._cond:
+            while True:
+                for record in self.records[index:]:
+                    if self._matches(record, event, where, fields):
+                        return record
+                index = len(self.records)
+                if self._eof:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+        wanted = ", ".join([repr(event)] + [f"{k}={v!r}" for k, v in fields.items()])
+        reason = ("the supervisor's log ended" if self._eof else f"timed out after {timeout}s")
+        pytest.fail(f"{reason} waiting for {wanted}\n{self.tail()}")
+
+    def tail(self, count: int = 60) -> str:
+        with self._cond:
+            lines = self.lines[-count:]
+        return (f"--- last {len(lines)} lines of supervisor {self.pid} "
+                f"(exit {self.proc.poll()}) ---\n" + "\n".join(lines))
+
+    # -- driving it ----------------------------------------------------------------------
+
+    def send(self, sig: int) -> None:
+        assert self.proc.poll() is None, f"supervisor already exited\n{self.tail()}"
+        os.kill(self.pid, sig)
+
+    def wait_exit(self, timeout: float = DEFAULT_WAIT) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"supervisor did not exit within {timeout}s\n{self.tail()}")
+        return code
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = DEFAULT_WAIT) -> int:
+        self.send(sig)
+        return self.wait_exit(timeout)
+
+    def close(self) -> None:
+        """Finalizer: a polite stop, then SIGKILL for its group; never fails."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._stdout.close()
+
+
+class ChildRegistry:
+    """Children the supervisors reported (pid from the log), held by pidfd so that cleaning up
+    can never signal a process that merely inherited a pid."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self.pidfds: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def adopt(self, pid: int) -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return  # already gone
+        try:
+            ours = os.readlink(f"/proc/{pid}/cwd").startswith(self.root)
+        except OSError:
+            ours = False
+        with self.lock:
+            if not ours or pid in self.pidfds:
+                os.close(fd)
+                return
+            self.pidfds[pid] = fd
+
+    def kill_leftovers(self) -> list[int]:
+        killed = []
+        with self.lock:
+            for pid, fd in self.pidfds.items():
+                if not select.select([fd], [], [], 0)[0]:  # not exited: pid and group still its
+                    killed.append(pid)
+                    with contextlib.suppress(OSError):
+                        os.killpg(pid, signal.SIGKILL)
+                    with contextlib.suppress(OSError):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                os.close(fd)
+            self.pidfds.clear()
+        return killed
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients of the example app
+
+
+class HeldRequest:
+    """`GET /hold?s=SECONDS` in a thread: a client that stays connected, then gets its answer."""
+
+    def __init__(self, port: int, seconds: float) -> None:
+        self.url = f"http://127.0.0.1:{port}/hold?s={seconds}"
+        self.body: str | None = None
+        self.error: Exception | None = None
+        self.answered_at: float | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            with urllib.request.urlopen(self.url, timeout=120) as response:
+                self.body = response.read().decode()
+            self.answered_at = time.time()
+        except Exception as error:  # the child may be stopped under it (drain timeout)
+            self.error = error
+
+    def join(self, timeout: float = DEFAULT_WAIT) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"held request {self.url} still running"
+
+
+class IdleClient:
+    """A TCP client that connected and has sent nothing yet: the example app counts it as
+    connected (its handler is waiting for the request line) until `release()` closes it."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+
+    def release(self) -> None:
+        self.sock.close()
+
+
+class HangingServer:
+    """A TCP listener that accepts and never answers: a remote that hangs git forever."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        self.accepted = threading.Semaphore(0)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            self.accepted.release()
+
+    def wait_closed_by_peer(self, conn: socket.socket, timeout: float) -> bool:
+        """Drain what the peer sent; True once it closed its end (EOF or reset)."""
+        conn.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if not conn.recv(65536):
+                    return True
+            except TimeoutError:
+                return False
+            except ConnectionResetError:
+                return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.connections:
+            conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# One test's world: a bare remote, a developer clone, the supervisor's clone, a port.
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+class World:
+    # Facts about processes, for tests (which do not import conftest by name).
+    alive = staticmethod(alive)
+    listens_on = staticmethod(listens_on)
+    start_ticks = staticmethod(start_ticks)
+    boot_id = staticmethod(boot_id)
+    wait_until = staticmethod(wait_until)
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.remote = tmp / "remote.git"
+        self.dev = tmp / "dev"
+        self.app = tmp / "app"
+        self.run_dir = tmp / "run"
+        self.stats = self.run_dir / "stats"
+        self.state_dir = tmp / "state"
+        self.port = free_port()
+        self.children = ChildRegistry(tmp)
+        self.supervisors: list[Supervisor] = []
+        self.cleanups: list[Callable[[], None]] = []
+        self.run_dir.mkdir()
+        self.git(tmp, "init", "-q", "--bare", "-b", "main", str(self.remote))
+        self.git(tmp, "init", "-q", "-b", "main", str(self.dev))
+        for name in ("server.py", "VERSION"):
+            shutil.copy(EXAMPLE_APP / name, self.dev / name)
+        (self.dev / "build.sh").write_text(BUILD_SCRIPT)
+        self.first = self.commit(message="first release")
+        self.git(self.dev, "remote", "add", "origin", str(self.remote))
+        self.git(self.dev, "push", "-q", "-u", "origin", "main")
+        self.git(tmp, "clone", "-q", str(self.remote), str(self.app))
+
+    # -- git -----------------------------------------------------------------------------
+
+    @staticmethod
+    def git(cwd: Path, *args: str) -> str:
+        result = subprocess.run(["git", *args], cwd=cwd, env=GIT_ENV, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0, f"git {' '.join(args)}: {result.stderr}"
+        return result.stdout.strip()
+
+    def commit(self, files: dict[str, str] | None = None, *, version: str | None = None,
+               message: str = "change", amend: bool = False, repo: Path | None = None) -> str:
+        """Write files (and VERSION) in a clone, commit everything; returns the commit."""
+        repo = repo or self.dev
+        files = dict(files or {})
+        if version is not None:
+            files["VERSION"] = version + "\n"
+        for name, text in files.items():
+            (repo / name).write_text(text)
+        self.git(repo, "add", "-A")
+        self.git(repo, "commit", "-q", "--allow-empty", "-m", message,
+                 *(["--amend"] if amend else []))
+        return self.head(repo)
+
+    def push(self, *, force: bool = False) -> None:
+        self.git(self.dev, "push", "-q", *(["--force"] if force else []), "origin", "main")
+
+    def release(self, version: str, **kwargs: Any) -> str:
+        """Commit a new VERSION in the dev clone and push it."""
+        commit = self.commit(version=version, message=f"release {version}", **kwargs)
+        self.push(force=kwargs.get("amend", False))
+        return commit
+
+    def head(self, repo: Path | None = None) -> str:
+        return self.git(repo or self.app, "rev-parse", "HEAD")
+
+    # -- the supervisor ------------------------------------------------------------------
+
+    def config_sections(self) -> dict[str, dict[str, Any] | None]:
+        return {
+            "app": {
+                "name": "example",
+                "command": [sys.executable, "server.py"],
+                "env": {"PORT": str(self.port), "STATS_FILE": str(self.stats)},
+                "stop_timeout": "2s",
+                "state_dir": str(self.state_dir),
+            },
+            "git": {"repo": str(self.app), "poll_interval": "300ms", "timeout": "10s"},
+            "build": {"command": "sh build.sh", "timeout": "10s"},
+            "drain": {"stats_file": str(self.stats), "until": "n_clients == 0"},
+            "restart": {"backoff_min": "100ms", "backoff_max": "1s"},
+            "log": {"format": "json"},
+        }
+
+    def write_config(self, name: str = "supervisor.toml",
+                     **overrides: dict[str, Any] | None) -> Path:
+        """The default config with `section={key: value}` merged in; `section=None` drops it."""
+        sections = self.config_sections()
+        for section, values in overrides.items():
+            if values is None:
+                sections.pop(section, None)
+            else:
+                sections[section] = {**(sections.get(section) or {}), **values}
+        lines = []
+        for section, values in sections.items():
+            if values is None:
+                continue
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
+            lines.append("")
+        path = self.tmp / name
+        path.write_text("\n".join(lines))
+        return path
+
+    def start(self, config: Path | None = None, **overrides: dict[str, Any] | None) -> Supervisor:
+        config = config or self.write_config(**overrides)
+        supervisor = Supervisor(config, self.tmp, self.children)
+        self.supervisors.append(supervisor)
+        return supervisor
+
+    def start_serving(self, **overrides: dict[str, Any] | None) -> tuple[Supervisor, int]:
+        """Start a supervisor and wait until the example app answers; returns it and the pid."""
+        supervisor = self.start(**overrides)
+        started = supervisor.wait_for("child.started")
+        self.wait_http("hello from 1", supervisor)
+        return supervisor, started["pid"]
+
+    # -- the app -------------------------------------------------------------------------
+
+    def http(self, path: str = "/", timeout: float = 2.0) -> str | None:
+        """The body of GET path, or None if nothing answers yet."""
+        try:
+            url = f"http://127.0.0.1:{self.port}{path}"
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                return response.read().decode().strip()
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def wait_http(self, body: str, supervisor: Supervisor | None = None,
+                  timeout: float = DEFAULT_WAIT) -> None:
+        wait_until(lambda: self.http() == body, timeout, f"HTTP to answer {body!r}",
+                   supervisor.tail if supervisor else lambda: "")
+
+    def hold(self, seconds: float) -> HeldRequest:
+        return HeldRequest(self.port, seconds)
+
+    def idle_client(self) -> IdleClient:
+        client = IdleClient(self.port)
+        self.cleanups.append(client.release)
+        return client
+
+    def stats_text(self) -> str:
+        try:
+            return self.stats.read_text()
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    def wait_stats(self, text: str, timeout: float = DEFAULT_WAIT) -> None:
+        """Wait until the app's own stats file contains `text` (e.g. 'n_clients="1"')."""
+        wait_until(lambda: text in self.stats_text(), timeout, f"stats file to contain {text!r}",
+                   lambda: f"stats file: {self.stats_text()!r}")
+
+    def write_stats(self, data: bytes | None = None, *, size: int | None = None) -> None:
+        """Replace the stats file atomically, as a well-behaved writer would; `size` makes a
+        sparse file of that many bytes."""
+        temporary = self.run_dir / ".stats.test.tmp"
+        with open(temporary, "wb") as file:
+            if data is not None:
+                file.write(data)
+            if size is not None:
+                file.truncate(size)
+        os.replace(temporary, self.stats)
+
+    def spawn_unrelated(self, *argv: str) -> subprocess.Popen[bytes]:
+        """A process the supervisor did not start; cleaned up by the test."""
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+
+        def finish() -> None:
+            process.kill()
+            process.wait()
+
+        self.cleanups.append(finish)
+        return process
+
+    def close(self) -> None:
+        for supervisor in self.supervisors:
+            supervisor.close()
+        self.children.kill_leftovers()
+        for cleanup in reversed(self.cleanups):
+            with contextlib.suppress(Exception):
+                cleanup()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    world = World(tmp_path)
+    try:
+        yield world
+    finally:
+        world.close()
+
+
+@pytest.fixture
+def hanging_server() -> Iterator[HangingServer]:
+    server = HangingServer()
+    try:
+        yield server
+    finally:
+        server.close()
