@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from supervisor import proc
@@ -16,7 +15,7 @@ from supervisor.statefile import StateStore
 
 
 class Builder:
-    def __init__(self, config: BuildConfig, repo: Path, env: Mapping[str, str], store: StateStore,
+    def __init__(self, config: BuildConfig, repo: str, env: Mapping[str, str], store: StateStore,
                  post: Callable[[Event], None],
                  log: Callable[[str, dict[str, Any]], None]) -> None:
         self.config, self.repo, self.env, self.store = config, repo, dict(env), store

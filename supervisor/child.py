@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 from supervisor import proc
 from supervisor.config import AppConfig
@@ -19,7 +18,8 @@ from supervisor.statefile import ChildRecord, StateStore
 
 def boot_id() -> str:
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            return file.read().strip()
     except OSError:
         return ""
 
@@ -27,7 +27,8 @@ def boot_id() -> str:
 def _stat_fields(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name (which may contain spaces)."""
     try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            data = file.read()
     except OSError:
         return None
     return data[data.rfind(b")") + 2:].decode().split()
@@ -55,7 +56,7 @@ class Child:
     """Starts and stops the child; exits are posted as ChildExited events."""
 
     def __init__(self, config: AppConfig, store: StateStore, post: Callable[[Event], None],
-                 stats_file: Path | None, environ: Mapping[str, str] | None = None) -> None:
+                 stats_file: str | None, environ: Mapping[str, str] | None = None) -> None:
         self.config, self.store, self.post = config, store, post
         self.stats_file = stats_file
         self.environ = dict(os.environ if environ is None else environ)

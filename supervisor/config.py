@@ -9,10 +9,8 @@ import os
 import re
 import signal
 import stat
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
 from typing import Any
 
 from supervisor.condition import Condition, ConditionError, parse_condition
@@ -34,16 +32,16 @@ class ConfigError(Exception):
 class AppConfig:
     name: str
     command: tuple[str, ...]
-    cwd: Path
+    cwd: str
     env: dict[str, str] = field(default_factory=dict)
     stop_signal: signal.Signals = signal.SIGTERM
     stop_timeout: float = 10.0
-    state_dir: Path = Path(".")
+    state_dir: str = "."
 
 
 @dataclass(frozen=True, slots=True)
 class GitConfig:
-    repo: Path
+    repo: str
     remote: str | None = None
     branch: str | None = None
     poll_interval: float = 300.0
@@ -59,7 +57,7 @@ class BuildConfig:
 
 @dataclass(frozen=True, slots=True)
 class DrainConfig:
-    stats_file: Path
+    stats_file: str
     until: Condition
     timeout: float = 0.0
 
@@ -74,12 +72,12 @@ class RestartConfig:
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     format: str = "json"
-    file: Path | None = None
+    file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    path: Path
+    path: str
     app: AppConfig
     git: GitConfig
     build: BuildConfig | None
@@ -219,37 +217,35 @@ class _Section:
             self.problems.append(f"{self.name}.{_key(key)}: unknown key")
 
 
-def default_state_dir(name: str, environ: Mapping[str, str]) -> Path:
+def default_state_dir(name: str, environ: Mapping[str, str]) -> str:
     """systemd's StateDirectory= when we run under it, else the XDG state home."""
     if environ.get("STATE_DIRECTORY"):
-        return Path(environ["STATE_DIRECTORY"].split(":")[0]) / name
+        return os.path.join(environ["STATE_DIRECTORY"].split(":")[0], name)
     home = environ.get("HOME") or os.path.expanduser("~")
     base = environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
-    return Path(base) / "supervisor" / name
+    return os.path.join(base, "supervisor", name)
 
 
 _SECTIONS = ("app", "git", "build", "drain", "restart", "log")
 
 
-def parse_config(data: Mapping[str, Any], path: Path,
+def parse_config(data: Mapping[str, Any], path: str,
                  environ: Mapping[str, str] | None = None) -> Config:
     """Build a Config from parsed TOML; raise ConfigError listing every problem."""
     environ = os.environ if environ is None else environ
     problems: list[str] = []
-    base = path.parent
+    path = os.fspath(path)
+    base = os.path.dirname(path)
 
-    def resolve(value: str) -> Path:
-        return (base / os.path.expanduser(value)).resolve()
-
-    def path_reader(value: object) -> Path:
-        return resolve(_text(value))
+    def path_reader(value: object) -> str:
+        return os.path.realpath(os.path.join(base, os.path.expanduser(_text(value))))
 
     for section in sorted(set(data) - set(_SECTIONS)):
         problems.append(f"{_key(section)}: unknown section "
                         f"(expected one of {', '.join(_SECTIONS)})")
 
     git = _Section("git", data.get("git", {}), problems)
-    repo = git.get("repo", path_reader, base.resolve())
+    repo = git.get("repo", path_reader, os.path.realpath(base))
     git_config = GitConfig(
         repo=repo,
         remote=git.get("remote", _text),
@@ -264,7 +260,7 @@ def parse_config(data: Mapping[str, Any], path: Path,
     if app is None:
         problems.append("app: missing section; expected [app] with at least command = \"...\"")
         app = _Section("app", {}, [])
-    name = app.get("name", _text, repo.name or "app")
+    name = app.get("name", _text, os.path.basename(repo) or "app")
     if "/" in name or name in (".", ".."):
         problems.append(f"app.name: expected a name without '/', got {_describe(name)}")
     app_config = AppConfig(
@@ -320,8 +316,11 @@ def parse_config(data: Mapping[str, Any], path: Path,
                   log_config)
 
 
-def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file; every failure becomes a ConfigError."""
+    import tomllib  # start-up only: `supervisor run` drops it before the loop starts
+
+    path = os.fspath(path)
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open below
             raise ConfigError([f"{path}: not a regular file"])
@@ -337,7 +336,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError([f"{path}: not valid TOML: not UTF-8 text"]) from None
     except RecursionError:
         raise ConfigError([f"{path}: not valid TOML: nested too deeply"]) from None
-    return parse_config(data, path.absolute(), environ)
+    return parse_config(data, os.path.abspath(path), environ)
 
 
 # ---------------------------------------------------------------------------------------------

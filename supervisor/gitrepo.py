@@ -70,7 +70,7 @@ class GitRepo:
 
     async def prepare(self) -> str:
         """Check the repository and settle remote and branch; returns HEAD. Raises GitError."""
-        if not self.path.is_dir():
+        if not os.path.isdir(self.path):
             raise GitError(f"git.repo: {self.path} is not a directory")
         try:
             top = await self._git("rev-parse", "--show-toplevel")

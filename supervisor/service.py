@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 from collections import deque
-from pathlib import Path
 
 from supervisor.build import Builder
 from supervisor.child import Child, stop_stale_child
@@ -69,7 +68,7 @@ class Service:
         self.builder = (Builder(config.build, config.git.repo, {**os.environ, **config.app.env},
                                 self.store, self.inbox.put_nowait, self.log.write)
                         if config.build else None)
-        self.watcher = StatsWatcher(str(stats_file), self._on_stats) if stats_file else None
+        self.watcher = StatsWatcher(stats_file, self._on_stats) if stats_file else None
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.tree_update: asyncio.Task[None] | None = None
         self.state: State = initial_state(settings_from(config))
@@ -78,14 +77,15 @@ class Service:
     async def _prepare(self) -> None:
         """Everything that must hold before the first child starts; failures are StartupError."""
         try:
-            self.config.app.state_dir.mkdir(parents=True, exist_ok=True)
+            os.makedirs(self.config.app.state_dir, exist_ok=True)
         except OSError as error:
             raise StartupError(f"app.state_dir: cannot create {self.config.app.state_dir}: "
                                f"{error.strerror}") from None
-        if self.config.drain and not self.config.drain.stats_file.parent.is_dir():
-            raise StartupError(f"drain.stats_file: directory {self.config.drain.stats_file.parent} "
+        stats_directory = os.path.dirname(self.config.drain.stats_file) if self.config.drain else ""
+        if self.config.drain and not os.path.isdir(stats_directory):
+            raise StartupError(f"drain.stats_file: directory {stats_directory} "
                                "does not exist")
-        if not Path(self.config.app.cwd).is_dir():
+        if not os.path.isdir(self.config.app.cwd):
             raise StartupError(f"app.cwd: {self.config.app.cwd} is not a directory")
         try:
             head = await self.repo.prepare()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +27,9 @@ class Persisted:
     failed: str | None = None  # not tried again, even after a restart, until upstream moves on
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def write_atomically(path: str, data: bytes) -> None:
+    directory_name, name = os.path.split(path)
+    temporary = os.path.join(directory_name, f".{name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, data)
@@ -37,7 +37,7 @@ def write_atomically(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    directory = os.open(directory_name or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(directory)
     finally:
@@ -56,15 +56,16 @@ def _child_record(data: object) -> ChildRecord | None:
 
 
 class StateStore:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.path = directory / "state.json"
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = os.fspath(directory)
+        self.path = os.path.join(self.directory, "state.json")
         self.current = Persisted()
 
     def load(self) -> Persisted:
         """A missing or damaged file means nothing is known, which is always safe."""
         try:
-            data = json.loads(self.path.read_bytes())
+            with open(self.path, "rb") as file:
+                data = json.loads(file.read(1 << 20))
         except (OSError, ValueError):
             data = None
         if not isinstance(data, dict):
@@ -77,7 +78,7 @@ class StateStore:
 
     def save(self, **changes: object) -> None:
         self.current = replace(self.current, **changes)  # type: ignore[arg-type]
-        self.directory.mkdir(parents=True, exist_ok=True)
+        os.makedirs(self.directory, exist_ok=True)
         payload = {"built": self.current.built, "failed": self.current.failed,
                    "child": asdict(self.current.child) if self.current.child else None}
         write_atomically(self.path, json.dumps(payload).encode() + b"\n")

@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -81,6 +82,36 @@ def read_stats(path: str, limit: int = MAX_BYTES) -> Stats:
     return parse_stats(data)
 
 
+def load_rust_notify() -> type:
+    """watchfiles' Rust backend, without running the package's __init__, which imports anyio
+    and watchfiles' whole Python API: about 1 MB that a tiny box would keep for good after the
+    first drain. Falls back to the plain import if the layout is not what we expect."""
+    name = "watchfiles._rust_notify"
+    if name not in sys.modules:
+        try:
+            import importlib.machinery
+            import importlib.util
+
+            package = importlib.util.find_spec("watchfiles")  # finds it without importing it
+            locations = package.submodule_search_locations if package else None
+            finder = importlib.machinery.FileFinder(
+                (locations or [""])[0],
+                (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES))
+            spec = finder.find_spec(name)
+            if spec is None or spec.loader is None:
+                raise ImportError(name)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[name] = module
+        except ImportError:
+            pass
+    if name in sys.modules:
+        return sys.modules[name].RustNotify  # type: ignore[no-any-return]
+    from watchfiles._rust_notify import RustNotify
+
+    return RustNotify
+
+
 class StatsWatcher:
     """Watches the stats file's directory (the file itself is deleted and recreated) in one
     thread while started; `report` is called on the event loop with each fresh read."""
@@ -124,7 +155,7 @@ class StatsWatcher:
     def _watch(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
         # RustNotify (watchfiles' documented backend) starts watching when it is created, so
         # the first read below cannot miss a write; `watch()` would only arm on first use.
-        from watchfiles._rust_notify import RustNotify  # only configs with [drain] pay for it
+        RustNotify = load_rust_notify()
 
         directory, name = os.path.split(self.path)
         try:
