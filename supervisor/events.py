@@ -114,12 +114,40 @@ class StopRequested(Event):
     signal: str = "SIGTERM"
 
 
+@dataclass(frozen=True, slots=True)
+class RestartRequested(Event):
+    """`supervisor restart`: drain and restart the current release."""
+
+    name: ClassVar[str] = "control.restart"
+
+
+@dataclass(frozen=True, slots=True)
+class StopChildRequested(Event):
+    """`supervisor stop-child`: stop the app and keep it stopped until start-child."""
+
+    name: ClassVar[str] = "control.stop_child"
+
+
+@dataclass(frozen=True, slots=True)
+class StartChildRequested(Event):
+    name: ClassVar[str] = "control.start_child"
+
+
+@dataclass(frozen=True, slots=True)
+class SettingsChanged(Event):
+    """SIGHUP re-read the config; `settings` are the machine's new Settings."""
+
+    name: ClassVar[str] = "config.reloaded"
+    settings: object
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.name: cls
     for cls in (
         FetchSucceeded, FetchFailed, CheckRequested, TreeUpdated, TreeUpdateFailed,
         BuildSucceeded, BuildFailed, ChildStarted, ChildStartFailed, ChildExited, StatsRead,
-        TimerFired, StopRequested,
+        TimerFired, StopRequested, RestartRequested, StopChildRequested, StartChildRequested,
+        SettingsChanged,
     )
 }
 

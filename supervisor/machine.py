@@ -15,6 +15,8 @@ calling a function with plain values.
                    (drain still unmet after the build: back to DRAINING, then RESTARTING)
     UPDATING/BUILDING --failed--> RUNNING (the old child was never touched)
     RUNNING --child died--> RUNNING (first death: at once) | BACKOFF --timer--> RUNNING
+    RUNNING --restart requested--> DRAINING --> RESTARTING (no update, no build) --> RUNNING
+    RUNNING | BACKOFF --stop-child--> HELD (nothing restarts it) --start-child--> RUNNING
     any --StopRequested--> SHUTTING_DOWN --child gone--> STOPPED
 
 Rules
@@ -50,11 +52,15 @@ from supervisor.events import (
     FetchSucceeded,
     KillChild,
     Note,
+    RestartRequested,
+    SettingsChanged,
     StartBuild,
     StartChild,
+    StartChildRequested,
     StartTimer,
     StatsRead,
     StopChild,
+    StopChildRequested,
     StopRequested,
     TimerFired,
     TreeUpdated,
@@ -78,6 +84,7 @@ class Phase(StrEnum):
     UPDATING = "updating"
     BUILDING = "building"
     RESTARTING = "restarting"
+    HELD = "held"
     SHUTTING_DOWN = "shutting_down"
     STOPPED = "stopped"
 
@@ -118,6 +125,8 @@ class State:
     draining: bool = False  # the stats watcher is running for the current deploy
     stats_ok: bool = False  # latest stats satisfy the drain condition
     drain_expired: bool = False  # the drain timeout fired for the current deploy
+    restart_requested: bool = False  # the current target is a requested restart, not a deploy
+    deploys: int = 0  # deploy attempts so far: the log's correlation id of the current one
     timers: frozenset[tuple[str, int]] = frozenset()  # armed (name, serial)
     serial: int = 0
 
@@ -150,10 +159,20 @@ def decide(state: State, event: Event) -> Decision:
             return _disarm(replace(state, crashes=0), UPTIME_TIMER, cancel=False)
         case Phase.SHUTTING_DOWN, ChildExited():
             return replace(state, phase=Phase.STOPPED, child=None), [Exit(0)]
-        case Phase.SHUTTING_DOWN | Phase.RESTARTING, TimerFired(timer="stop"):
+        case Phase.SHUTTING_DOWN | Phase.RESTARTING | Phase.HELD, TimerFired(timer="stop"):
             return _kill_after_stop_timeout(state)
         case Phase.SHUTTING_DOWN, _:
             return _ignored(state, event)
+        case _, SettingsChanged(settings=settings) if isinstance(settings, Settings):
+            return replace(state, settings=settings), []
+        case _, RestartRequested():
+            return _on_restart_requested(state)
+        case _, StopChildRequested():
+            return _on_hold_requested(state)
+        case _, StartChildRequested():
+            return _on_start_requested(state)
+        case Phase.HELD, ChildExited():
+            return _disarm(replace(state, child=None), STOP_TIMER)
         case _, CheckRequested():
             return state, [Fetch()]
         case Phase.STARTING, FetchSucceeded() | FetchFailed():
@@ -199,7 +218,9 @@ def decide(state: State, event: Event) -> Decision:
             return _on_deploy_failed(state, "build failed: " + reason)
         case Phase.RESTARTING, ChildExited():
             state, cancel = _disarm(replace(state, child=None), STOP_TIMER)
-            state, actions = _start_child(replace(state, crashes=0), state.target, "deploy")
+            reason = "restart requested" if state.restart_requested else "deploy"
+            state = replace(state, crashes=0, restart_requested=False)
+            state, actions = _start_child(state, state.target, reason)
             return state, cancel + actions
         case _:
             return _ignored(state, event)
@@ -295,7 +316,8 @@ def _reconcile_at_start(state: State, event: FetchSucceeded | FetchFailed) -> De
     if isinstance(event, FetchSucceeded):
         commit, reset, notes = _deploy_candidate(state, event)
         if commit is not None:
-            state = replace(state, target=commit, target_reset=reset, phase=Phase.UPDATING)
+            state = replace(state, target=commit, target_reset=reset, phase=Phase.UPDATING,
+                            deploys=state.deploys + 1)
             return state, notes + [Note("deploy.started", {"commit": commit, "reset": reset}),
                                    UpdateTree(commit, reset)]
     if state.settings.has_build and head is not None and head != state.built:
@@ -305,7 +327,8 @@ def _reconcile_at_start(state: State, event: FetchSucceeded | FetchFailed) -> De
                             phase=Phase.UPDATING)
             return state, notes + [Note("deploy.reverting", {"commit": state.built}),
                                    UpdateTree(state.built, True)]
-        return replace(state, target=head, phase=Phase.BUILDING), notes + [StartBuild(head)]
+        state = replace(state, target=head, phase=Phase.BUILDING, deploys=state.deploys + 1)
+        return state, notes + [StartBuild(head)]
     state, actions = _start_child(state, head, "startup")
     return state, notes + actions
 
@@ -332,13 +355,12 @@ def _on_fetch(state: State, fetch: FetchSucceeded) -> Decision:
     return state, notes
 
 
-def _begin_deploy(state: State, commit: str, reset: bool) -> Decision:
+def _begin_deploy(state: State, commit: str, reset: bool, restart: bool = False) -> Decision:
     state, actions = _disarm(state, BACKOFF_TIMER)
-    state = replace(state, target=commit, target_reset=reset, stats_ok=False, drain_expired=False)
+    state = replace(state, target=commit, target_reset=reset, stats_ok=False, drain_expired=False,
+                    restart_requested=restart, deploys=state.deploys + 1)
     if state.child is None or state.settings.drain_condition is None:
-        state = replace(state, phase=Phase.UPDATING)
-        return state, actions + [Note("deploy.started", {"commit": commit, "reset": reset}),
-                                 UpdateTree(commit, reset)]
+        return _after_drain(state, actions)
     state = replace(state, phase=Phase.DRAINING, draining=True)
     actions += [Note("deploy.waiting_for_drain", {"commit": commit, "built": False}),
                 WatchStats()]
@@ -374,7 +396,9 @@ def _on_drain_timeout(state: State) -> Decision:
 
 def _after_drain(state: State, actions: list[Action]) -> Decision:
     """Drained: update and build the target, or, if that is done already, restart into it."""
-    if state.target == state.built and state.target == state.head:
+    already_built = state.target == state.built or (
+        state.restart_requested and not state.settings.has_build)
+    if already_built and state.target == state.head:
         state, more = _restart_into_target(state)
         return state, actions + more
     state = replace(state, phase=Phase.UPDATING)
@@ -421,7 +445,7 @@ def _restart_into_target(state: State) -> Decision:
         return state, actions + more
     state, timer = _arm(replace(state, phase=Phase.RESTARTING), STOP_TIMER,
                         state.settings.stop_timeout)
-    reason = f"deploy {state.target}"
+    reason = "restart requested" if state.restart_requested else f"deploy {state.target}"
     if state.drain_expired:
         reason += " (drain timed out)"
     return state, actions + [StopChild(state.child, reason)] + timer
@@ -498,3 +522,53 @@ def _on_stop_requested(state: State) -> Decision:
     state, timer = _arm(replace(state, phase=Phase.SHUTTING_DOWN), STOP_TIMER,
                         state.settings.stop_timeout)
     return state, actions + [StopChild(state.child, "shutdown")] + timer
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests from the shell (`supervisor restart | stop-child | start-child`).
+
+
+def _busy(state: State, request: str) -> Decision:
+    facts = {"request": request, "phase": str(state.phase), "reason": "busy; ask again later"}
+    return state, [Note("control.ignored", facts)]
+
+
+def _on_restart_requested(state: State) -> Decision:
+    match state.phase:
+        case Phase.RUNNING if state.child is not None and state.head is not None:
+            return _begin_deploy(state, state.head, False, restart=True)
+        case Phase.BACKOFF | Phase.HELD:
+            return _on_start_requested(state)
+    return _busy(state, "restart")
+
+
+def _on_hold_requested(state: State) -> Decision:
+    """Stop the app and keep it stopped: no crash restart, no deploy restart until start-child.
+    New commits are remembered and deployed once the app is started again."""
+    match state.phase:
+        case Phase.RUNNING if state.child is not None:
+            state, actions = _disarm(state, UPTIME_TIMER)
+            state, timer = _arm(replace(state, phase=Phase.HELD), STOP_TIMER,
+                                state.settings.stop_timeout)
+            return state, actions + [StopChild(state.child, "stop requested")] + timer
+        case Phase.BACKOFF:
+            state, actions = _disarm(replace(state, phase=Phase.HELD), BACKOFF_TIMER)
+            return state, actions
+        case Phase.HELD:
+            return state, [Note("control.ignored", {"request": "stop-child",
+                                                    "reason": "already stopped"})]
+    return _busy(state, "stop-child")
+
+
+def _on_start_requested(state: State) -> Decision:
+    match state.phase:
+        case Phase.HELD if state.child is None:
+            return _start_child(replace(state, crashes=0), state.head, "start requested")
+        case Phase.BACKOFF:
+            state, actions = _disarm(replace(state, crashes=0), BACKOFF_TIMER)
+            state, more = _start_child(state, state.head, "start requested")
+            return state, actions + more
+        case Phase.RUNNING if state.child is not None:
+            return state, [Note("control.ignored", {"request": "start-child",
+                                                    "reason": "already running"})]
+    return _busy(state, "start-child")

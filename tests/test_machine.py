@@ -18,11 +18,15 @@ from supervisor.events import (
     FetchSucceeded,
     KillChild,
     Note,
+    RestartRequested,
+    SettingsChanged,
     StartBuild,
     StartChild,
+    StartChildRequested,
     StartTimer,
     StatsRead,
     StopChild,
+    StopChildRequested,
     StopRequested,
     TimerFired,
     TreeUpdated,
@@ -497,3 +501,68 @@ def test_cancelled_timers_are_forgotten_so_a_late_fire_is_ignored():
     late = harness.feed(TimerFired(timer="drain", serial=serial))
     assert kinds(late) == ["event.ignored"] and actions
     assert of_type(harness.actions, ChildStartFailed) == []
+
+
+# --- requests from the shell -------------------------------------------------------------------
+
+def test_a_requested_restart_drains_then_restarts_without_updating_or_building():
+    harness = running()
+    actions = harness.feed(RestartRequested())
+    assert kinds(actions) == ["deploy.waiting_for_drain", "watch_stats", "start_timer"]
+    actions = harness.feed(IDLE)
+    assert of_type(actions, UpdateTree) == [] and of_type(actions, StartBuild) == []
+    assert of_type(actions, StopChild) == [StopChild(101, "restart requested")]
+    actions = harness.feed(ChildExited(pid=101, exit_code=0))
+    assert of_type(actions, StartChild) == [StartChild(A, "restart requested")]
+    assert harness.state.deploys == 1 and not harness.state.restart_requested
+
+
+def test_a_requested_restart_without_a_drain_or_build_restarts_at_once():
+    harness = running(Settings(has_build=False))
+    actions = harness.feed(RestartRequested())
+    assert of_type(actions, StopChild) == [StopChild(101, "restart requested")]
+
+
+def test_stop_child_holds_the_app_down_until_start_child():
+    harness = running()
+    actions = harness.feed(StopChildRequested())
+    assert of_type(actions, StopChild) == [StopChild(101, "stop requested")]
+    assert harness.state.phase == Phase.HELD
+    assert kinds(harness.feed(ChildExited(pid=101, signal="SIGTERM"))) == ["cancel_timer"]
+    harness.feed(behind(B))  # remembered, not deployed while held
+    assert harness.state.pending == B and harness.state.child is None
+    actions = harness.feed(StartChildRequested())
+    assert of_type(actions, StartChild) == [StartChild(A, "start requested")]
+    assert of_type(actions, WatchStats) == [WatchStats()]  # then the waiting commit deploys
+
+
+def test_a_held_app_that_ignores_its_stop_signal_is_killed():
+    harness = running()
+    harness.feed(StopChildRequested())
+    assert harness.fire("stop") == [KillChild(101, "did not stop within 5s")]
+
+
+def test_start_child_during_backoff_starts_at_once():
+    harness = running()
+    harness.feed(ChildExited(pid=101, exit_code=1))
+    harness.feed(ChildExited(pid=102, exit_code=1))
+    actions = harness.feed(StartChildRequested())
+    assert kinds(actions) == ["cancel_timer", "start_child", "start_timer"]
+
+
+def test_requests_during_a_deploy_are_refused_and_say_why():
+    harness = running()
+    harness.feed(behind(B))
+    for request in (RestartRequested(), StopChildRequested(), StartChildRequested()):
+        actions = harness.feed(request)
+        assert kinds(actions) == ["control.ignored"]
+        assert harness.state.phase == Phase.DRAINING
+
+
+def test_a_reloaded_config_changes_the_rules_from_the_next_event_on():
+    harness = running()
+    faster = Settings(backoff_min=0.5, backoff_max=0.5, has_build=True)
+    assert harness.feed(SettingsChanged(settings=faster)) == []
+    harness.feed(ChildExited(pid=101, exit_code=1))
+    harness.feed(ChildExited(pid=102, exit_code=1))
+    assert harness.armed()["backoff"] == 0.5

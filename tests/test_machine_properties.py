@@ -23,10 +23,13 @@ from supervisor.events import (
     FetchFailed,
     FetchSucceeded,
     KillChild,
+    RestartRequested,
     StartBuild,
     StartChild,
+    StartChildRequested,
     StatsRead,
     StopChild,
+    StopChildRequested,
     StopRequested,
     TimerFired,
     TreeUpdated,
@@ -74,7 +77,10 @@ def check_and_apply(world: World, before: State, after: State, actions: list, se
                     answers.append(ChildStarted(pid=world.next_pid, commit=action.commit))
             case StopChild(pid=pid, reason=reason):
                 assert pid in world.alive, "stopping a process that is not our live child"
-                if reason.startswith("deploy") and settings_.drain_condition is not None:
+                assert reason in ("shutdown", "stop requested") or \
+                    reason.startswith(("deploy ", "restart requested")), reason
+                planned = reason.startswith(("deploy", "restart requested"))
+                if planned and settings_.drain_condition is not None:
                     assert world.stats_idle or world.drain_expired, \
                         "restart while the stats file says a client is connected"
             case KillChild(pid=pid):
@@ -107,7 +113,8 @@ def check_and_apply(world: World, before: State, after: State, actions: list, se
 def next_event(draw: st.DrawFn, world: World, state: State) -> Event:
     # Weighted so that deep phases (draining, restarting) are reached often; a stop request
     # ends the history, so it stays rare.
-    choices = ["fetch"] * 4 + ["fetch_failed", "check", "stats", "junk_exit", "junk_timer"]
+    choices = ["fetch"] * 4 + ["fetch_failed", "check", "stats", "junk_exit", "junk_timer",
+                               "restart", "hold", "start"]
     if world.watching:
         choices += ["stats"] * 4
     if world.alive:
@@ -132,6 +139,12 @@ def next_event(draw: st.DrawFn, world: World, state: State) -> Event:
             return FetchFailed(error="remote down", head=world.head)
         case "check":
             return CheckRequested()
+        case "restart":
+            return RestartRequested()
+        case "hold":
+            return StopChildRequested()
+        case "start":
+            return StartChildRequested()
         case "stop":
             return StopRequested()
         case "stats":
