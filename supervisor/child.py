@@ -11,6 +11,7 @@ import signal
 from collections.abc import Callable, Mapping
 
 from supervisor import proc
+from supervisor.childlog import ChildPipes, Sink
 from supervisor.config import AppConfig
 from supervisor.events import ChildExited, ChildStarted, ChildStartFailed, Event
 from supervisor.statefile import ChildRecord, StateStore
@@ -56,9 +57,11 @@ class Child:
     """Starts and stops the child; exits are posted as ChildExited events."""
 
     def __init__(self, config: AppConfig, store: StateStore, post: Callable[[Event], None],
-                 stats_file: str | None, environ: Mapping[str, str] | None = None) -> None:
+                 stats_file: str | None, environ: Mapping[str, str] | None = None,
+                 output: Sink | None = None) -> None:
         self.config, self.store, self.post = config, store, post
         self.stats_file = stats_file
+        self.output = output  # None: the app writes to our own stdout and stderr
         self.environ = dict(os.environ if environ is None else environ)
         self.process: proc.Process | None = None
 
@@ -77,18 +80,29 @@ class Child:
         env = {**self.environ, **self.config.env}
         if commit:
             env["SUPERVISOR_COMMIT"] = commit
+        pipes = None
         try:
-            process = proc.spawn(self.config.command, cwd=self.config.cwd, env=env)
+            pipes = ChildPipes(self.output) if self.output is not None else None
+            stdout, stderr = pipes.fds_for_child() if pipes else (None, None)
+            process = proc.spawn(self.config.command, cwd=self.config.cwd, env=env,
+                                 stdout=stdout, stderr=stderr)
         except OSError as error:
+            if pipes is not None:
+                pipes.close()
             return ChildStartFailed(error=f"{self.config.command[0]}: {error.strerror or error}")
+        if pipes is not None:
+            pipes.started(process.pid)
         self.process = process
         ticks = start_ticks(process.pid)
         if ticks is not None:
             self.store.save(child=ChildRecord(process.pid, ticks, boot_id(), commit))
-        process.exited.add_done_callback(lambda future: self._on_exit(process, future))
+        process.exited.add_done_callback(lambda future: self._on_exit(process, pipes, future))
         return ChildStarted(pid=process.pid, commit=commit)
 
-    def _on_exit(self, process: proc.Process, future: asyncio.Future[int]) -> None:
+    def _on_exit(self, process: proc.Process, pipes: ChildPipes | None,
+                 future: asyncio.Future[int]) -> None:
+        if pipes is not None:
+            pipes.close()  # its last lines belong before the child.exited line
         if self.store.current.child and self.store.current.child.pid == process.pid:
             self.store.save(child=None)
         exit_code, signal_name = proc.describe_returncode(future.result())

@@ -23,7 +23,12 @@ def _parse(argv: list[str] | None) -> dict[str, object]:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="supervise the app described by the config")
     check = commands.add_parser("check", help="validate the config and print it with defaults")
-    for command in (run, check):
+    status = commands.add_parser("status", help="what the running supervisor is doing")
+    status.add_argument("--json", action="store_true", help="print the status file as JSON")
+    asks = [commands.add_parser(name, help=text) for name, text in CONTROL_HELP.items()]
+    commands.add_parser("events", help="print the event log for people (see: events --help)",
+                        add_help=False)
+    for command in (run, check, status, *asks):
         command.add_argument("-c", "--config", default="supervisor.toml",
                              metavar="PATH", help="config file (default: ./supervisor.toml)")
     run.add_argument("--log-format", choices=("json", "text"),
@@ -39,7 +44,20 @@ def _fail(lines: list[str]) -> int:
     return EXIT_USAGE
 
 
+CONTROL_HELP = {
+    "deploy": "fetch now and deploy what is new (like kill -USR1)",
+    "restart": "drain and restart the current release",
+    "stop-child": "stop the app and keep it stopped (no crash restarts)",
+    "start-child": "start the app again after stop-child",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["events"]:
+        from supervisor.viewer import main as events
+
+        return events(argv[1:])
     args = _parse(argv)
     if args["command"] == "demo":
         from supervisor.demo import run_demo
@@ -55,7 +73,41 @@ def main(argv: list[str] | None = None) -> int:
     if args["command"] == "check":
         print(format_config(config), end="")
         return 0
+    if args["command"] == "status":
+        return _status(config.app.state_dir, bool(args["json"]))
+    if args["command"] in CONTROL_HELP:
+        return _ask(config.app.state_dir, str(args["command"]))
     return _run(config, args.get("log_format"))  # type: ignore[arg-type]
+
+
+def _ask(state_dir: str, request: str) -> int:
+    from supervisor import control
+
+    try:
+        pid = control.send_request(state_dir, request)
+    except LookupError:
+        return _fail([f"no supervisor is running for this app (state dir {state_dir})"])
+    except OSError as error:
+        return _fail([f"cannot reach the supervisor: {error.strerror}"])
+    print(f"asked supervisor {pid} to {request}; `supervisor events` shows what it does")
+    return 0
+
+
+def _status(state_dir: str, as_json: bool) -> int:
+    import json
+
+    from supervisor import control
+
+    status = control.read_status(state_dir)
+    running = control.running_pid(state_dir)
+    if status is None:
+        return _fail([f"no status in {state_dir}: the supervisor has never run here"])
+    status["running"] = running is not None
+    if as_json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(control.describe_status(status))
+    return 0 if running is not None else 3
 
 
 STARTUP_ONLY = ("argparse", "gettext", "tomllib")
@@ -86,8 +138,12 @@ def _run(config, log_format: str | None) -> int:  # type: ignore[no-untyped-def]
 
     stream = None
     if config.log.file is not None:
+        from supervisor.childlog import RotatingFile
+
+        # Rotated by size like the app's output, so the log cannot fill a small disk.
+        stream = RotatingFile(config.log.file, config.log.max_bytes, config.log.keep)
         try:
-            stream = open(config.log.file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            stream.open()
         except OSError as error:
             return _fail([f"log.file: cannot open {config.log.file}: {error.strerror}"])
     log = EventLog(stream, log_format or config.log.format)

@@ -73,6 +73,19 @@ class RestartConfig:
 class LogConfig:
     format: str = "json"
     file: str | None = None
+    child: str = "events"  # the app's output: "events", "file" or "inherit"
+    child_file: str | None = None  # with child = "file"; default: child.log in app.state_dir
+    max_bytes: int = 1 << 20  # a log file past this size is rotated to FILE.1
+    keep: int = 3  # rotated copies kept
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerConfig:
+    listen: str
+    secret: str = field(repr=False)
+    path: str | None = "/"  # None: any path
+    burst: int = 5
+    refill: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +97,7 @@ class Config:
     drain: DrainConfig | None
     restart: RestartConfig
     log: LogConfig
+    trigger: TriggerConfig | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,15 +232,18 @@ class _Section:
 
 
 def default_state_dir(name: str, environ: Mapping[str, str]) -> str:
-    """systemd's StateDirectory= when we run under it, else the XDG state home."""
+    """systemd's StateDirectory= when we run under it (already one per unit instance), else
+    the XDG state home."""
     if environ.get("STATE_DIRECTORY"):
-        return os.path.join(environ["STATE_DIRECTORY"].split(":")[0], name)
+        return environ["STATE_DIRECTORY"].split(":")[0]
     home = environ.get("HOME") or os.path.expanduser("~")
     base = environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
     return os.path.join(base, "supervisor", name)
 
 
-_SECTIONS = ("app", "git", "build", "drain", "restart", "log")
+_SECTIONS = ("app", "git", "build", "drain", "restart", "log", "trigger")
+_LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+):(\d{1,5})$")
+MIN_SECRET = 16
 
 
 def parse_config(data: Mapping[str, Any], path: str,
@@ -307,13 +324,91 @@ def parse_config(data: Mapping[str, Any], path: str,
     log_config = LogConfig(
         format=log.get("format", _choice("json", "text"), "json"),
         file=log.get("file", path_reader),
+        child=log.get("child", _choice("events", "file", "inherit"), "events"),
+        child_file=log.get("child_file", path_reader)
+        or os.path.join(app_config.state_dir, "child.log"),
+        max_bytes=log.get("max_bytes", _size, 1 << 20),
+        keep=log.get("keep", _keep, 3),
     )
     log.finish()
+
+    trigger_config = None
+    if "trigger" in data:
+        trigger_config = _trigger(_Section("trigger", data["trigger"], problems), base, problems)
 
     if problems:
         raise ConfigError(problems)
     return Config(path, app_config, git_config, build_config, drain_config, restart_config,
-                  log_config)
+                  log_config, trigger_config)
+
+
+def _listen(value: object) -> str:
+    text = _text(value)
+    match = _LISTEN.match(text)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        raise _Bad('an address and port such as "127.0.0.1:9000" or "[::1]:9000"')
+    return text
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def _size(value: object) -> int:
+    """Bytes, from 1048576, "512KiB" or "1MiB"; at least 64 KiB so a capped line fits a file."""
+    hint = 'a size such as 1048576, "512KiB" or "1MiB", at least 64KiB'
+    if isinstance(value, bool):
+        raise _Bad(hint)
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE.match(value)):
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    else:
+        raise _Bad(hint)
+    if not 64 << 10 <= size <= 1 << 40:
+        raise _Bad(hint)
+    return size
+
+
+def _keep(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise _Bad("a whole number from 0 to 100")
+    return value
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 1000:
+        raise _Bad("a whole number from 1 to 1000")
+    return value
+
+
+def _trigger(section: _Section, base: str, problems: list[str]) -> TriggerConfig | None:
+    """The push webhook; its secret comes from the config or, better, from a file of its own."""
+    listen = section.get("listen", _listen, "", required=True)
+    secret = section.get("secret", _text)
+    secret_file = section.get("secret_file", _text)
+    path = section.get("path", _text, "/")
+    config = TriggerConfig(listen=listen, secret="", path=None if path == "*" else path,
+                           burst=section.get("burst", _count, 5),
+                           refill=section.get("refill", _positive_duration, 10.0))
+    section.finish()
+    if (secret is None) == (secret_file is None):
+        problems.append("trigger.secret: expected exactly one of secret or secret_file")
+        return None
+    if secret_file is not None:
+        secret_path = os.path.join(base, os.path.expanduser(secret_file))
+        try:
+            with open(secret_path, "rb") as file:
+                secret = file.read(4096).decode().removesuffix("\n").removesuffix("\r")
+        except (OSError, UnicodeDecodeError) as error:
+            problems.append(f"trigger.secret_file: cannot read {secret_path}: "
+                            f"{getattr(error, 'strerror', None) or 'not UTF-8 text'}")
+            return None
+    if secret is None or len(secret) < MIN_SECRET:
+        problems.append(f"trigger.secret: expected at least {MIN_SECRET} characters "
+                        "(make one with: openssl rand -hex 32)")
+        return None
+    return TriggerConfig(config.listen, secret, config.path, config.burst, config.refill)
 
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
@@ -346,6 +441,10 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, signal.Signals):
+        return f'"{value.name}"'
+    if isinstance(value, int):
+        return str(value)
     if isinstance(value, float):  # every float in a Config is a duration in seconds
         if value.is_integer():
             return f'"{int(value)}s"'
@@ -389,6 +488,8 @@ def format_config(config: Config) -> str:
         assert is_dataclass(value)
         for item in fields(value):
             item_value = getattr(value, item.name)
-            if item_value is not None:
+            if item.name == "secret":
+                lines.append("# secret: set (not shown)")
+            elif item_value is not None:
                 lines.append(f"{item.name} = {_toml_value(item_value)}")
     return "\n".join(lines) + "\n"

@@ -49,9 +49,10 @@ class EventLog:
     def __init__(self, stream: IO[str] | None = None, format: str = "json") -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.format = format
+        self.context: dict[str, Any] = {}  # added to every line, e.g. the current deploy's id
 
     def write(self, event: str, facts: dict[str, Any]) -> None:
-        record = {"ts": timestamp(), "event": event}
+        record = {"ts": timestamp(), "event": event, **self.context}
         for key, value in facts.items():
             record["fact_" + key if key in record else key] = bounded(value)
         line = self._json(record) if self.format == "json" else self._text(record)

@@ -139,6 +139,8 @@ class SettingsChanged(Event):
 
     name: ClassVar[str] = "config.reloaded"
     settings: object
+    applied: tuple[str, ...] = ()  # keys whose new values are in use from now on
+    not_applied: tuple[str, ...] = ()  # keys that only a restart of the supervisor changes
 
 
 EVENT_TYPES: dict[str, type[Event]] = {

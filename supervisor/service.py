@@ -8,10 +8,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections import deque
+from typing import Any
 
+from supervisor import control
 from supervisor.build import Builder
 from supervisor.child import Child, stop_stale_child
+from supervisor.childlog import open_sink
 from supervisor.config import Config
 from supervisor.eventlog import EventLog
 from supervisor.events import (
@@ -23,11 +27,15 @@ from supervisor.events import (
     Fetch,
     KillChild,
     Note,
+    RestartRequested,
+    SettingsChanged,
     StartBuild,
     StartChild,
+    StartChildRequested,
     StartTimer,
     StatsRead,
     StopChild,
+    StopChildRequested,
     StopRequested,
     TimerFired,
     UnwatchStats,
@@ -36,8 +44,17 @@ from supervisor.events import (
 )
 from supervisor.gitrepo import GitError, GitRepo
 from supervisor.machine import Phase, Settings, State, decide, initial_state
+from supervisor.sdnotify import Notifier, watchdog_interval, watchdog_pings
 from supervisor.statefile import StateStore
 from supervisor.statsfile import Stats, StatsWatcher
+from supervisor.status import StatusBoard
+
+# systemd's variables are for us alone: an app or a build that inherited NOTIFY_SOCKET could
+# report READY=1 or STOPPING=1 in our name.
+SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+DEPLOY_PHASES = (Phase.DRAINING, Phase.UPDATING, Phase.BUILDING, Phase.RESTARTING)
+REQUEST_EVENTS = {"deploy": CheckRequested, "restart": RestartRequested,
+                  "stop-child": StopChildRequested, "start-child": StartChildRequested}
 
 
 class StartupError(Exception):
@@ -60,11 +77,18 @@ def settings_from(config: Config) -> Settings:
 class Service:
     def __init__(self, config: Config, log: EventLog) -> None:
         self.config, self.log = config, log
+        self.notifier = Notifier.from_environ(os.environ)
+        self.watchdog_interval = watchdog_interval(os.environ)
+        for name in SYSTEMD_ONLY:
+            os.environ.pop(name, None)
         self.inbox: asyncio.Queue[Event] = asyncio.Queue()
         self.store = StateStore(config.app.state_dir)
         self.repo = GitRepo(config.git)
         stats_file = config.drain.stats_file if config.drain else None
-        self.child = Child(config.app, self.store, self.inbox.put_nowait, stats_file)
+        self.output = open_sink(config.log.child, self.log.write, config.log.child_file,
+                                config.log.max_bytes, config.log.keep)
+        self.child = Child(config.app, self.store, self.inbox.put_nowait, stats_file,
+                           output=self.output)
         self.builder = (Builder(config.build, config.git.repo, {**os.environ, **config.app.env},
                                 self.store, self.inbox.put_nowait, self.log.write)
                         if config.build else None)
@@ -73,6 +97,14 @@ class Service:
         self.tree_update: asyncio.Task[None] | None = None
         self.state: State = initial_state(settings_from(config))
         self._last_stats: Stats | None = None
+        self.status = StatusBoard(config.app.name, config.git.poll_interval,
+                                  tuple(c.key for c in config.drain.until.comparisons)
+                                  if config.drain else ())
+        self._last_status: dict[str, Any] | None = None
+        self.run_id = os.urandom(3).hex()  # with the deploy count: the log's correlation id
+        self.lock_fd: int | None = None
+        self.trigger: Any = None
+        self.ready_sent = False
 
     async def _prepare(self) -> None:
         """Everything that must hold before the first child starts; failures are StartupError."""
@@ -81,6 +113,18 @@ class Service:
         except OSError as error:
             raise StartupError(f"app.state_dir: cannot create {self.config.app.state_dir}: "
                                f"{error.strerror}") from None
+        try:
+            self.lock_fd = control.acquire_lock(self.config.app.state_dir)
+        except control.LockHeld as held:
+            who = f"pid {held.pid}" if held.pid else "another process"
+            raise StartupError(f"app.state_dir: {who} already runs a supervisor for this app "
+                               f"({self.config.app.state_dir})") from None
+        if self.config.log.child == "file":
+            try:
+                self.output.file.open()  # type: ignore[union-attr]
+            except OSError as error:
+                raise StartupError(f"log.child_file: cannot open {self.config.log.child_file}: "
+                                   f"{error.strerror}") from None
         stats_directory = os.path.dirname(self.config.drain.stats_file) if self.config.drain else ""
         if self.config.drain and not os.path.isdir(stats_directory):
             raise StartupError(f"drain.stats_file: directory {stats_directory} "
@@ -105,6 +149,22 @@ class Service:
         built = persisted.built if self.config.build else None
         self.state = initial_state(settings_from(self.config), built=built,
                                    failed=persisted.failed)
+        if self.config.trigger is not None:
+            await self._start_trigger()
+
+    async def _start_trigger(self) -> None:
+        from supervisor.trigger import Trigger  # only configs with [trigger] pay for it
+
+        trigger = self.config.trigger
+        assert trigger is not None
+        self.trigger = Trigger(trigger.secret, lambda: self.inbox.put_nowait(CheckRequested()),
+                               self.log.write, path=trigger.path, burst=trigger.burst,
+                               refill=trigger.refill)
+        try:
+            await self.trigger.start(trigger.listen)
+        except OSError as error:
+            raise StartupError(f"trigger.listen: cannot listen on {trigger.listen}: "
+                               f"{error.strerror}") from None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -113,14 +173,21 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.inbox.put_nowait, StopRequested(signal=sig.name))
         loop.add_signal_handler(signal.SIGUSR1, self.inbox.put_nowait, CheckRequested())
-        loop.add_signal_handler(signal.SIGHUP, self.log.write, "supervisor.sighup_ignored",
-                                {"reason": "config reload is not supported yet"})
+        loop.add_signal_handler(signal.SIGUSR2, self._take_requests)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        watchdog = None
+        if self.notifier is not None and self.watchdog_interval:
+            # On the loop itself: a blocked loop stops the pings, and systemd steps in.
+            watchdog = loop.create_task(watchdog_pings(self.notifier, self.watchdog_interval))
         try:
             await self._prepare()
         except BaseException:
             self._remove_signal_handlers(loop)
+            if watchdog is not None:
+                watchdog.cancel()
             raise
         poller = loop.create_task(self.repo.poll(self.inbox.put_nowait))
+        self._take_requests(stale=True)
         try:
             while self.state.phase != Phase.STOPPED:
                 self._handle(await self.inbox.get())
@@ -128,13 +195,64 @@ class Service:
             poller.cancel()
             await self._shut_down_drivers(poller)
             self._remove_signal_handlers(loop)
+            if watchdog is not None:
+                watchdog.cancel()
         self.log.write("supervisor.stopped", {"pid": os.getpid()})
         return 0
 
     @staticmethod
     def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
+                    signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+    def _take_requests(self, stale: bool = False) -> None:
+        """SIGUSR2: `supervisor deploy | restart | stop-child | start-child` left word for us.
+        With `stale`, at start-up, what a previous run left behind is only cleared away."""
+        try:
+            requests = control.take_requests(self.config.app.state_dir)
+        except OSError as error:
+            self.log.write("control.failed", {"error": error.strerror})
+            return
+        if stale:
+            return
+        for request in requests:
+            self.inbox.put_nowait(REQUEST_EVENTS[request]())
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the config; apply what can change live, report what cannot."""
+        from supervisor.cli import forget_startup_modules
+        from supervisor.config import ConfigError, load_config
+        from supervisor.reload import merge
+
+        if self.notifier is not None:
+            self.notifier.reloading()
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as error:
+            self.log.write("config.reload_failed", {"problems": error.problems,
+                                                    "config": self.config.path})
+            new = None
+        finally:
+            forget_startup_modules()
+        if new is not None:
+            merged, applied, not_applied = merge(self.config, new)
+            self._apply(merged)
+            self.inbox.put_nowait(SettingsChanged(settings=settings_from(merged),
+                                                  applied=applied, not_applied=not_applied))
+        if self.notifier is not None:
+            self.notifier.ready()
+
+    def _apply(self, config: Config) -> None:
+        """Hand the live parts of a reloaded config to the drivers; each uses it from its next
+        step on (the next fetch, build or start)."""
+        self.config = config
+        self.repo.config = config.git
+        self.repo.check_now()  # the poller picks up a new interval after one more fetch
+        self.child.config = config.app
+        if self.builder is not None and config.build is not None:
+            self.builder.config = config.build
+        self.log.format = config.log.format
 
     def _handle(self, first: Event) -> None:
         """Decide one event, then any events its actions answered at once (ChildStarted)."""
@@ -145,9 +263,37 @@ class Service:
             self.state, actions = decide(before, event)
             if self.state.failed != before.failed:
                 self.store.save(failed=self.state.failed)
+            if before.phase in DEPLOY_PHASES or self.state.phase in DEPLOY_PHASES:
+                # Every line of one deploy attempt carries its id, build output included.
+                self.log.context = {"deploy": f"{self.run_id}.{self.state.deploys}"}
             self.log.transition(event, before.phase, self.state.phase, actions)
+            self.status.observe(event, actions, time.time())
+            if isinstance(event, StopRequested) and before.phase != Phase.SHUTTING_DOWN \
+                    and self.notifier is not None:
+                self.notifier.stopping()
             for action in actions:
                 queue.extend(self._perform(action))
+        if self.state.phase not in DEPLOY_PHASES:
+            self.log.context = {}
+        self._publish()
+
+    def _publish(self) -> None:
+        """Status for `supervisor status` and systemd, written only when something changed."""
+        now = time.time()
+        snapshot = self.status.snapshot(self.state, now)
+        comparable = {k: v for k, v in snapshot.items() if k not in ("updated", "child")}
+        comparable["child"] = snapshot["child"] and snapshot["child"]["pid"]
+        if comparable != self._last_status:
+            self._last_status = comparable
+            try:
+                control.write_status(self.config.app.state_dir, snapshot)
+            except OSError as error:
+                self.log.write("status.write_failed", {"error": error.strerror})
+        if self.notifier is not None:
+            if not self.ready_sent and self.state.child is not None:
+                # The first child is up: `systemctl start` may return.
+                self.ready_sent = self.notifier.ready() or True
+            self.notifier.status(self.status.line(self.state, now))
 
     def _perform(self, action: Action) -> list[Event]:
         match action:
@@ -205,6 +351,10 @@ class Service:
         checkout cut in half would leave a broken tree behind."""
         for name in list(self.timers):
             self._cancel_timer(name)
+        if self.trigger is not None:
+            self.trigger.close()
+        if self.output is not None:
+            self.output.close()
         if self.watcher is not None:
             self.watcher.stop()
         if self.builder is not None:

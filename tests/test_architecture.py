@@ -12,7 +12,7 @@ PURE = ("machine.py", "events.py", "condition.py")
 PURE_IMPORTS = {"__future__", "dataclasses", "enum", "typing", "collections.abc", "re", "math",
                 "operator", "supervisor.condition", "supervisor.events"}
 DRIVERS = ("gitrepo.py", "child.py", "build.py", "statsfile.py", "proc.py", "eventlog.py",
-           "statefile.py")
+           "statefile.py", "childlog.py", "trigger.py", "sdnotify.py", "control.py")
 
 
 def imported_modules(path: Path) -> set[str]:

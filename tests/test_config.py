@@ -430,7 +430,8 @@ def test_defaults() -> None:
                       on_diverge="report"),
         build=None, drain=None,
         restart=RestartConfig(backoff_min=1.0, backoff_max=60.0, reset_after=10.0),
-        log=LogConfig(format="json", file=None),
+        log=LogConfig(format="json", file=None, child="events",
+                      child_file=os.path.join(default_state_dir("site", ENVIRON), "child.log")),
     )
 
 
@@ -512,15 +513,16 @@ def test_env_and_choices() -> None:
 
 
 def test_state_dir_follows_systemd_then_xdg() -> None:
+    # systemd's StateDirectory= is one directory per unit (instance) already: used as it is.
     assert default_state_dir("web", {"STATE_DIRECTORY": "/var/lib/sup:/var/lib/other"}) == \
-        "/var/lib/sup/web"
+        "/var/lib/sup"
     assert default_state_dir("web", {"XDG_STATE_HOME": "/x", "HOME": "/h"}) == \
         "/x/supervisor/web"
     assert Path(default_state_dir("web", {"HOME": "/h"})).parts[-2:] == ("supervisor", "web")
     assert Path(default_state_dir("web", {"XDG_STATE_HOME": ""})).parts[-2:] == ("supervisor", "web")
     config = config_of(with_app(app={"name": "web"}),
                        environ={"STATE_DIRECTORY": "/var/lib/sup"})
-    assert config.app.state_dir == "/var/lib/sup/web"
+    assert config.app.state_dir == "/var/lib/sup"
 
 
 def test_state_dir_takes_home_from_the_given_environment() -> None:

@@ -1,0 +1,347 @@
+"""The child's stdout and stderr, read line by line on the event loop (no thread), and where the
+lines go: the event log, or a file of their own that rotates by size under a fixed total. Nothing
+here holds more than one line per stream, and no write here ever raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from supervisor.eventlog import timestamp
+
+# One line keeps at most this many bytes; the rest of a longer line is dropped. It matches
+# eventlog.MAX_TEXT, so a captured line is never cut a second time by the event log.
+LINE_LIMIT = 8192
+READ_SIZE = 65536
+# What close() reads from one pipe at most: the pipe's contents when the child exits, and no
+# more, so that a writer that escaped the child's group cannot keep us reading.
+DRAIN_LIMIT = 1 << 20
+
+Log = Callable[[str, dict[str, Any]], None]
+
+
+class Sink(Protocol):
+    """Where captured lines go. Called on the event loop; must not raise."""
+
+    def __call__(self, stream: str, pid: int, line: str, truncated: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Stream:
+    __slots__ = ("fd", "name", "overlong", "partial", "reading")
+
+    def __init__(self, name: str, fd: int) -> None:
+        self.name, self.fd = name, fd
+        self.partial = b""
+        self.overlong = False  # the current line passed the limit: drop the rest of it
+        self.reading = False
+
+
+class ChildPipes:
+    """The two pipes of one child: it writes, the loop reads, lines go to `sink`.
+
+    A new child gets new pipes. Usage: `fds_for_child()` for spawn, then `started(pid)` (or
+    `close()` if the spawn failed), and `close()` when the child has exited.
+    """
+
+    def __init__(self, sink: Sink, line_limit: int = LINE_LIMIT) -> None:
+        self.sink, self.line_limit = sink, line_limit
+        self.pid = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: list[_Stream] = []
+        self._write_fds: list[int] = []
+        try:
+            for name in ("stdout", "stderr"):
+                read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                self._streams.append(_Stream(name, read_end))
+                self._write_fds.append(write_end)
+        except OSError:
+            self.close()
+            raise
+
+    def fds_for_child(self) -> tuple[int, int]:
+        """(stdout, stderr) to pass to proc.spawn; dup2 in the child clears their CLOEXEC."""
+        return self._write_fds[0], self._write_fds[1]
+
+    def after_spawn(self) -> None:
+        """Close our copies of the write ends, so that EOF comes when the child's are gone."""
+        while self._write_fds:
+            os.close(self._write_fds.pop())
+
+    def started(self, pid: int) -> None:
+        self.pid = pid
+        self.after_spawn()
+        self._loop = loop = asyncio.get_running_loop()
+        for stream in self._streams:
+            os.set_blocking(stream.fd, False)
+            loop.add_reader(stream.fd, self._on_readable, stream)
+            stream.reading = True
+
+    @property
+    def closed(self) -> bool:
+        return not self._write_fds and all(stream.fd < 0 for stream in self._streams)
+
+    def close(self) -> None:
+        """Read what the pipes still hold (without waiting), pass it on, close everything.
+
+        Call it once the child has exited: proc kills what was left in its group, so what the
+        group wrote is in the pipes by then. A process that escaped the group and still writes
+        gets EPIPE from now on."""
+        self.after_spawn()
+        for stream in self._streams:
+            if stream.fd < 0:
+                continue
+            os.set_blocking(stream.fd, False)
+            drained = 0
+            while drained < DRAIN_LIMIT:
+                chunk = self._read(stream)
+                if not chunk:
+                    break
+                drained += len(chunk)
+                self._feed(stream, chunk)
+            self._close_stream(stream)
+
+    def _on_readable(self, stream: _Stream) -> None:
+        chunk = self._read(stream)
+        if chunk is None:
+            return
+        if chunk:
+            self._feed(stream, chunk)
+        else:
+            self._close_stream(stream)  # EOF: every writer is gone
+
+    @staticmethod
+    def _read(stream: _Stream) -> bytes | None:
+        """A chunk; b"" at EOF (or on an error, which ends the stream too); None for nothing yet."""
+        try:
+            return os.read(stream.fd, READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    def _close_stream(self, stream: _Stream) -> None:
+        if stream.reading and self._loop is not None:
+            self._loop.remove_reader(stream.fd)
+            stream.reading = False
+        os.close(stream.fd)
+        stream.fd = -1
+        if stream.partial:
+            self._emit(stream, stream.partial, truncated=False)
+            stream.partial = b""
+        stream.overlong = False
+
+    def _feed(self, stream: _Stream, chunk: bytes) -> None:
+        *lines, partial = (stream.partial + chunk).split(b"\n")
+        for line in lines:
+            if stream.overlong:  # the end of a line already passed on, capped
+                stream.overlong = False
+            else:
+                self._emit(stream, line, truncated=False)
+        if stream.overlong and not lines:
+            partial = b""
+        elif len(partial) > self.line_limit:
+            # Passed on now rather than when its newline comes (if ever): the memory held
+            # stays at one line, and a child that never ends its line is still seen.
+            self._emit(stream, partial, truncated=True)
+            stream.overlong, partial = True, b""
+        stream.partial = partial
+
+    def _emit(self, stream: _Stream, raw: bytes, truncated: bool) -> None:
+        if len(raw) > self.line_limit:
+            raw, truncated = raw[: self.line_limit], True
+        line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        self.sink(stream.name, self.pid, line, truncated)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sinks
+
+
+class EventSink:
+    """Each line becomes a `child.output` line of the event log."""
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+
+    def __call__(self, stream: str, pid: int, line: str, truncated: bool) -> None:
+        facts: dict[str, Any] = {"stream": stream, "pid": pid, "line": line}
+        if truncated:
+            facts["truncated"] = True
+        self.log("child.output", facts)
+
+    def close(self) -> None:
+        pass
+
+
+class FileSink:
+    """Each line becomes a JSON object in a rotating file of its own. Lines lost to a write
+    error are counted and reported once, as `child.output_dropped`, when writing works again
+    (or at close)."""
+
+    def __init__(self, file: RotatingFile, log: Log) -> None:
+        self.file, self.log = file, log
+
+    def __call__(self, stream: str, pid: int, line: str, truncated: bool) -> None:
+        record: dict[str, Any] = {"ts": timestamp(), "stream": stream, "pid": pid, "line": line}
+        if truncated:
+            record["truncated"] = True
+        text = json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+        if self.file.write_line(text) and self.file.dropped:
+            self._report()
+
+    def _report(self) -> None:
+        count, error = self.file.take_dropped()
+        self.log("child.output_dropped", {"count": count, "file": str(self.file.path),
+                                          "error": error})
+
+    def close(self) -> None:
+        if self.file.dropped:
+            self._report()
+        self.file.close()
+
+
+def open_sink(mode: str, log: Log, file: str | None = None, max_bytes: int = 1 << 20,
+              keep: int = 3) -> Sink | None:
+    """The sink for `log.child`: "events", "file" (needs `file`), or None for "inherit"."""
+    if mode == "events":
+        return EventSink(log)
+    if mode == "file":
+        if file is None:
+            raise ValueError("log.child = 'file' needs a file")
+        return FileSink(RotatingFile(file, max_bytes, keep), log)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The rotating file
+
+
+class RotatingFile:
+    """Appends whole lines to `path`; a line that would take it past `max_bytes` first moves it
+    to `path.1` (`path.1` to `path.2`, and so on; what passes `path.KEEP` is gone). Each file
+    stays within max_bytes (a single larger line gets a file to itself), so the total stays
+    within (keep + 1) * max_bytes.
+
+    Never raises: a line that cannot be written (a full disk, a missing directory) is counted
+    in `dropped` and the next line tries again. A short write is undone, so the file never
+    holds half a line. It also has `write` and `flush`, so an EventLog can write to it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], max_bytes: int, keep: int) -> None:
+        if max_bytes < 1 or keep < 0:
+            raise ValueError("max_bytes must be at least 1 and keep at least 0")
+        self.path = str(path)
+        self.max_bytes, self.keep = max_bytes, keep
+        self.dropped = 0
+        self.error: str | None = None  # the first error since the last report
+        self._fd = -1
+        self._size = 0
+        self._torn = False  # a partial line could not be cut off: start the next on its own
+
+    def open(self) -> None:
+        """Open the file now, so that a start-up check can report why it cannot be (raises
+        OSError); writes open it anyway."""
+        if self._fd < 0:
+            self._open()
+
+    def write_line(self, line: str) -> bool:
+        """Append `line` and a newline; False if it was dropped."""
+        return self._append((line + "\n").encode("utf-8", errors="replace"))
+
+    def write(self, text: str) -> int:
+        """For an EventLog's stream: `text` is whole lines."""
+        self._append(text.encode("utf-8", errors="replace"))
+        return len(text)
+
+    def flush(self) -> None:
+        pass  # every write is a write(2): nothing is buffered here
+
+    def take_dropped(self) -> tuple[int, str | None]:
+        count, error = self.dropped, self.error
+        self.dropped, self.error = 0, None
+        return count, error
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+
+    def _append(self, data: bytes) -> bool:
+        try:
+            if self._fd < 0:
+                self._open()
+            if self._size > 0 and self._size + len(data) > self.max_bytes:
+                self._rotate()
+            if self._torn:
+                data = b"\n" + data
+            written = self._write_all(data)
+            if self._torn:
+                self._torn = False
+                self._size = os.fstat(self._fd).st_size
+            else:
+                self._size += written
+        except OSError as error:
+            self.dropped += 1
+            if self.error is None:
+                self.error = error.strerror or str(error)
+            return False
+        return True
+
+    def _write_all(self, data: bytes) -> int:
+        """Write all of `data`, or none of it: a short write is retried, which names its cause
+        (a full disk); a line left half written is cut off again."""
+        written = 0
+        try:
+            while written < len(data):
+                count = os.write(self._fd, data[written:])
+                if count == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                written += count
+        except OSError:
+            if written:
+                self._undo()
+            raise
+        return written
+
+    def _open(self, truncate: bool = False) -> None:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        self._fd = os.open(self.path, flags | (os.O_TRUNC if truncate else 0), 0o640)
+        self._size = os.fstat(self._fd).st_size
+
+    def _undo(self) -> None:
+        """Cut a partly written line off again, so that every line in the file stays whole."""
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            self._torn = True
+
+    def _rotate(self) -> None:
+        self.close()
+        try:
+            if self.keep == 0:
+                os.unlink(self.path)
+            else:
+                for number in range(self.keep - 1, 0, -1):
+                    try:
+                        os.replace(f"{self.path}.{number}", f"{self.path}.{number + 1}")
+                    except FileNotFoundError:
+                        pass
+                os.replace(self.path, f"{self.path}.1")
+        except FileNotFoundError:
+            pass  # removed behind our back: nothing to keep
+        except OSError:
+            # Cannot rename (permissions on the directory): start the file over rather than
+            # let it pass the cap.
+            self._open(truncate=True)
+            return
+        self._open()

@@ -1,0 +1,189 @@
+"""How the shell talks to a running supervisor, through its state directory only (no listener):
+an instance lock naming its pid, a control directory of one-word requests signalled with
+SIGUSR2, and a status file it replaces atomically on every change.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import time
+from typing import Any
+
+REQUESTS = ("deploy", "restart", "stop-child", "start-child")
+LOCK_NAME = "supervisor.lock"
+STATUS_NAME = "status.json"
+CONTROL_DIR = "control"
+
+
+class LockHeld(Exception):
+    """Another supervisor runs this app; `pid` is its pid when known."""
+
+    def __init__(self, pid: int | None) -> None:
+        super().__init__(pid)
+        self.pid = pid
+
+
+def acquire_lock(state_dir: str) -> int:
+    """Take the app's lock for the life of this process; raise LockHeld if it is taken.
+
+    flock, not a pid file: the kernel drops it when we die, however we die. Close-on-exec, so
+    a child can never keep it after we are gone."""
+    path = os.path.join(state_dir, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise LockHeld(_read_pid(path)) from None
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path, "rb") as file:
+            text = file.read(32).strip()
+        return int(text) if text.isdigit() else None
+    except OSError:
+        return None
+
+
+def running_pid(state_dir: str) -> int | None:
+    """The pid of the supervisor holding the app's lock, or None if none runs."""
+    path = os.path.join(state_dir, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _read_pid(path)  # held: a supervisor runs
+    finally:
+        os.close(fd)  # also releases the probe's own lock
+    return None
+
+
+def send_request(state_dir: str, request: str) -> int:
+    """Leave a request for the running supervisor and signal it; returns its pid.
+
+    Raises LookupError when no supervisor runs for this state directory."""
+    if request not in REQUESTS:
+        raise ValueError(request)
+    pid = running_pid(state_dir)
+    if pid is None:
+        raise LookupError(state_dir)
+    directory = os.path.join(state_dir, CONTROL_DIR)
+    os.makedirs(directory, exist_ok=True)
+    name = f"{time.time_ns():020d}-{os.getpid()}-{request}"
+    temporary = os.path.join(directory, "." + name)
+    with open(temporary, "w") as file:
+        file.write(request + "\n")
+    os.replace(temporary, os.path.join(directory, name))
+    os.kill(pid, signal.SIGUSR2)
+    return pid
+
+
+def take_requests(state_dir: str) -> list[str]:
+    """Requests waiting in the control directory, oldest first; each is taken once.
+
+    Only the known words count: whatever else is there is removed and ignored."""
+    directory = os.path.join(state_dir, CONTROL_DIR)
+    try:
+        names = sorted(n for n in os.listdir(directory) if not n.startswith("."))
+    except FileNotFoundError:
+        return []
+    requests = []
+    for name in names:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            continue  # taken already
+        parts = name.split("-", 2)  # TIME-PID-REQUEST, and a request may hold a "-"
+        request = parts[2] if len(parts) == 3 else ""
+        if request in REQUESTS:
+            requests.append(request)
+    return requests
+
+
+def write_status(state_dir: str, status: dict[str, Any]) -> None:
+    """Replace the status file in one rename. No fsync: it is rewritten on every change and
+    only describes the present, so it should not wear out an SD card."""
+    path = os.path.join(state_dir, STATUS_NAME)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as file:
+        json.dump(status, file, default=str)
+    os.replace(temporary, path)
+
+
+def read_status(state_dir: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(state_dir, STATUS_NAME), "rb") as file:
+            data = json.loads(file.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def span(seconds: float) -> str:
+    """A duration for people: 45s, 12m, 3h 5m, 2d 4h."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+def _short(commit: object) -> str:
+    return str(commit)[:12] if commit else "-"
+
+
+def describe_status(status: dict[str, Any]) -> str:
+    """The status file for people, one fact per line."""
+    lines = []
+    running = status.get("running", True)
+    state = status.get("phase") if running else f"not running (last seen {status.get('phase')})"
+    lines.append(f"{status.get('app')}: {state}, supervisor pid {status.get('pid')}")
+    child = status.get("child")
+    if child and running:
+        lines.append(f"app:       pid {child.get('pid')}, {_short(child.get('commit'))}, "
+                     f"up {span(float(child.get('uptime') or 0))} (since {child.get('since')})")
+    else:
+        lines.append("app:       not running")
+    lines.append(f"tree:      {_short(status.get('head'))}, built {_short(status.get('built'))}")
+    if status.get("target"):
+        lines.append(f"deploying: {_short(status.get('target'))}")
+    if status.get("waiting"):
+        waiting = status["waiting"]
+        lines.append(f"waiting:   {waiting.get('reason')} for {span(waiting.get('seconds') or 0)}")
+    if status.get("pending"):
+        lines.append(f"next:      {_short(status.get('pending'))} (after this deploy)")
+    deploy = status.get("last_deploy")
+    if deploy:
+        why = f": {deploy.get('reason')}" if deploy.get("reason") else ""
+        lines.append(f"deployed:  {_short(deploy.get('commit'))} {deploy.get('result')} "
+                     f"at {deploy.get('at')}{why}")
+    if status.get("failed"):
+        lines.append(f"held back: {_short(status.get('failed'))} (failed; waits for a newer "
+                     "commit)")
+    if status.get("next_fetch") and running:
+        lines.append(f"fetch:     next at {status.get('next_fetch')}")
+    if status.get("crashes"):
+        until = status.get("backoff_until")
+        lines.append(f"crashes:   {status.get('crashes')} in a row"
+                     + (f", next start at {until}" if until else ""))
+    error = status.get("last_error")
+    if error:
+        lines.append(f"error:     {error.get('event')}: {error.get('message')} "
+                     f"at {error.get('at')}")
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""What `supervisor status` and systemd's STATUS= line show. The machine knows no clock, so the
+wall-clock facts (since when the child runs, since when a drain waits, when the next fetch is
+due, how the last deploy ended, the last error) are gathered here from the events the loop
+handles. It only observes: nothing here feeds back into a decision.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from supervisor.eventlog import timestamp
+from supervisor.events import (
+    Action,
+    BuildFailed,
+    ChildStarted,
+    ChildStartFailed,
+    Event,
+    FetchFailed,
+    FetchSucceeded,
+    Note,
+    StartChild,
+    StartTimer,
+    StatsRead,
+    TreeUpdateFailed,
+    WatchStats,
+)
+from supervisor.machine import Phase, State
+from supervisor.sdnotify import status_line
+
+
+class StatusBoard:
+    def __init__(self, app: str, poll_interval: float, drain_keys: tuple[str, ...] = ()) -> None:
+        self.app, self.poll_interval, self.drain_keys = app, poll_interval, drain_keys
+        self.child_since: float | None = None
+        self.start_reason: str | None = None
+        self.drain_since: float | None = None
+        self.stats: dict[str, str] | None = None
+        self.next_fetch: float | None = None
+        self.last_fetch: dict[str, Any] | None = None
+        self.last_deploy: dict[str, Any] | None = None
+        self.last_error: dict[str, Any] | None = None
+        self.backoff_until: float | None = None
+        self.backoff: float | None = None
+
+    def observe(self, event: Event, actions: list[Action], now: float) -> None:
+        match event:
+            case FetchSucceeded() | FetchFailed():
+                self.next_fetch = now + self.poll_interval
+                ok = isinstance(event, FetchSucceeded)
+                self.last_fetch = {"at": timestamp(now), "ok": ok,
+                                   "error": None if ok else event.error}  # type: ignore[union-attr]
+                if not ok:
+                    self._error(event.name, event.error, now)  # type: ignore[union-attr]
+            case ChildStarted(commit=commit):
+                self.child_since = now
+                if self.start_reason in ("deploy", "startup"):
+                    self.last_deploy = {"commit": commit, "result": "succeeded",
+                                        "at": timestamp(now)}
+            case StatsRead(values=values):
+                self.stats = values
+            case BuildFailed(reason=reason) | TreeUpdateFailed(error=reason):
+                self._error(event.name, reason, now)
+            case ChildStartFailed(error=error):
+                self._error(event.name, error, now)
+        for action in actions:
+            match action:
+                case StartChild(reason=reason):
+                    self.start_reason = reason
+                case WatchStats():
+                    self.drain_since, self.stats = now, None
+                case StartTimer(timer="backoff", seconds=seconds):
+                    self.backoff, self.backoff_until = seconds, now + seconds
+                case Note(event="deploy.failed", facts=facts):
+                    self.last_deploy = {"commit": facts.get("commit"), "result": "failed",
+                                        "reason": facts.get("reason"), "at": timestamp(now)}
+                case Note(event="child.crash_looping" | "child.backing_off", facts=facts):
+                    self._error("child.exited", str(facts.get("reason")), now)
+
+    def _error(self, event: str, message: str, now: float) -> None:
+        self.last_error = {"event": event, "message": message, "at": timestamp(now)}
+
+    def _drain_stats(self) -> dict[str, str] | None:
+        if self.stats is None:
+            return None
+        keys = self.drain_keys or tuple(self.stats)
+        return {k: self.stats[k] for k in keys if k in self.stats}
+
+    def snapshot(self, state: State, now: float) -> dict[str, Any]:
+        """The status file's content: plain values, times in RFC 3339."""
+        draining = state.phase == Phase.DRAINING
+        waiting = None
+        if draining:
+            why = ", ".join(f"{k}={v}" for k, v in (self._drain_stats() or {}).items())
+            waited = now - self.drain_since if self.drain_since else 0.0
+            waiting = {"reason": f"draining: {why or 'stats not known yet'}",
+                       "since": timestamp(self.drain_since or now), "seconds": round(waited, 1)}
+        return {
+            "app": self.app, "pid": os.getpid(), "updated": timestamp(now),
+            "phase": str(state.phase),
+            "child": None if state.child is None else {
+                "pid": state.child, "commit": state.child_commit,
+                "since": timestamp(self.child_since or now),
+                "uptime": round(now - (self.child_since or now), 1)},
+            "head": state.head, "built": state.built,
+            "target": state.target if state.phase not in (Phase.RUNNING, Phase.HELD) else None,
+            "pending": state.pending, "failed": state.failed, "waiting": waiting,
+            "last_deploy": self.last_deploy, "last_fetch": self.last_fetch,
+            "next_fetch": timestamp(self.next_fetch) if self.next_fetch else None,
+            "crashes": state.crashes,
+            "backoff_until": timestamp(self.backoff_until)
+            if state.phase == Phase.BACKOFF and self.backoff_until else None,
+            "last_error": self.last_error,
+        }
+
+    def line(self, state: State, now: float) -> str:
+        """The one-line summary for systemd's STATUS=."""
+        return status_line(
+            str(state.phase), commit=state.child_commit, pid=state.child,
+            stats=self._drain_stats(),
+            next_fetch=None if self.next_fetch is None else self.next_fetch - now,
+            target=state.target, pending=state.pending,
+            waiting=None if self.drain_since is None else now - self.drain_since,
+            crashes=state.crashes, backoff=self.backoff, failed=state.failed)
