@@ -292,7 +292,8 @@ class Service:
         if self.notifier is not None:
             if not self.ready_sent and self.state.child is not None:
                 # The first child is up: `systemctl start` may return.
-                self.ready_sent = self.notifier.ready() or True
+                self.notifier.ready()
+                self.ready_sent = True
             self.notifier.status(self.status.line(self.state, now))
 
     def _perform(self, action: Action) -> list[Event]:

@@ -30,6 +30,7 @@ from supervisor.childlog import (
     open_sink,
 )
 from supervisor.eventlog import EventLog
+from tests.processes import kill_if_ours
 
 SH = "/bin/sh"
 
@@ -205,7 +206,7 @@ def test_close_is_bounded_when_an_escaped_process_keeps_writing(tmp_path: Path) 
         assert gone(escapee, within=5.0), "the escapee still runs: its pipe was not closed"
     finally:
         with contextlib.suppress(FileNotFoundError, ValueError):
-            kill_if_ours(int(pid_file.read_text()))
+            kill_if_ours(int(pid_file.read_text()), b"spam")
 
 
 def gone(pid: int, within: float) -> bool:
@@ -218,19 +219,6 @@ def gone(pid: int, within: float) -> bool:
     finally:
         os.close(fd)
 
-
-def kill_if_ours(pid: int) -> None:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        if b"spam" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def test_a_huge_line_without_newline_is_capped_and_memory_stays_small(tmp_path: Path) -> None:

@@ -430,8 +430,8 @@ def test_defaults() -> None:
                       on_diverge="report"),
         build=None, drain=None,
         restart=RestartConfig(backoff_min=1.0, backoff_max=60.0, reset_after=10.0),
-        log=LogConfig(format="json", file=None, child="events",
-                      child_file=os.path.join(default_state_dir("site", ENVIRON), "child.log")),
+        log=LogConfig(format="json", file=None, child="events", child_file=os.path.join(
+            default_state_dir("site", ENVIRON), "child.log")),
     )
 
 
@@ -452,7 +452,8 @@ def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path) -> 
     assert config.app.cwd == os.path.realpath(conf / "srv")
     assert config.app.state_dir == os.path.realpath(tmp_path / "state")
     assert config.git.repo == os.path.realpath(tmp_path / "repo")
-    assert config.drain is not None and config.drain.stats_file == os.path.realpath(conf / "run/stats")
+    assert config.drain is not None
+    assert config.drain.stats_file == os.path.realpath(conf / "run/stats")
     assert config.log.file == os.path.realpath(conf / "events.log")
     assert config.app.name == "repo"  # named after the repository by default
 
@@ -519,7 +520,8 @@ def test_state_dir_follows_systemd_then_xdg() -> None:
     assert default_state_dir("web", {"XDG_STATE_HOME": "/x", "HOME": "/h"}) == \
         "/x/supervisor/web"
     assert Path(default_state_dir("web", {"HOME": "/h"})).parts[-2:] == ("supervisor", "web")
-    assert Path(default_state_dir("web", {"XDG_STATE_HOME": ""})).parts[-2:] == ("supervisor", "web")
+    empty_xdg = Path(default_state_dir("web", {"XDG_STATE_HOME": ""}))
+    assert empty_xdg.parts[-2:] == ("supervisor", "web")
     config = config_of(with_app(app={"name": "web"}),
                        environ={"STATE_DIRECTORY": "/var/lib/sup"})
     assert config.app.state_dir == "/var/lib/sup"

@@ -19,6 +19,7 @@ import pytest
 
 from supervisor import proc
 from supervisor.proc import describe_returncode
+from tests.processes import kill_if_ours
 
 SH = "/bin/sh"
 
@@ -49,17 +50,7 @@ def read_pid(path: Path) -> int:
 
 def kill_escapee(pid: int) -> None:
     """Clean up a process a test deliberately let escape its group (only if it is our sleep)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        if b"sleep" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    kill_if_ours(pid, b"sleep")
 
 
 # ---------------------------------------------------------------------------------------------
