@@ -5,6 +5,7 @@ what it uses; exit code 2 with one line per problem for anything the user must f
 from __future__ import annotations
 
 import gc
+import os
 import sys
 
 from supervisor import __version__
@@ -102,11 +103,12 @@ def _status(state_dir: str, as_json: bool) -> int:
     running = control.running_pid(state_dir)
     if status is None:
         return _fail([f"no status in {state_dir}: the supervisor has never run here"])
-    status["running"] = running is not None
-    if as_json:
-        print(json.dumps(status, indent=2))
-    else:
-        print(control.describe_status(status))
+    control.refresh(status, running is not None)
+    try:
+        print(json.dumps(status, indent=2) if as_json else control.describe_status(status))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `supervisor status | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if running is not None else 3
 
 
@@ -128,6 +130,16 @@ def without_tls() -> None:
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
 
 
+def under_journald() -> bool:
+    """stderr is the journal's stream (systemd sets JOURNAL_STREAM to its device:inode)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        info = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return stream == f"{info.st_dev}:{info.st_ino}"
+
+
 def _run(config, log_format: str | None) -> int:  # type: ignore[no-untyped-def]
     without_tls()
     forget_startup_modules()
@@ -143,12 +155,14 @@ def _run(config, log_format: str | None) -> int:  # type: ignore[no-untyped-def]
         # Rotated by size like the app's output, so the log cannot fill a small disk.
         stream = RotatingFile(config.log.file, config.log.max_bytes, config.log.keep)
         try:
+            os.makedirs(os.path.dirname(config.log.file), exist_ok=True)
             stream.open()
         except OSError as error:
             return _fail([f"log.file: cannot open {config.log.file}: {error.strerror}"])
     log = EventLog(stream, log_format or config.log.format)
+    log.priority_prefix = stream is None and under_journald()
     try:
-        return asyncio.run(Service(config, log).run())
+        return asyncio.run(Service(config, log, log_format_forced=log_format is not None).run())
     except StartupError as error:
         return _fail([str(error)])
     except KeyboardInterrupt:

@@ -80,8 +80,9 @@ def send_request(state_dir: str, request: str) -> int:
     pid = running_pid(state_dir)
     if pid is None:
         raise LookupError(state_dir)
+    # The supervisor makes this directory at start-up, owned by its user: a request from root
+    # then leaves a file the supervisor may still remove (removal needs the directory's rights).
     directory = os.path.join(state_dir, CONTROL_DIR)
-    os.makedirs(directory, exist_ok=True)
     name = f"{time.time_ns():020d}-{os.getpid()}-{request}"
     temporary = os.path.join(directory, "." + name)
     with open(temporary, "w") as file:
@@ -89,6 +90,10 @@ def send_request(state_dir: str, request: str) -> int:
     os.replace(temporary, os.path.join(directory, name))
     os.kill(pid, signal.SIGUSR2)
     return pid
+
+
+def make_control_dir(state_dir: str) -> None:
+    os.makedirs(os.path.join(state_dir, CONTROL_DIR), exist_ok=True)
 
 
 def take_requests(state_dir: str) -> list[str]:
@@ -148,11 +153,39 @@ def _short(commit: object) -> str:
     return str(commit)[:12] if commit else "-"
 
 
+def _seconds_since(stamp: object, now: float) -> float:
+    """Seconds from an RFC 3339 UTC stamp of the event log to `now`."""
+    import calendar
+
+    try:
+        whole, _, fraction = str(stamp).rstrip("Z").partition(".")
+        then = calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S"))
+        return max(0.0, now - then - float("0." + (fraction or "0")))
+    except ValueError:
+        return 0.0
+
+
+def refresh(status: dict[str, Any], running: bool, now: float | None = None) -> dict[str, Any]:
+    """Bring the durations up to the moment of reading: the file is written on changes only."""
+    now = time.time() if now is None else now
+    status["running"] = running
+    if not running:
+        for key in ("child", "target", "waiting", "next_fetch", "backoff_until"):
+            status[key] = None
+        return status
+    if status.get("child"):
+        status["child"]["uptime"] = round(_seconds_since(status["child"].get("since"), now), 1)
+    if status.get("waiting"):
+        status["waiting"]["seconds"] = round(_seconds_since(status["waiting"].get("since"), now),
+                                             1)
+    return status
+
+
 def describe_status(status: dict[str, Any]) -> str:
     """The status file for people, one fact per line."""
     lines = []
     running = status.get("running", True)
-    state = status.get("phase") if running else f"not running (last seen {status.get('phase')})"
+    state = status.get("phase") if running else f"not running (last: {status.get('phase')})"
     lines.append(f"{status.get('app')}: {state}, supervisor pid {status.get('pid')}")
     child = status.get("child")
     if child and running:

@@ -537,7 +537,9 @@ def _on_restart_requested(state: State) -> Decision:
     match state.phase:
         case Phase.RUNNING if state.child is not None and state.head is not None:
             return _begin_deploy(state, state.head, False, restart=True)
-        case Phase.BACKOFF | Phase.HELD:
+        case Phase.BACKOFF:
+            return _on_start_requested(state)
+        case Phase.HELD if state.child is None:
             return _on_start_requested(state)
     return _busy(state, "restart")
 

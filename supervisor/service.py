@@ -75,8 +75,9 @@ def settings_from(config: Config) -> Settings:
 
 
 class Service:
-    def __init__(self, config: Config, log: EventLog) -> None:
+    def __init__(self, config: Config, log: EventLog, log_format_forced: bool = False) -> None:
         self.config, self.log = config, log
+        self.log_format_forced = log_format_forced  # --log-format outlives a reload
         self.notifier = Notifier.from_environ(os.environ)
         self.watchdog_interval = watchdog_interval(os.environ)
         for name in SYSTEMD_ONLY:
@@ -115,6 +116,7 @@ class Service:
                                f"{error.strerror}") from None
         try:
             self.lock_fd = control.acquire_lock(self.config.app.state_dir)
+            control.make_control_dir(self.config.app.state_dir)
         except control.LockHeld as held:
             who = f"pid {held.pid}" if held.pid else "another process"
             raise StartupError(f"app.state_dir: {who} already runs a supervisor for this app "
@@ -252,7 +254,9 @@ class Service:
         self.child.config = config.app
         if self.builder is not None and config.build is not None:
             self.builder.config = config.build
-        self.log.format = config.log.format
+        self.status.poll_interval = config.git.poll_interval
+        if not self.log_format_forced:
+            self.log.format = config.log.format
 
     def _handle(self, first: Event) -> None:
         """Decide one event, then any events its actions answered at once (ChildStarted)."""

@@ -28,6 +28,8 @@ from supervisor.events import (
 from supervisor.machine import Phase, State
 from supervisor.sdnotify import status_line
 
+DEPLOYING = (Phase.DRAINING, Phase.UPDATING, Phase.BUILDING, Phase.RESTARTING)
+
 
 class StatusBoard:
     def __init__(self, app: str, poll_interval: float, drain_keys: tuple[str, ...] = ()) -> None:
@@ -103,7 +105,7 @@ class StatusBoard:
                 "since": timestamp(self.child_since or now),
                 "uptime": round(now - (self.child_since or now), 1)},
             "head": state.head, "built": state.built,
-            "target": state.target if state.phase not in (Phase.RUNNING, Phase.HELD) else None,
+            "target": state.target if state.phase in DEPLOYING else None,
             "pending": state.pending, "failed": state.failed, "waiting": waiting,
             "last_deploy": self.last_deploy, "last_fetch": self.last_fetch,
             "next_fetch": timestamp(self.next_fetch) if self.next_fetch else None,

@@ -1,0 +1,124 @@
+"""The shell's side channel to a running supervisor: lock, requests, status. Real files, a real
+second process holding the lock, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from supervisor import control
+from supervisor.eventlog import EventLog, priority, timestamp
+
+HOLD_LOCK = """
+import sys, time
+from supervisor import control
+control.acquire_lock(sys.argv[1])
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A real process that holds the app's lock, as a running supervisor would."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline() == "locked\n"
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_the_lock_admits_one_supervisor_and_names_the_holder(tmp_path, holder):
+    with pytest.raises(control.LockHeld) as held:
+        control.acquire_lock(str(tmp_path))
+    assert held.value.pid == holder.pid
+    assert control.running_pid(str(tmp_path)) == holder.pid
+
+
+def test_the_lock_is_free_again_when_its_holder_dies_however_it_dies(tmp_path, holder):
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert control.running_pid(str(tmp_path)) is None
+    fd = control.acquire_lock(str(tmp_path))
+    try:
+        assert control.running_pid(str(tmp_path)) == os.getpid()
+        assert os.get_inheritable(fd) is False  # a child never keeps it
+    finally:
+        os.close(fd)
+
+
+def test_requests_reach_the_holder_once_in_order_and_junk_is_dropped(tmp_path, holder):
+    control.make_control_dir(str(tmp_path))
+    holder.send_signal(signal.SIGSTOP)  # SIGUSR2 would end this stand-in: keep it pending
+    try:
+        for request in ("restart", "stop-child", "start-child", "deploy"):
+            assert control.send_request(str(tmp_path), request) == holder.pid
+        (tmp_path / "control" / "0000-1-rm -rf").write_text("x")
+        assert control.take_requests(str(tmp_path)) == [
+            "restart", "stop-child", "start-child", "deploy"]
+        assert os.listdir(tmp_path / "control") == []
+    finally:
+        holder.kill()
+
+
+def test_take_requests_keeps_order_and_ignores_unknown_words(tmp_path):
+    directory = tmp_path / "control"
+    directory.mkdir()
+    for name in ("00000000000000000002-7-stop-child", "00000000000000000001-7-restart",
+                 "00000000000000000003-7-reboot", ".00000000000000000004-7-deploy"):
+        (directory / name).write_text("")
+    assert control.take_requests(str(tmp_path)) == ["restart", "stop-child"]
+    assert sorted(os.listdir(directory)) == [".00000000000000000004-7-deploy"]  # half-written
+    assert control.take_requests(str(tmp_path)) == []
+
+
+def test_a_request_with_no_supervisor_running_says_so(tmp_path):
+    with pytest.raises(LookupError):
+        control.send_request(str(tmp_path), "restart")
+    with pytest.raises(ValueError):
+        control.send_request(str(tmp_path), "reboot")
+
+
+def test_status_durations_are_brought_up_to_the_moment_of_reading(tmp_path):
+    now = time.time()
+    status = {"app": "web", "pid": 1, "phase": "draining",
+              "child": {"pid": 5, "commit": "a" * 40, "since": timestamp(now - 725), "uptime": 0},
+              "waiting": {"reason": "draining: n_clients=3", "since": timestamp(now - 125),
+                          "seconds": 0}, "target": "b" * 40}
+    control.write_status(str(tmp_path), status)
+    loaded = control.refresh(control.read_status(str(tmp_path)), running=True, now=now)
+    assert 724 <= loaded["child"]["uptime"] <= 726
+    assert 124 <= loaded["waiting"]["seconds"] <= 126
+    text = control.describe_status(loaded)
+    assert "up 12m" in text and "draining: n_clients=3 for 2m" in text
+    stopped = control.refresh(json.loads(json.dumps(status)), running=False, now=now)
+    assert stopped["child"] is None and stopped["target"] is None
+    assert "not running" in control.describe_status(stopped)
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (59, "59s"), (60, "1m"), (3599, "59m"),
+                                               (3660, "1h 1m"), (90000, "1d 1h")])
+def test_spans_read_like_people_write_them(seconds, text):
+    assert control.span(seconds) == text
+
+
+def test_under_journald_each_line_carries_its_syslog_priority():
+    assert priority("child.crash_looping") == 3
+    assert priority("git.fetch_failed") == priority("drain.timed_out") == 4
+    assert priority("child.started") == priority("git.fetched") == 6
+
+    import io
+    stream = io.StringIO()
+    log = EventLog(stream, format="text")
+    log.priority_prefix = True
+    log.write("build.failed", {"commit": "abc"})
+    log.write("build.succeeded", {"commit": "abc"})
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("<4>") and lines[1].startswith("<6>")
