@@ -5,10 +5,11 @@ the state lives, which repository, which sockets) keep their old value and are r
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields, replace
 from typing import Any
 
-from supervisor.config import Config
+from supervisor.config import AppConfig, Config
 
 # Everything not listed here is taken from the new config.
 FIXED = {
@@ -45,4 +46,19 @@ def merge(old: Config, new: Config) -> tuple[Config, tuple[str, ...], tuple[str,
         for key in _changed(before, after, section):
             (kept if key.split(".", 1)[1] in keep else applied).append(key)
         merged[section] = replace(after, **keep)
+    merged["app"] = _cwd_in_repo_in_use(old, new, merged["app"])
+    if merged["app"].cwd == old.app.cwd and "app.cwd" in applied:
+        applied.remove("app.cwd")
     return replace(old, **merged), tuple(applied), tuple(kept)
+
+
+def _cwd_in_repo_in_use(old: Config, new: Config, app: AppConfig) -> AppConfig:
+    """app.cwd is usually inside git.repo (by default it is the repo). The repo only changes
+    with a restart, so a cwd inside the new repo is taken at the same place inside the repo in
+    use: else the app would run from a tree that the supervisor does not update."""
+    if old.git.repo == new.git.repo:
+        return app
+    inside = os.path.relpath(new.app.cwd, new.git.repo)
+    if inside == os.pardir or inside.startswith(os.pardir + os.sep):
+        return app
+    return replace(app, cwd=os.path.normpath(os.path.join(old.git.repo, inside)))

@@ -165,8 +165,10 @@ class Service:
         try:
             await self.trigger.start(trigger.listen)
         except OSError as error:
+            # asyncio rewords bind errors around a Python tuple: give the plain reason.
+            reason = os.strerror(error.errno) if error.errno else str(error)
             raise StartupError(f"trigger.listen: cannot listen on {trigger.listen}: "
-                               f"{error.strerror}") from None
+                               f"{reason}") from None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -254,6 +256,7 @@ class Service:
         self.child.config = config.app
         if self.builder is not None and config.build is not None:
             self.builder.config = config.build
+            self.builder.env = {**os.environ, **config.app.env}  # as at start-up
         self.status.poll_interval = config.git.poll_interval
         if not self.log_format_forced:
             self.log.format = config.log.format

@@ -117,6 +117,13 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str,
         time.sleep(0.02)
 
 
+def environ_of(pid: int) -> dict[str, str]:
+    """The environment process `pid` was started with (what it inherited), from /proc."""
+    with open(f"/proc/{pid}/environ", "rb") as file:
+        items = file.read().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in items if b"=" in item)
+
+
 def has_action(record: dict[str, Any], name: str) -> bool:
     return any(a.get("action") == name for a in record.get("actions") or ())
 
@@ -135,9 +142,13 @@ class Supervisor:
     Records are dicts as logged plus `_i` (their index) and `_t` (when the test saw them).
     """
 
-    def __init__(self, config: Path, cwd: Path, owned: ChildRegistry) -> None:
+    def __init__(self, config: Path, cwd: Path, owned: ChildRegistry,
+                 env: dict[str, str] | None = None, log_file: Path | None = None) -> None:
+        """`env` is added to the supervisor's environment; `log_file` names the config's
+        log.file, which is then followed (across rotation) instead of stderr."""
         self.config = config
         self.owned = owned
+        self.log_file = log_file
         self.records: list[dict[str, Any]] = []
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -146,31 +157,73 @@ class Supervisor:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor", "run", "-c", str(config)],
             cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._stdout, stderr=subprocess.PIPE,
-            start_new_session=True, env=BASE_ENV,
+            start_new_session=True, env={**BASE_ENV, **(env or {})},
         )
         self.pid = self.proc.pid
         self._reader = threading.Thread(target=self._read, name=f"log-{self.pid}", daemon=True)
         self._reader.start()
 
+    def _take(self, line: str) -> None:
+        record = None
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+        with self._cond:
+            self.lines.append(line)
+            if isinstance(record, dict) and "event" in record:
+                record["_i"], record["_t"] = len(self.records), time.time()
+                self.records.append(record)
+                if record["event"] in ("child.started", "child.stale_found"):
+                    self.owned.adopt(record["pid"])
+            self._cond.notify_all()
+
     def _read(self) -> None:
         assert self.proc.stderr is not None
+        if self.log_file is not None:
+            follower = threading.Thread(target=self._follow, name=f"file-{self.pid}",
+                                        daemon=True)
+            follower.start()
         for raw in self.proc.stderr:
-            line = raw.decode("utf-8", errors="replace").rstrip("\n")
-            record = None
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-            with self._cond:
-                self.lines.append(line)
-                if isinstance(record, dict) and "event" in record:
-                    record["_i"], record["_t"] = len(self.records), time.time()
-                    self.records.append(record)
-                    if record["event"] in ("child.started", "child.stale_found"):
-                        self.owned.adopt(record["pid"])
-                self._cond.notify_all()
+            self._take(raw.decode("utf-8", errors="replace").rstrip("\n"))
+        if self.log_file is not None:
+            follower.join()
         with self._cond:
             self._eof = True
             self._cond.notify_all()
+
+    def _follow(self) -> None:
+        """Read log.file as it grows, like `tail -F`: a file renamed away (rotated) is read
+        to its end before the new one. Polled: nothing notifies a reader of a file's growth.
+        Ends once the supervisor has exited and the file is read to its end."""
+        assert self.log_file is not None
+        path, file, partial = str(self.log_file), None, b""
+        while True:
+            exited = self.proc.poll() is not None
+            if file is None:
+                with contextlib.suppress(FileNotFoundError):
+                    file, partial = open(path, "rb"), b""  # noqa: SIM115
+            if file is not None:
+                partial = self._feed(file, partial)
+                try:
+                    rotated = os.stat(path).st_ino != os.fstat(file.fileno()).st_ino
+                except FileNotFoundError:
+                    rotated = True
+                if rotated:
+                    partial = self._feed(file, partial)
+                    file.close()
+                    file = None
+                    continue
+            if exited:
+                break
+            time.sleep(0.01)
+        if file is not None:
+            file.close()
+
+    def _feed(self, file: Any, partial: bytes) -> bytes:
+        *lines, partial = (partial + file.read()).split(b"\n")
+        for raw in lines:
+            self._take(raw.decode("utf-8", errors="replace"))
+        return partial
 
     # -- looking at the log ---------------------------------------------------------------
 
@@ -396,6 +449,35 @@ class HangingServer:
             conn.close()
 
 
+class BuildGate:
+    """A FIFO that a build command reads one line from while it exists: `shut()` makes the next
+    build wait for the test, `open()` lets it go on. Nothing polls, nothing sleeps."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def command(self, build: str = "sh build.sh") -> str:
+        return f"{build} && if [ -p {self.path} ]; then read go < {self.path}; fi"
+
+    def shut(self) -> None:
+        os.mkfifo(self.path)
+
+    def open(self, timeout: float = DEFAULT_WAIT) -> None:
+        """Once the build reads the FIFO (it opens for writing only then), send it its line."""
+        def writer() -> int | None:
+            try:
+                return os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # ENXIO: no build reads it yet
+                return None
+
+        fd = wait_until(writer, timeout, "the build to wait at its gate")
+        try:
+            os.write(fd, b"go\n")
+        finally:
+            os.close(fd)
+        self.path.unlink()
+
+
 # ---------------------------------------------------------------------------------------------
 # One test's world: a bare remote, a developer clone, the supervisor's clone, a port.
 
@@ -421,6 +503,9 @@ class World:
     start_ticks = staticmethod(start_ticks)
     boot_id = staticmethod(boot_id)
     wait_until = staticmethod(wait_until)
+    free_port = staticmethod(free_port)
+    parse_ts = staticmethod(parse_ts)
+    environ_of = staticmethod(environ_of)
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
@@ -518,18 +603,55 @@ class World:
         path.write_text("\n".join(lines))
         return path
 
-    def start(self, config: Path | None = None, **overrides: dict[str, Any] | None) -> Supervisor:
+    def start(self, config: Path | None = None, *, env: dict[str, str] | None = None,
+              log_file: Path | None = None,
+              **overrides: dict[str, Any] | None) -> Supervisor:
+        """`env`: more environment for the supervisor; `log_file`: follow this log.file."""
         config = config or self.write_config(**overrides)
-        supervisor = Supervisor(config, self.tmp, self.children)
+        supervisor = Supervisor(config, self.tmp, self.children, env=env, log_file=log_file)
         self.supervisors.append(supervisor)
         return supervisor
 
-    def start_serving(self, **overrides: dict[str, Any] | None) -> tuple[Supervisor, int]:
+    def start_serving(self, *, env: dict[str, str] | None = None, log_file: Path | None = None,
+                      **overrides: dict[str, Any] | None) -> tuple[Supervisor, int]:
         """Start a supervisor and wait until the example app answers; returns it and the pid."""
-        supervisor = self.start(**overrides)
+        supervisor = self.start(env=env, log_file=log_file, **overrides)
         started = supervisor.wait_for("child.started")
         self.wait_http("hello from 1", supervisor)
         return supervisor, started["pid"]
+
+    def cli(self, *args: str, config: Path | None = None,
+            timeout: float = DEFAULT_WAIT) -> subprocess.CompletedProcess[str]:
+        """`python -m supervisor ARGS -c CONFIG` (the default config path unless given), as a
+        user would run it from a shell; never raises on a non-zero exit."""
+        config = config or self.tmp / "supervisor.toml"
+        return subprocess.run([sys.executable, "-m", "supervisor", *args, "-c", str(config)],
+                              cwd=self.tmp, env=BASE_ENV, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def build_gate(self) -> BuildGate:
+        return BuildGate(self.tmp / "build.gate")
+
+    def status_file(self) -> dict[str, Any] | None:
+        """The supervisor's status file as it is now, or None (missing, or being replaced)."""
+        try:
+            data = json.loads((self.state_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def wait_status(self, condition: Callable[[dict[str, Any]], Any], what: str,
+                    supervisor: Supervisor | None = None,
+                    timeout: float = DEFAULT_WAIT) -> dict[str, Any]:
+        """Wait until the status file satisfies `condition`: it is written after the log line
+        of the step that changed it, so seeing the line is not enough."""
+        def check() -> dict[str, Any] | None:
+            status = self.status_file()
+            return status if status is not None and condition(status) else None
+
+        return wait_until(check, timeout, f"status file: {what}",
+                          lambda: f"status: {self.status_file()}\n"
+                                  + (supervisor.tail() if supervisor else ""))
 
     # -- the app -------------------------------------------------------------------------
 
