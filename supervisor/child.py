@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from supervisor import proc
 from supervisor.childlog import ChildPipes, Sink
-from supervisor.config import AppConfig
+from supervisor.config import AppConfig, SocketConfig
 from supervisor.events import ChildExited, ChildStarted, ChildStartFailed, Event
+from supervisor.sockets import child_environment, passed_fds, wrap
 from supervisor.statefile import ChildRecord, StateStore
 
 
@@ -58,8 +59,9 @@ class Child:
 
     def __init__(self, config: AppConfig, store: StateStore, post: Callable[[Event], None],
                  stats_file: str | None, environ: Mapping[str, str] | None = None,
-                 output: Sink | None = None) -> None:
+                 output: Sink | None = None, sockets: Sequence[SocketConfig] = ()) -> None:
         self.config, self.store, self.post = config, store, post
+        self.sockets = tuple(sockets)  # already at fds 3..: handed to every generation
         self.stats_file = stats_file
         self.output = output  # None: the app writes to our own stdout and stderr
         self.environ = dict(os.environ if environ is None else environ)
@@ -80,12 +82,16 @@ class Child:
         env = {**self.environ, **self.config.env}
         if commit:
             env["SUPERVISOR_COMMIT"] = commit
+        command = self.config.command
+        if self.sockets:
+            env.update(child_environment(self.sockets))
+            command = wrap(command)
         pipes = None
         try:
             pipes = ChildPipes(self.output) if self.output is not None else None
             stdout, stderr = pipes.fds_for_child() if pipes else (None, None)
-            process = proc.spawn(self.config.command, cwd=self.config.cwd, env=env,
-                                 stdout=stdout, stderr=stderr)
+            process = proc.spawn(command, cwd=self.config.cwd, env=env, stdout=stdout,
+                                 stderr=stderr, pass_fds=passed_fds(len(self.sockets)))
         except OSError as error:
             if pipes is not None:
                 pipes.close()

@@ -143,6 +143,20 @@ def under_journald() -> bool:
 def _run(config, log_format: str | None) -> int:  # type: ignore[no-untyped-def]
     without_tls()
     forget_startup_modules()
+    listeners, inherited = [], False
+    if config.sockets:
+        # First of all, while fds 3.. are still free: that is where the app will find them.
+        from supervisor import control
+        from supervisor.sockets import SocketError, open_sockets
+
+        running = control.running_pid(config.app.state_dir)
+        if running is not None:
+            return _fail([f"app.state_dir: pid {running} already runs a supervisor for this app "
+                          f"({config.app.state_dir})"])
+        try:
+            listeners, inherited = open_sockets(config.sockets, os.environ)
+        except SocketError as error:
+            return _fail([str(error)])
     import asyncio
 
     from supervisor.eventlog import EventLog
@@ -162,7 +176,9 @@ def _run(config, log_format: str | None) -> int:  # type: ignore[no-untyped-def]
     log = EventLog(stream, log_format or config.log.format)
     log.priority_prefix = stream is None and under_journald()
     try:
-        return asyncio.run(Service(config, log, log_format_forced=log_format is not None).run())
+        service = Service(config, log, log_format_forced=log_format is not None,
+                          listeners=listeners, inherited=inherited)
+        return asyncio.run(service.run())
     except StartupError as error:
         return _fail([str(error)])
     except KeyboardInterrupt:

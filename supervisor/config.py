@@ -80,6 +80,13 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SocketConfig:
+    listen: str  # "127.0.0.1:8080", "[::1]:8080" or an absolute Unix socket path
+    name: str = "socket0"  # in LISTEN_FDNAMES
+    mode: int | None = None  # permissions of a Unix socket file
+
+
+@dataclass(frozen=True, slots=True)
 class TriggerConfig:
     listen: str
     secret: str = field(repr=False)
@@ -98,6 +105,7 @@ class Config:
     restart: RestartConfig
     log: LogConfig
     trigger: TriggerConfig | None = None
+    sockets: tuple[SocketConfig, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,6 +250,8 @@ def default_state_dir(name: str, environ: Mapping[str, str]) -> str:
 
 
 _SECTIONS = ("app", "git", "build", "drain", "restart", "log", "trigger")
+_ARRAYS = ("socket",)  # [[socket]] tables
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
 _LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+):(\d{1,5})$")
 MIN_SECRET = 16
 
@@ -257,7 +267,7 @@ def parse_config(data: Mapping[str, Any], path: str,
     def path_reader(value: object) -> str:
         return os.path.realpath(os.path.join(base, os.path.expanduser(_text(value))))
 
-    for section in sorted(set(data) - set(_SECTIONS)):
+    for section in sorted(set(data) - set(_SECTIONS) - set(_ARRAYS)):
         problems.append(f"{_key(section)}: unknown section "
                         f"(expected one of {', '.join(_SECTIONS)})")
 
@@ -335,11 +345,59 @@ def parse_config(data: Mapping[str, Any], path: str,
     trigger_config = None
     if "trigger" in data:
         trigger_config = _trigger(_Section("trigger", data["trigger"], problems), base, problems)
+    sockets = _sockets(data.get("socket", []), base, problems)
 
     if problems:
         raise ConfigError(problems)
     return Config(path, app_config, git_config, build_config, drain_config, restart_config,
-                  log_config, trigger_config)
+                  log_config, trigger_config, sockets)
+
+
+def _socket_name(value: object) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise _Bad("a name of letters, digits, '_', '.' or '-' (it goes into LISTEN_FDNAMES)")
+    return value
+
+
+def _mode(value: object) -> int:
+    if isinstance(value, str) and value and all(c in "01234567" for c in value):
+        value = int(value, 8)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o7777:
+        raise _Bad('permissions such as "0660" or 0o660')
+    return value
+
+
+def _sockets(tables: object, base: str, problems: list[str]) -> tuple[SocketConfig, ...]:
+    """[[socket]] entries: bound by the supervisor, handed to every generation of the app."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        problems.append("socket: expected [[socket]] tables with listen = \"127.0.0.1:8080\"")
+        return ()
+    sockets = []
+    for index, table in enumerate(tables):
+        section = _Section("socket", table, problems)
+        listen = section.get("listen", _text, "", required=True)
+        if listen.startswith(("/", "./", "../", "~")):
+            listen = os.path.realpath(os.path.join(base, os.path.expanduser(listen)))
+        elif listen and not _LISTEN.match(listen):
+            problems.append(f'socket.listen: expected "127.0.0.1:8080", "[::1]:8080" or a Unix '
+                            f'socket path such as "/run/app.sock", got {_describe(listen)}')
+        elif listen:
+            port = int(_LISTEN.match(listen).group(2))  # type: ignore[union-attr]
+            if not 0 < port < 65536:
+                problems.append(f"socket.listen: expected a port from 1 to 65535, got {port}")
+        mode = section.get("mode", _mode)
+        if mode is not None and listen and not listen.startswith("/"):
+            problems.append("socket.mode: expected only for a Unix socket path")
+        sockets.append(SocketConfig(listen, section.get("name", _socket_name, f"socket{index}"),
+                                    mode))
+        section.finish()
+    names = [s.name for s in sockets]
+    if len(set(names)) != len(names):
+        problems.append("socket.name: expected a different name for each [[socket]]")
+    listens = [s.listen for s in sockets]
+    if len(set(listens)) != len(listens):
+        problems.append("socket.listen: expected a different address for each [[socket]]")
+    return tuple(sockets)
 
 
 def _listen(value: object) -> str:
@@ -480,6 +538,11 @@ def _toml_key(key: str) -> str:
 
 def format_config(config: Config) -> str:
     lines = [f"# effective config from {config.path}"]
+    for sock in config.sockets:
+        lines.append("\n[[socket]]")
+        lines += [f"listen = {_toml_value(sock.listen)}", f"name = {_toml_value(sock.name)}"]
+        if sock.mode is not None:
+            lines.append(f'mode = "{sock.mode:04o}"')
     for section in _SECTIONS:
         value = getattr(config, section)
         if value is None:

@@ -56,11 +56,13 @@ class Process:
 
 
 def spawn(argv: Sequence[str], *, cwd: str | os.PathLike[str], env: Mapping[str, str] | None,
-          stdout: int | None = None, stderr: int | None = None) -> Process:
-    """Start argv in a new session (no controlling terminal, so nothing can prompt), stdin empty."""
+          stdout: int | None = None, stderr: int | None = None,
+          pass_fds: Sequence[int] = ()) -> Process:
+    """Start argv in a new session (no controlling terminal, so nothing can prompt), stdin empty.
+    Only `pass_fds` (kept at their numbers) and the standard streams reach it."""
     popen = subprocess.Popen(
         list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-        start_new_session=True, close_fds=True,
+        start_new_session=True, close_fds=True, pass_fds=tuple(pass_fds),
     )
     return Process(popen)
 

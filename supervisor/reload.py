@@ -46,6 +46,8 @@ def merge(old: Config, new: Config) -> tuple[Config, tuple[str, ...], tuple[str,
         for key in _changed(before, after, section):
             (kept if key.split(".", 1)[1] in keep else applied).append(key)
         merged[section] = replace(after, **keep)
+    if old.sockets != new.sockets:
+        kept.append("[[socket]]")
     merged["app"] = _cwd_in_repo_in_use(old, new, merged["app"])
     if merged["app"].cwd == old.app.cwd and "app.cwd" in applied:
         applied.remove("app.cwd")

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from supervisor import control
@@ -45,6 +47,7 @@ from supervisor.events import (
 from supervisor.gitrepo import GitError, GitRepo
 from supervisor.machine import Phase, Settings, State, decide, initial_state
 from supervisor.sdnotify import Notifier, watchdog_interval, watchdog_pings
+from supervisor.sockets import close_all, describe
 from supervisor.statefile import StateStore
 from supervisor.statsfile import Stats, StatsWatcher
 from supervisor.status import StatusBoard
@@ -75,8 +78,10 @@ def settings_from(config: Config) -> Settings:
 
 
 class Service:
-    def __init__(self, config: Config, log: EventLog, log_format_forced: bool = False) -> None:
+    def __init__(self, config: Config, log: EventLog, log_format_forced: bool = False,
+                 listeners: Sequence[socket.socket] = (), inherited: bool = False) -> None:
         self.config, self.log = config, log
+        self.listeners, self.listeners_inherited = list(listeners), inherited
         self.log_format_forced = log_format_forced  # --log-format outlives a reload
         self.notifier = Notifier.from_environ(os.environ)
         self.watchdog_interval = watchdog_interval(os.environ)
@@ -89,7 +94,7 @@ class Service:
         self.output = open_sink(config.log.child, self.log.write, config.log.child_file,
                                 config.log.max_bytes, config.log.keep)
         self.child = Child(config.app, self.store, self.inbox.put_nowait, stats_file,
-                           output=self.output)
+                           output=self.output, sockets=config.sockets)
         self.builder = (Builder(config.build, config.git.repo, {**os.environ, **config.app.env},
                                 self.store, self.inbox.put_nowait, self.log.write)
                         if config.build else None)
@@ -144,6 +149,10 @@ class Service:
             "built": persisted.built, "failed": persisted.failed,
             "config": str(self.config.path),
         })
+        for listener, socket_config in zip(self.listeners, self.config.sockets, strict=True):
+            self.log.write("socket.listening", {
+                "listen": describe(listener), "name": socket_config.name,
+                "fd": listener.fileno(), "from_systemd": self.listeners_inherited})
         if persisted.child is not None:
             await stop_stale_child(persisted.child, self.config.app.stop_signal,
                                    self.config.app.stop_timeout, self.log.write)
@@ -361,6 +370,7 @@ class Service:
             self._cancel_timer(name)
         if self.trigger is not None:
             self.trigger.close()
+        close_all(self.listeners, self.config.sockets, bound_here=not self.listeners_inherited)
         if self.output is not None:
             self.output.close()
         if self.watcher is not None:

@@ -590,11 +590,19 @@ class World:
         for section, values in overrides.items():
             if values is None:
                 sections.pop(section, None)
+            elif isinstance(values, list):
+                sections[section] = values  # an array of tables, e.g. [[socket]]
             else:
                 sections[section] = {**(sections.get(section) or {}), **values}
         lines = []
         for section, values in sections.items():
             if values is None:
+                continue
+            if isinstance(values, list):
+                for table in values:
+                    lines.append(f"[[{section}]]")
+                    lines += [f"{key} = {_toml(value)}" for key, value in table.items()]
+                    lines.append("")
                 continue
             lines.append(f"[{section}]")
             lines += [f"{key} = {_toml(value)}" for key, value in values.items()]

@@ -4,11 +4,15 @@ file, the way the seed's server did. Standard library only; shipped for the demo
     GET /            -> "hello from VERSION" (VERSION is the file beside this script)
     GET /hold?s=N    -> keeps the connection for N seconds, so a client stays "connected"
 
-Environment: PORT (default 8080), HOST (default 127.0.0.1), STATS_FILE (default: none).
+Environment: PORT (default 8080), HOST (default 127.0.0.1), STATS_FILE (default: none),
+START_DELAY (seconds to wait before serving, to show that the socket handoff makes clients wait
+rather than fail). With socket activation (LISTEN_PID is this process, LISTEN_FDS >= 1) it serves
+on fd 3, the socket the supervisor holds, and ignores HOST and PORT.
 """
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -69,13 +73,29 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+def make_server():
+    """Serve on the socket handed over by the supervisor (systemd's protocol), else bind."""
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and \
+            int(os.environ.get("LISTEN_FDS", "0")) >= 1:
+        listener = socket.socket(fileno=3)
+        ThreadingHTTPServer.address_family = listener.family
+        server = ThreadingHTTPServer(listener.getsockname(), Handler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = listener
+        return server
+    return ThreadingHTTPServer((os.environ.get("HOST", "127.0.0.1"),
+                                int(os.environ.get("PORT", "8080"))), Handler)
+
+
 def main():
-    server = ThreadingHTTPServer((os.environ.get("HOST", "127.0.0.1"),
-                                  int(os.environ.get("PORT", "8080"))), Handler)
+    time.sleep(float(os.environ.get("START_DELAY", "0")))
+    server = make_server()
     server.daemon_threads = True
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     write_stats()
-    print(f"example app {VERSION} listening on port {server.server_address[1]}", file=sys.stderr,
+    address = server.socket.getsockname()
+    where = f"port {address[1]}" if isinstance(address, tuple) else address
+    print(f"example app {VERSION} listening on {where}", file=sys.stderr,
           flush=True)
     server.serve_forever(poll_interval=0.1)  # answers a stop request within ~0.1 s
 
