@@ -49,7 +49,7 @@ from supervisor.machine import Phase, Settings, State, decide, initial_state
 from supervisor.sdnotify import Notifier, watchdog_interval, watchdog_pings
 from supervisor.sockets import close_all, describe
 from supervisor.statefile import StateStore
-from supervisor.statsfile import Stats, StatsWatcher
+from supervisor.statsfile import Stats, StatsWatcher, read_stats
 from supervisor.status import StatusBoard
 
 # systemd's variables are for us alone: an app or a build that inherited NOTIFY_SOCKET could
@@ -188,16 +188,19 @@ class Service:
         loop.add_signal_handler(signal.SIGUSR1, self.inbox.put_nowait, CheckRequested())
         loop.add_signal_handler(signal.SIGUSR2, self._take_requests)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
-        watchdog = None
+        watchdog = refresher = None
         if self.notifier is not None and self.watchdog_interval:
             # On the loop itself: a blocked loop stops the pings, and systemd steps in.
             watchdog = loop.create_task(watchdog_pings(self.notifier, self.watchdog_interval))
+        if self.notifier is not None:
+            refresher = loop.create_task(self._refresh_status())
         try:
             await self._prepare()
         except BaseException:
             self._remove_signal_handlers(loop)
-            if watchdog is not None:
-                watchdog.cancel()
+            for task in (watchdog, refresher):
+                if task is not None:
+                    task.cancel()
             raise
         poller = loop.create_task(self.repo.poll(self.inbox.put_nowait))
         self._take_requests(stale=True)
@@ -208,8 +211,9 @@ class Service:
             poller.cancel()
             await self._shut_down_drivers(poller)
             self._remove_signal_handlers(loop)
-            if watchdog is not None:
-                watchdog.cancel()
+            for task in (watchdog, refresher):
+                if task is not None:
+                    task.cancel()
         self.log.write("supervisor.stopped", {"pid": os.getpid()})
         return 0
 
@@ -292,6 +296,18 @@ class Service:
         if self.state.phase not in DEPLOY_PHASES:
             self.log.context = {}
         self._publish()
+
+    STATUS_REFRESH = 30.0  # seconds; only under systemd, which shows the line on request
+
+    async def _refresh_status(self) -> None:
+        """Keep systemd's STATUS line true between state changes: "next fetch in 4m" counts
+        down, and the client count comes from the stats file (a bounded read, no watcher)."""
+        while True:
+            await asyncio.sleep(self.STATUS_REFRESH)
+            if self.config.drain is not None and not self.state.draining:
+                self.status.stats = read_stats(self.config.drain.stats_file).values
+            if self.notifier is not None:
+                self.notifier.status(self.status.line(self.state, time.time()))
 
     def _publish(self) -> None:
         """Status for `supervisor status` and systemd, written only when something changed."""
