@@ -1,0 +1,546 @@
+"""Socket handoff under load (issue 4, "Measured, not assumed"): steady HTTP load on the example
+app over loopback, from a separate process (`hey`), while the supervisor performs N deploys; the
+failed requests by kind and the latency percentiles, for each way of restarting:
+
+    no-handoff   the app binds its own port (PORT): the seed's kill-then-start
+    stop-start   [[socket]]: the supervisor holds the listening socket across generations
+    overlap      not implemented yet (printed as such)
+
+Each way gets its own bare remote, dev clone and supervisor clone, a steady-state run (same load,
+no deploys) and then the deploy run, with the same app, on the same machine, in one run. A deploy
+is: commit a new VERSION, push, `kill -USR1` the supervisor (poll_interval is long), wait until
+`GET /` answers with the new version. No [drain], `true` as the build, START_DELAY so that the
+restart window is real.
+
+    python3 bench/handoff.py                 # 50 deploys per way, about 3 minutes on 2 cores
+    python3 bench/handoff.py --deploys 10    # a quick run
+
+Writes bench/results/handoff.md and prints the same. Needs `git` and `hey` (Debian: `apt-get
+install hey`). Every process started here runs in its own session and is stopped by pid (checked
+against its start time); nothing is found or killed by name; all traffic is on 127.0.0.1; every
+wait is bounded, and a watchdog ends the run after --max-minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+EXAMPLE_APP = REPO / "supervisor" / "example_app"
+RESULTS = BENCH / "results" / "handoff.md"
+GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost",
+           "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1",
+           "GIT_CONFIG_GLOBAL": "/dev/null"}
+KINDS = ("refused", "reset", "timeout", "EOF", "other")
+WAYS = ("no-handoff", "stop-start", "overlap")
+
+
+class BenchError(Exception):
+    """A step did not happen within its bound."""
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+def start_ticks(pid: int) -> int | None:
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    return None if fields[0] == b"Z" else int(fields[19])
+
+
+class Owned:
+    """Every process we started or that the supervisor started for us: pid and start time, so
+    that a signal never reaches a reused pid."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pids: dict[int, int] = {}
+
+    def adopt(self, pid: int) -> None:
+        ticks = start_ticks(pid)
+        if ticks is not None:
+            with self.lock:
+                self.pids[pid] = ticks
+
+    def signal(self, pid: int, sig: int) -> bool:
+        with self.lock:
+            ticks = self.pids.get(pid)
+        if ticks is None or start_ticks(pid) != ticks:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+            return True
+        return False
+
+    def kill_leftovers(self) -> list[int]:
+        killed = [pid for pid in list(self.pids) if self.signal(pid, signal.SIGKILL)]
+        with self.lock:
+            self.pids.clear()
+        return killed
+
+
+def run(argv: list[str], cwd: Path, timeout: float = 60) -> str:
+    result = subprocess.run(argv, cwd=cwd, env={**os.environ, **GIT_ENV}, capture_output=True,
+                            text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise BenchError(f"{' '.join(argv)}: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_get(port: int, timeout: float = 1.0) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=timeout) as response:
+            return response.read().decode().strip()
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+# --- the supervisor ------------------------------------------------------------------------------
+
+class Supervisor:
+    """`python -m supervisor run -c CONFIG`, its JSON log (stderr) read line by line."""
+
+    def __init__(self, config: Path, cwd: Path, owned: Owned) -> None:
+        self.owned = owned
+        self.records: list[dict[str, Any]] = []
+        self.cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "run", "-c", str(config)], cwd=cwd,
+            env={**os.environ, **GIT_ENV, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        owned.adopt(self.proc.pid)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").strip()
+            record = None
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+            if not isinstance(record, dict) or "event" not in record:
+                continue
+            record["_t"] = time.monotonic()
+            if record["event"] == "child.started":
+                self.owned.adopt(record["pid"])
+            with self.cond:
+                self.records.append(record)
+                self.cond.notify_all()
+
+    def wait_for(self, event: str, timeout: float, after: int = 0,
+                 where: Callable[[dict[str, Any]], bool] = lambda r: True) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for record in self.records[after:]:
+                    if record["event"] == event and where(record):
+                        return record
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    tail = "\n".join(json.dumps(r) for r in self.records[-8:])
+                    raise BenchError(f"no {event} within {timeout}s\n{tail}")
+                self.cond.wait(left)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.owned.signal(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.owned.signal(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+# --- hey -----------------------------------------------------------------------------------------
+
+@dataclass
+class Load:
+    """One hey run, parsed from its summary (it exits 0 even with errors)."""
+
+    ok: int = 0
+    failed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    p50: float | None = None
+    p99: float | None = None
+    seconds: float = 0.0
+    raw_errors: list[str] = field(default_factory=list)
+
+    @property
+    def requests(self) -> int:
+        return self.ok + sum(self.failed.values())
+
+
+def classify(message: str) -> str:
+    text = message.lower()
+    if "connection refused" in text:
+        return "refused"
+    if "connection reset" in text or "broken pipe" in text:
+        return "reset"
+    if "timeout" in text or "deadline exceeded" in text:
+        return "timeout"
+    if "eof" in text:
+        return "EOF"
+    return "other"
+
+
+def parse_hey(text: str) -> Load:
+    load = Load()
+    section = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.endswith(":") and not line.startswith(" "):
+            section = stripped[:-1]
+            continue
+        if section == "Summary" and stripped.startswith("Total:"):
+            load.seconds = float(stripped.split()[1])
+        elif section == "Latency distribution":
+            match = re.match(r"(\d+)% in ([\d.]+) secs", stripped)
+            if match and match[1] == "50":
+                load.p50 = float(match[2])
+            elif match and match[1] == "99":
+                load.p99 = float(match[2])
+        elif section == "Status code distribution":
+            match = re.match(r"\[(\d+)\]\s+(\d+) responses", stripped)
+            if match and match[1] == "200":
+                load.ok += int(match[2])
+            elif match:
+                load.failed["other"] += int(match[2])
+                load.raw_errors.append(f"HTTP {match[1]}: {match[2]}")
+        elif section == "Error distribution":
+            match = re.match(r"\[(\d+)\]\s+(.*)", stripped)
+            if match:
+                load.failed[classify(match[2])] += int(match[1])
+                load.raw_errors.append(f"{match[1]}x {match[2]}")
+    return load
+
+
+class Hey:
+    """`hey -z LIMIT -q RATE -c CONC` in its own session, output to a file; `finish()` ends it
+    early with SIGINT, on which it prints its summary as at the end of -z."""
+
+    def __init__(self, args: argparse.Namespace, port: int, limit: float, out: Path,
+                 owned: Owned) -> None:
+        self.out, self.owned = out, owned
+        argv = ["hey", "-z", f"{int(limit)}s", "-q", str(args.rate), "-c", str(args.conc),
+                "-t", str(args.timeout)]
+        if args.disable_keepalive:
+            argv.append("-disable-keepalive")
+        argv.append(f"http://127.0.0.1:{port}/")
+        self.limit = limit
+        with open(out, "wb") as file:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=file,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        owned.adopt(self.proc.pid)
+
+    def finish(self, early: bool) -> Load:
+        if early and self.proc.poll() is None:
+            self.owned.signal(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(self.limit + 30)
+        except subprocess.TimeoutExpired:
+            self.owned.signal(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+            raise BenchError("hey did not finish") from None
+        text = self.out.read_text(errors="replace")
+        if "Summary:" not in text:
+            raise BenchError(f"hey printed no summary:\n{text[-2000:]}")
+        return parse_hey(text)
+
+
+# --- one way -------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    way: str
+    steady: Load | None = None
+    deploys: Load | None = None
+    done: int = 0
+    deploy_seconds: list[float] = field(default_factory=list)  # USR1 to new version answering
+    window_seconds: list[float] = field(default_factory=list)  # old child exited to answering
+    error: str | None = None
+
+
+def toml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_config(tmp: Path, way: str, port: int, start_delay: float) -> Path:
+    env = {"START_DELAY": str(start_delay)}
+    if way == "no-handoff":
+        env["PORT"] = str(port)
+    sections: list[tuple[str, dict[str, Any]]] = [
+        ("[app]", {"name": "handoff", "command": [sys.executable, "server.py"], "env": env,
+                   "stop_timeout": "5s", "state_dir": str(tmp / "state")}),
+        ("[git]", {"repo": str(tmp / "app"), "poll_interval": "1h", "timeout": "20s"}),
+        ("[build]", {"command": "true", "timeout": "20s"}),
+        ("[log]", {"format": "json"}),
+    ]
+    if way == "stop-start":
+        sections.append(("[[socket]]", {"listen": f"127.0.0.1:{port}", "name": "http"}))
+    lines = []
+    for header, values in sections:
+        lines.append(header)
+        lines += [f"{key} = {toml(value)}" for key, value in values.items()]
+        lines.append("")
+    path = tmp / "supervisor.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def make_world(tmp: Path) -> None:
+    remote, dev = tmp / "remote.git", tmp / "dev"
+    run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], tmp)
+    run(["git", "init", "-q", "-b", "main", str(dev)], tmp)
+    shutil.copy(EXAMPLE_APP / "server.py", dev / "server.py")
+    (dev / "VERSION").write_text("1\n")
+    run(["git", "add", "-A"], dev)
+    run(["git", "commit", "-q", "-m", "release 1"], dev)
+    run(["git", "remote", "add", "origin", str(remote)], dev)
+    run(["git", "push", "-q", "-u", "origin", "main"], dev)
+    run(["git", "clone", "-q", str(remote), str(tmp / "app")], tmp)
+
+
+def wait_answer(port: int, body: str, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if http_get(port) == body:
+            return time.monotonic()
+        time.sleep(0.01)
+    raise BenchError(f"GET / did not answer {body!r} within {timeout}s")
+
+
+def deploy(sup: Supervisor, tmp: Path, port: int, version: int, result: Result) -> None:
+    dev = tmp / "dev"
+    (dev / "VERSION").write_text(f"{version}\n")
+    run(["git", "commit", "-q", "-am", f"release {version}"], dev)
+    commit = run(["git", "rev-parse", "HEAD"], dev)
+    run(["git", "push", "-q", "origin", "main"], dev)
+    mark = len(sup.records)
+    signalled = time.monotonic()
+    sup.owned.signal(sup.proc.pid, signal.SIGUSR1)
+    sup.wait_for("child.started", 30, mark, lambda r: r.get("commit") == commit)
+    answered = wait_answer(port, f"hello from {version}", 30)
+    exited = sup.wait_for("child.exited", 5, mark)
+    result.deploy_seconds.append(answered - signalled)
+    result.window_seconds.append(answered - exited["_t"])
+
+
+def measure(way: str, args: argparse.Namespace, owned: Owned) -> Result:
+    result = Result(way)
+    tmp = Path(tempfile.mkdtemp(prefix=f"handoff-{way}-"))
+    sup = None
+    try:
+        make_world(tmp)
+        port = free_port()
+        sup = Supervisor(write_config(tmp, way, port, args.start_delay), tmp, owned)
+        sup.wait_for("child.started", 30)
+        wait_answer(port, "hello from 1", 30)
+        log(f"{way}: serving on 127.0.0.1:{port}; steady load for {args.steady:g}s")
+        result.steady = Hey(args, port, args.steady, tmp / "hey-steady.txt",
+                            owned).finish(early=False)
+        log(f"{way}: {args.deploys} deploys under load")
+        limit = args.deploys * 10 + 60  # a bound, never reached: hey is ended after the last
+        hey = Hey(args, port, limit, tmp / "hey-deploys.txt", owned)
+        try:
+            time.sleep(1.0)  # the load settles before the first deploy
+            for version in range(2, args.deploys + 2):
+                deploy(sup, tmp, port, version, result)
+                result.done += 1
+                time.sleep(args.gap)
+            time.sleep(1.0)
+        finally:
+            result.deploys = hey.finish(early=True)
+    except BenchError as error:
+        result.error = str(error)
+        log(f"{way}: FAILED: {error}")
+    finally:
+        if sup is not None:
+            sup.stop()
+        leftovers = owned.kill_leftovers()
+        if leftovers:
+            log(f"{way}: killed leftover processes {leftovers}")
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = ""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        kib = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
+        memory = f", {kib / 1024 / 1024:.1f} GiB RAM"
+    hey = "hey"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        hey = "hey " + subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "hey"],
+                                      capture_output=True, text=True, timeout=10).stdout
+    return (f"{cpu}, {os.cpu_count()} cores{memory}; Linux {platform.release()}; "
+            f"Python {platform.python_version()} ({sys.executable}); {hey}")
+
+
+def report(results: list[Result], args: argparse.Namespace, elapsed: float) -> str:
+    lines = [
+        "# Socket handoff under load (issue 4)",
+        "",
+        f"`python3 bench/handoff.py --deploys {args.deploys}` · {time.strftime('%Y-%m-%d %H:%M')}"
+        f" · run time {elapsed:.0f} s",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        f"Load: `hey -q {args.rate} -c {args.conc} -t {args.timeout}`"
+        f"{' -disable-keepalive' if args.disable_keepalive else ''} (≈{args.rate * args.conc}"
+        f" requests/s offered, keep-alive {'off' if args.disable_keepalive else 'on'}) on "
+        f"127.0.0.1, `GET /` of the example app, START_DELAY={args.start_delay:g} s, build "
+        f"`true`, no [drain]; deploys back to back ({args.gap:g} s apart).",
+        "",
+        "| way | deploys | requests | failed (refused / reset / timeout / EOF / other) "
+        "| p50 during deploys | p99 during deploys | steady p99 |",
+        "|---|---:|---:|---|---:|---:|---:|",
+    ]
+    for result in results:
+        if result.way == "overlap":
+            lines.append("| overlap | not implemented | | | | | |")
+            continue
+        load, steady = result.deploys, result.steady
+        if load is None:
+            lines.append(f"| {result.way} | {result.done} | error | | | | "
+                         f"{ms(steady.p99) if steady else '-'} |")
+            continue
+        kinds = " / ".join(str(load.failed[k]) for k in KINDS)
+        lines.append(f"| {result.way} | {result.done} | {load.requests} | "
+                     f"**{sum(load.failed.values())}** ({kinds}) | {ms(load.p50)} | "
+                     f"{ms(load.p99)} | {ms(steady.p99) if steady else '-'} |")
+    lines += ["", "Latencies are of the requests that succeeded (hey's summary).", ""]
+    for result in results:
+        if result.way == "overlap":
+            continue
+        lines.append(f"- **{result.way}**:")
+        if result.deploy_seconds:
+            lines.append(f"  deploy (USR1 to the new version answering) median "
+                         f"{ms(statistics.median(result.deploy_seconds))}, max "
+                         f"{ms(max(result.deploy_seconds))}; old child exited to new one "
+                         f"answering median {ms(statistics.median(result.window_seconds))}, "
+                         f"max {ms(max(result.window_seconds))}.")
+        if result.steady:
+            lines.append(f"  steady: {result.steady.requests} requests in "
+                         f"{result.steady.seconds:.1f} s, "
+                         f"{sum(result.steady.failed.values())} failed, p50 "
+                         f"{ms(result.steady.p50)}, p99 {ms(result.steady.p99)}.")
+        if result.deploys:
+            lines.append(f"  during deploys: {result.deploys.requests} requests in "
+                         f"{result.deploys.seconds:.1f} s.")
+            lines += [f"  hey error: `{error}`" for error in result.deploys.raw_errors[:8]]
+        if result.error:
+            lines.append(f"  **error**: `{result.error.splitlines()[0]}`")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--deploys", type=int, default=50, help="deploys per way (default 50)")
+    parser.add_argument("--rate", type=int, default=10,
+                        help="requests per second per hey worker (default 10)")
+    parser.add_argument("--conc", type=int, default=10, help="hey workers (default 10)")
+    parser.add_argument("--timeout", type=int, default=5, help="hey's request timeout, s")
+    parser.add_argument("--steady", type=float, default=20.0,
+                        help="seconds of steady load without deploys (default 20)")
+    parser.add_argument("--start-delay", type=float, default=0.2,
+                        help="the app's START_DELAY, seconds (default 0.2)")
+    parser.add_argument("--gap", type=float, default=0.3,
+                        help="seconds between one deploy answering and the next push")
+    parser.add_argument("--disable-keepalive", action="store_true",
+                        help="a new connection per request")
+    parser.add_argument("--ways", default="no-handoff,stop-start",
+                        help="comma-separated, of: no-handoff, stop-start")
+    parser.add_argument("--max-minutes", type=float, default=15.0, help="watchdog")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if shutil.which("hey") is None:
+        print("handoff.py: needs hey (apt-get install hey)", file=sys.stderr)
+        return 2
+    if not 1 <= args.deploys <= 1000 or not 1 <= args.rate * args.conc <= 2000:
+        print("handoff.py: --deploys 1..1000 and --rate * --conc 1..2000", file=sys.stderr)
+        return 2
+
+    owned = Owned()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    watchdog = threading.Timer(args.max_minutes * 60, os.kill, (os.getpid(), signal.SIGTERM))
+    watchdog.daemon = True
+    watchdog.start()
+    began = time.monotonic()
+    chosen = [way.strip() for way in args.ways.split(",") if way.strip()]
+    results = []
+    try:
+        for way in WAYS:
+            if way == "overlap":
+                results.append(Result(way))
+            elif way in chosen:
+                results.append(measure(way, args, owned))
+    except KeyboardInterrupt:
+        log("interrupted")
+        owned.kill_leftovers()
+        return 130
+    finally:
+        watchdog.cancel()
+    text = report(results, args, time.monotonic() - began)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    print(text)
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
