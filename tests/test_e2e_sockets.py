@@ -54,6 +54,12 @@ def test_the_child_gets_listen_pid_fds_and_names_and_nothing_else(world):
     supervisor = world.start(socket=socket_config(world), app={"command": ["sleep", "60"]},
                              drain=None)
     pid = supervisor.wait_for("child.started")["pid"]
+
+    def exec_done() -> bool:  # until then the pid is the shell that sets LISTEN_PID
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return file.read().startswith(b"sleep\0")
+
+    world.wait_until(exec_done, 10, "the app exec'd by the LISTEN_PID wrapper")
     environ = environ_of(pid)
     assert environ["LISTEN_PID"] == str(pid)
     assert (environ["LISTEN_FDS"], environ["LISTEN_FDNAMES"]) == ("1", "web")
