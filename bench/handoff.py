@@ -454,7 +454,17 @@ def report(results: list[Result], args: argparse.Namespace, elapsed: float) -> s
         lines.append(f"| {result.way} | {result.done} | {load.requests} | "
                      f"**{sum(load.failed.values())}** ({kinds}) | {ms(load.p50)} | "
                      f"{ms(load.p99)} | {ms(steady.p99) if steady else '-'} |")
-    lines += ["", "Latencies are of the requests that succeeded (hey's summary).", ""]
+    lines += [
+        "",
+        "Failed: hey's errors by kind, plus answers other than 200 (as \"other\"). Latencies are"
+        " of the requests that succeeded (hey's summary), so refused requests do not raise"
+        " no-handoff's. hey's client (Go's net/http) silently retries a GET on a new connection"
+        " when a reused keep-alive connection is closed under it, so such closes are not"
+        " counted here; a client that does not retry would see them. hey's rate limit drops"
+        " ticks while a worker waits, so a restart window gets fewer requests than offered and"
+        " the p99 during deploys is a lower bound.",
+        "",
+    ]
     for result in results:
         if result.way == "overlap":
             continue

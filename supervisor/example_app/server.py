@@ -25,6 +25,8 @@ with open(os.path.join(HERE, "VERSION")) as version_file:
 STATS_FILE = os.environ.get("STATS_FILE")
 lock = threading.Lock()
 clients = 0
+stopping = threading.Event()  # set by SIGTERM: answer what is in flight, then go
+STOP_GRACE = float(os.environ.get("STOP_GRACE", "1"))  # at most this long, seconds
 
 
 def write_stats():
@@ -46,6 +48,9 @@ def count(delta):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Buffered: the headers and the body leave in one write (flushed after each request), not
+    # two, which Nagle's algorithm and the client's delayed ACK would hold apart for 40 ms.
+    wbufsize = -1
 
     def setup(self):
         super().setup()
@@ -66,6 +71,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
+        if stopping.is_set():
+            self.send_header("Connection", "close")  # the client reconnects: to the next one
         self.end_headers()
         self.wfile.write(body)
 
@@ -91,13 +98,25 @@ def main():
     time.sleep(float(os.environ.get("START_DELAY", "0")))
     server = make_server()
     server.daemon_threads = True
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+
+    def on_term(*_):
+        stopping.set()
+        threading.Thread(target=server.shutdown).start()
+
+    signal.signal(signal.SIGTERM, on_term)
     write_stats()
     address = server.socket.getsockname()
     where = f"port {address[1]}" if isinstance(address, tuple) else address
     print(f"example app {VERSION} listening on {where}", file=sys.stderr,
           flush=True)
     server.serve_forever(poll_interval=0.1)  # answers a stop request within ~0.1 s
+    server.server_close()  # accept no more; a held socket keeps queueing for the next one
+    # Finish the requests in flight (their answers say "Connection: close") and let keep-alive
+    # clients send their next request here, for at most STOP_GRACE: exiting under them would
+    # cut answers in half and reset requests already sent.
+    deadline = time.monotonic() + STOP_GRACE
+    while clients and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 if __name__ == "__main__":
