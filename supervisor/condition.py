@@ -124,7 +124,12 @@ def parse_condition(text: str) -> Condition:
             value = value[1:-1]
         comparisons.append(Comparison(key, op, value))
         if index == len(tokens):
-            return Condition(tuple(comparisons))
+            condition = Condition(tuple(comparisons))
+            # str() spells it out ("a<1" -> "a < 1"): what is accepted must print as accepted.
+            if len(str(condition)) > MAX_LENGTH:
+                raise ConditionError(f"expected at most {MAX_LENGTH} characters once written "
+                                     "out as KEY OP VALUE and ...")
+            return condition
         expect(("word",), "'and'")
         if tokens[index - 1][1] != "and":
             raise ConditionError(f"expected 'and' at column {tokens[index - 1][2]}, "

@@ -252,7 +252,7 @@ def default_state_dir(name: str, environ: Mapping[str, str]) -> str:
 _SECTIONS = ("app", "git", "build", "drain", "restart", "log", "trigger")
 _ARRAYS = ("socket",)  # [[socket]] tables
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
-_LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+):(\d{1,5})$")
+_LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+):([0-9]{1,5})$")  # as parse_listen
 MIN_SECRET = 16
 
 
@@ -408,7 +408,7 @@ def _listen(value: object) -> str:
     return text
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+_SIZE = re.compile(r"^\s*(\d{1,16})\s*(B|KiB|MiB|GiB)?\s*$")  # int() refuses 4301 digits
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 
 
@@ -456,6 +456,8 @@ def _trigger(section: _Section, base: str, problems: list[str]) -> TriggerConfig
     if secret_file is not None:
         secret_path = os.path.join(base, os.path.expanduser(secret_file))
         try:
+            if not stat.S_ISREG(os.stat(secret_path).st_mode):  # a FIFO would block the open
+                raise OSError(0, "not a regular file")
             with open(secret_path, "rb") as file:
                 secret = file.read(4096).decode().removesuffix("\n").removesuffix("\r")
         except (OSError, UnicodeDecodeError) as error:
@@ -469,16 +471,23 @@ def _trigger(section: _Section, base: str, problems: list[str]) -> TriggerConfig
     return TriggerConfig(config.listen, secret, config.path, config.burst, config.refill)
 
 
+MAX_CONFIG_BYTES = 256 * 1024
+
+
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file; every failure becomes a ConfigError."""
     import tomllib  # start-up only: `supervisor run` drops it before the loop starts
 
     path = os.fspath(path)
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open below
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the open below
             raise ConfigError([f"{path}: not a regular file"])
+        if info.st_size > MAX_CONFIG_BYTES:  # tomllib slows down badly on some huge inputs
+            raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES} bytes; a config is "
+                               "a few hundred"])
         with open(path, "rb") as file:
-            data = tomllib.load(file)
+            data = tomllib.loads(file.read(MAX_CONFIG_BYTES + 1).decode())
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file (use -c PATH to name the config)"]) from None
     except OSError as error:
@@ -487,6 +496,9 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError([f"{path}: not valid TOML: {error}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not valid TOML: not UTF-8 text"]) from None
+    except ValueError:  # tomllib lets int()'s limit through: "Exceeds the limit (4300 digits)"
+        raise ConfigError([f"{path}: not valid TOML: a number of more than 4300 digits"]
+                          ) from None
     except RecursionError:
         raise ConfigError([f"{path}: not valid TOML: nested too deeply"]) from None
     return parse_config(data, os.path.abspath(path), environ)
@@ -553,6 +565,8 @@ def format_config(config: Config) -> str:
             item_value = getattr(value, item.name)
             if item.name == "secret":
                 lines.append("# secret: set (not shown)")
+            elif section == "trigger" and item.name == "path" and item_value is None:
+                lines.append('path = "*"')
             elif item_value is not None:
                 lines.append(f"{item.name} = {_toml_value(item_value)}")
     return "\n".join(lines) + "\n"
