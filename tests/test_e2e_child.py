@@ -124,7 +124,8 @@ def test_a_child_that_ignores_the_stop_signal_is_killed_after_stop_timeout(world
     requested = supervisor.wait_for("supervisor.stop_requested")
     kill = supervisor.wait_for(action="kill_child", after=requested)
     assert supervisor.action(kill, "kill_child")["pid"] == started["pid"]
-    assert 0.9 <= supervisor.seconds_between(requested, kill) < 3
+    # Not before stop_timeout; the upper bound only says "it came", on a busy machine too.
+    assert 0.9 <= supervisor.seconds_between(requested, kill) < 10
     exited = supervisor.wait_for("child.exited", pid=started["pid"], after=kill)
     assert exited["signal"] == "SIGKILL"
     assert not world.alive(started["pid"])
