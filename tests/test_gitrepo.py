@@ -210,16 +210,21 @@ def test_fetch_in_a_deleted_working_tree_fails_without_raising(repos: Repos) -> 
 # update(): fast-forward or reset, never over local changes
 
 
+def fetch_then_update(repos: Repos, commit: str, reset: bool) -> object:
+    """What the service does for a deploy: fetch, then move the tree to `commit`."""
+    async def scenario() -> object:
+        repo = await prepared(repos.work)
+        await repo.fetch()
+        return await repo.update(commit, reset=reset)
+
+    return run(scenario())
+
+
 def test_update_fast_forwards(repos: Repos) -> None:
     new = commit(repos.dev, "app.txt", "version 2\n")
     repos.push()
 
-    async def scenario() -> object:
-        repo = await prepared(repos.work)
-        await repo.fetch()
-        return await repo.update(new, reset=False)
-
-    assert run(scenario()) == TreeUpdated(commit=new)
+    assert fetch_then_update(repos, new, reset=False) == TreeUpdated(commit=new)
     assert head(repos.work) == new
     assert (repos.work / "app.txt").read_text() == "version 2\n"
 
@@ -230,12 +235,7 @@ def test_update_refuses_over_local_changes_and_keeps_them(repos: Repos, reset: b
     repos.push()
     (repos.work / "app.txt").write_text("hotfix on the server\n")
 
-    async def scenario() -> object:
-        repo = await prepared(repos.work)
-        await repo.fetch()
-        return await repo.update(new, reset=reset)
-
-    event = run(scenario())
+    event = fetch_then_update(repos, new, reset=reset)
     assert isinstance(event, TreeUpdateFailed) and event.commit == new
     assert "local changes" in event.error
     assert head(repos.work) == repos.first
@@ -248,12 +248,7 @@ def test_update_never_overwrites_an_untracked_file(repos: Repos, reset: bool) ->
     repos.push()
     (repos.work / "config.ini").write_text("written on the server\n")
 
-    async def scenario() -> object:
-        repo = await prepared(repos.work)
-        await repo.fetch()
-        return await repo.update(new, reset=reset)
-
-    event = run(scenario())
+    event = fetch_then_update(repos, new, reset=reset)
     assert isinstance(event, TreeUpdateFailed) and event.commit == new
     assert head(repos.work) == repos.first
     assert (repos.work / "config.ini").read_text() == "written on the server\n"
