@@ -5,6 +5,7 @@ Every output line goes to the event log; a failure carries the tail. It reports,
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,10 +16,11 @@ from supervisor.statefile import StateStore
 
 
 class Builder:
-    def __init__(self, config: BuildConfig, repo: str, env: Mapping[str, str], store: StateStore,
-                 post: Callable[[Event], None],
+    def __init__(self, config: BuildConfig, repo: str, app_env: Mapping[str, str],
+                 store: StateStore, post: Callable[[Event], None],
                  log: Callable[[str, dict[str, Any]], None]) -> None:
-        self.config, self.repo, self.env, self.store = config, repo, dict(env), store
+        # app.env is laid over our own environment at each build, so a reload reaches the next.
+        self.config, self.repo, self.app_env, self.store = config, repo, dict(app_env), store
         self.post, self.log = post, log
         self.task: asyncio.Task[None] | None = None
 
@@ -37,7 +39,8 @@ class Builder:
         self.log("build.started", {"commit": commit})
         try:
             result = await proc.run(self.config.command, cwd=self.repo,
-                                    env={**self.env, "SUPERVISOR_COMMIT": commit},
+                                    env={**os.environ, **self.app_env,
+                                         "SUPERVISOR_COMMIT": commit},
                                     timeout=self.config.timeout, on_line=output)
         except OSError as error:
             self.post(BuildFailed(commit=commit, reason=f"cannot start: {error}"))

@@ -95,7 +95,7 @@ class Service:
                                 config.log.max_bytes, config.log.keep)
         self.child = Child(config.app, self.store, self.inbox.put_nowait, stats_file,
                            output=self.output, sockets=config.sockets)
-        self.builder = (Builder(config.build, config.git.repo, {**os.environ, **config.app.env},
+        self.builder = (Builder(config.build, config.git.repo, config.app.env,
                                 self.store, self.inbox.put_nowait, self.log.write)
                         if config.build else None)
         self.watcher = StatsWatcher(stats_file, self._on_stats) if stats_file else None
@@ -269,7 +269,7 @@ class Service:
         self.child.config = config.app
         if self.builder is not None and config.build is not None:
             self.builder.config = config.build
-            self.builder.env = {**os.environ, **config.app.env}  # as at start-up
+            self.builder.app_env = dict(config.app.env)
         self.status.poll_interval = config.git.poll_interval
         if not self.log_format_forced:
             self.log.format = config.log.format

@@ -1,10 +1,13 @@
-"""Process helpers shared by tests that let a process escape on purpose."""
+"""Helpers shared by the tests of processes: bounded runs, and cleaning up what escaped."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 
 def kill_if_ours(pid: int, marker: bytes) -> None:
@@ -21,3 +24,11 @@ def kill_if_ours(pid: int, marker: bytes) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def run(coro: Coroutine[Any, Any, Any], limit: float = 20) -> Any:
+    """asyncio.run with a bound: a test that hangs fails instead of stalling the suite."""
+    async def bounded() -> Any:
+        async with asyncio.timeout(limit):
+            return await coro
+    return asyncio.run(bounded())

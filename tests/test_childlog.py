@@ -30,16 +30,11 @@ from supervisor.childlog import (
     open_sink,
 )
 from supervisor.eventlog import EventLog
-from tests.processes import kill_if_ours
+from tests.processes import kill_if_ours, run
 
 SH = "/bin/sh"
 
 
-def run(coro, limit: float = 20):  # type: ignore[no-untyped-def]
-    async def bounded():  # type: ignore[no-untyped-def]
-        async with asyncio.timeout(limit):
-            return await coro
-    return asyncio.run(bounded())
 
 
 class Collected:

@@ -150,6 +150,14 @@ def push_a_broken_build(world, supervisor):
     return broken, supervisor.wait_for("deploy.failed", commit=broken)
 
 
+def restart_after_a_broken_build(world):
+    """A broken build is pushed and fails; the supervisor is stopped and started again."""
+    first, _ = world.start_serving()
+    broken, _ = push_a_broken_build(world, first)
+    assert first.stop() == 0
+    return world.start(config=first.config), broken
+
+
 def test_after_a_failed_build_a_crash_restart_runs_the_last_good_commit(world):
     supervisor, old_pid = world.start_serving()
     broken, failed = push_a_broken_build(world, supervisor)
@@ -162,11 +170,7 @@ def test_after_a_failed_build_a_crash_restart_runs_the_last_good_commit(world):
 
 
 def test_after_a_failed_build_a_restarted_supervisor_serves_the_last_good_commit(world):
-    first, _ = world.start_serving()
-    broken, _ = push_a_broken_build(world, first)
-    assert first.stop() == 0
-
-    second = world.start(config=first.config)
+    second, broken = restart_after_a_broken_build(world)
 
     started = second.wait_for("child.started")
     assert started["commit"] != broken, "a restart brought up the commit whose build failed"
@@ -174,11 +178,7 @@ def test_after_a_failed_build_a_restarted_supervisor_serves_the_last_good_commit
 
 
 def test_a_restarted_supervisor_does_not_retry_a_commit_whose_build_failed(world):
-    first, _ = world.start_serving()
-    broken, _ = push_a_broken_build(world, first)
-    assert first.stop() == 0
-
-    second = world.start(config=first.config)
+    second, broken = restart_after_a_broken_build(world)
 
     started = second.wait_for("child.started")
     second.wait_for("git.fetched", after=started)

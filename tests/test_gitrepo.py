@@ -21,6 +21,7 @@ from supervisor.config import GitConfig
 from supervisor.events import FetchFailed, FetchSucceeded, TreeUpdated, TreeUpdateFailed
 from supervisor.gitrepo import GitError, GitRepo, git_environment
 from tests.helpers_git import Repos, commit, git, git_env, head, make_repos
+from tests.processes import run
 
 
 def driver_env(**extra: str) -> dict[str, str]:
@@ -31,11 +32,6 @@ def driver_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(coro, limit: float = 20):  # type: ignore[no-untyped-def]
-    async def bounded():  # type: ignore[no-untyped-def]
-        async with asyncio.timeout(limit):
-            return await coro
-    return asyncio.run(bounded())
 
 
 def repo_for(path: Path, *, timeout: float = 10, environ: dict[str, str] | None = None,

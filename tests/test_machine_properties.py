@@ -189,6 +189,18 @@ def record_fact(world: World, event: Event, state: State) -> None:
             world.drain_expired = True
 
 
+def deliver(world: World, state: State, event: Event, settings_: Settings) -> State:
+    """Decide `event` and every answer the loop would give at once, checking each step."""
+    queue = [event]
+    while queue:
+        current = queue.pop(0)
+        record_fact(world, current, state)
+        before = state
+        state, actions = decide(before, current)
+        queue += check_and_apply(world, before, state, actions, settings_)
+    return state
+
+
 SETTINGS = st.builds(
     Settings,
     backoff_min=st.just(1.0), backoff_max=st.sampled_from([1.0, 4.0, 60.0]),
@@ -209,13 +221,7 @@ def test_random_histories_keep_every_promise(settings_, data, built, start_fails
         if world.exited:
             break
         event = data.draw(next_event(world, state))
-        queue = [event]
-        while queue:
-            current = queue.pop(0)
-            record_fact(world, current, state)
-            before = state
-            state, actions = decide(before, current)
-            queue += check_and_apply(world, before, state, actions, settings_)
+        state = deliver(world, state, event, settings_)
         # The machine's view of its child always matches the world's.
         assert (state.child is None) == (not world.alive) or state.phase in (
             Phase.SHUTTING_DOWN, Phase.RESTARTING)
@@ -233,17 +239,8 @@ def test_every_history_ends_stopped_after_a_stop_request_and_child_exit(settings
         event = data.draw(next_event(world, state))
         if isinstance(event, StopRequested):
             continue
-        queue = [event]
-        while queue:
-            current = queue.pop(0)
-            record_fact(world, current, state)
-            before = state
-            state, actions = decide(before, current)
-            queue += check_and_apply(world, before, state, actions, settings_)
-    state, actions = decide(state, StopRequested())
-    check_and_apply(world, state, state, actions, settings_)
+        state = deliver(world, state, event, settings_)
+    state = deliver(world, state, StopRequested(), settings_)
     for pid in sorted(world.alive):
-        world.alive.discard(pid)
-        state, actions = decide(state, ChildExited(pid=pid, signal="SIGTERM"))
-        check_and_apply(world, state, state, actions, settings_)
+        state = deliver(world, state, ChildExited(pid=pid, signal="SIGTERM"), settings_)
     assert state.phase == Phase.STOPPED and world.exited

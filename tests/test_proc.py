@@ -19,16 +19,11 @@ import pytest
 
 from supervisor import proc
 from supervisor.proc import describe_returncode
-from tests.processes import kill_if_ours
+from tests.processes import kill_if_ours, run
 
 SH = "/bin/sh"
 
 
-def run(coro, limit: float = 20):  # type: ignore[no-untyped-def]
-    async def bounded():  # type: ignore[no-untyped-def]
-        async with asyncio.timeout(limit):
-            return await coro
-    return asyncio.run(bounded())
 
 
 def is_gone(pid: int, within: float = 2.0) -> bool:
