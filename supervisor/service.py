@@ -50,7 +50,7 @@ from supervisor.sdnotify import Notifier, watchdog_interval, watchdog_pings
 from supervisor.sockets import close_all, describe
 from supervisor.statefile import StateStore
 from supervisor.statsfile import Stats, StatsWatcher, read_stats
-from supervisor.status import StatusBoard
+from supervisor.status import StatusBoard, facts
 
 # systemd's variables are for us alone: an app or a build that inherited NOTIFY_SOCKET could
 # report READY=1 or STOPPING=1 in our name.
@@ -313,10 +313,9 @@ class Service:
         """Status for `supervisor status` and systemd, written only when something changed."""
         now = time.time()
         snapshot = self.status.snapshot(self.state, now)
-        comparable = {k: v for k, v in snapshot.items() if k not in ("updated", "child")}
-        comparable["child"] = snapshot["child"] and snapshot["child"]["pid"]
-        if comparable != self._last_status:
-            self._last_status = comparable
+        stable = facts(snapshot)
+        if stable != self._last_status:
+            self._last_status = stable
             try:
                 control.write_status(self.config.app.state_dir, snapshot)
             except OSError as error:

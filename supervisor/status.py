@@ -31,6 +31,18 @@ from supervisor.sdnotify import status_line
 DEPLOYING = (Phase.DRAINING, Phase.UPDATING, Phase.BUILDING, Phase.RESTARTING)
 
 
+def facts(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot without what only moves with the clock (`updated`, the child's uptime, the
+    drain's seconds so far): the file is rewritten when a fact changes, not as time passes.
+    Readers bring the durations up to date themselves (control.refresh)."""
+    stable = {k: v for k, v in snapshot.items() if k != "updated"}
+    if stable.get("child"):
+        stable["child"] = {k: v for k, v in stable["child"].items() if k != "uptime"}
+    if stable.get("waiting"):
+        stable["waiting"] = {k: v for k, v in stable["waiting"].items() if k != "seconds"}
+    return stable
+
+
 class StatusBoard:
     def __init__(self, app: str, poll_interval: float, drain_keys: tuple[str, ...] = ()) -> None:
         self.app, self.poll_interval, self.drain_keys = app, poll_interval, drain_keys

@@ -122,3 +122,19 @@ def test_under_journald_each_line_carries_its_syslog_priority():
     log.write("build.succeeded", {"commit": "abc"})
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("<4>") and lines[1].startswith("<6>")
+
+
+def test_the_status_file_changes_with_facts_not_with_the_clock():
+    from supervisor.status import facts
+
+    status = {"updated": "t1", "phase": "draining",
+              "child": {"pid": 5, "commit": "a", "since": "s", "uptime": 10.0},
+              "waiting": {"reason": "draining: n_clients=1", "since": "s", "seconds": 3.0}}
+    later = json.loads(json.dumps(status))
+    later["updated"], later["child"]["uptime"], later["waiting"]["seconds"] = "t2", 11.0, 4.0
+    assert facts(status) == facts(later)
+    later["waiting"]["reason"] = "draining: n_clients=0"
+    assert facts(status) != facts(later)
+    later = json.loads(json.dumps(status))
+    later["child"]["pid"] = 6
+    assert facts(status) != facts(later)
