@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
 from supervisor import proc
@@ -54,6 +55,24 @@ def group_members(pgid: int, not_before: int) -> list[int]:
     return members
 
 
+TAIL_LINES = 10  # of the app's output, carried by child.exited: why a release failed
+
+
+class _Tail:
+    """Passes the app's lines on to the sink and keeps the last few, for child.exited."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.lines: deque[str] = deque(maxlen=TAIL_LINES)
+
+    def __call__(self, stream: str, pid: int, line: str, truncated: bool) -> None:
+        self.lines.append(line[:500])
+        self.sink(stream, pid, line, truncated)
+
+    def close(self) -> None:
+        pass  # the sink outlives every child
+
+
 class Child:
     """Starts and stops the child; exits are posted as ChildExited events."""
 
@@ -67,7 +86,10 @@ class Child:
         self.environ = dict(os.environ if environ is None else environ)
         self.process: proc.Process | None = None
 
-    def start(self, commit: str | None) -> Event:
+    def start(self, commit: str | None, cwd: str | None = None,
+              extra_env: Mapping[str, str] | None = None) -> Event:
+        """`cwd` replaces app.cwd (release mode runs the app from `current`); `extra_env` is
+        what the supervisor itself gives the app (its NOTIFY_SOCKET)."""
         if self.process is not None and self.process.running:
             # Rule 1 of the machine makes this unreachable; refusing keeps it true regardless.
             return ChildStartFailed(error=f"refused: child {self.process.pid} is still running")
@@ -79,18 +101,19 @@ class Child:
                 pass
             except OSError as error:
                 return ChildStartFailed(error=f"cannot remove stats file: {error.strerror}")
-        env = {**self.environ, **self.config.env}
+        env = {**self.environ, **self.config.env, **(extra_env or {})}
         if commit:
             env["SUPERVISOR_COMMIT"] = commit
         command = self.config.command
         if self.sockets:
             env.update(child_environment(self.sockets))
             command = wrap(command)
-        pipes = None
+        pipes = tail = None
         try:
-            pipes = ChildPipes(self.output) if self.output is not None else None
+            tail = _Tail(self.output) if self.output is not None else None
+            pipes = ChildPipes(tail) if tail is not None else None
             stdout, stderr = pipes.fds_for_child() if pipes else (None, None)
-            process = proc.spawn(command, cwd=self.config.cwd, env=env, stdout=stdout,
+            process = proc.spawn(command, cwd=cwd or self.config.cwd, env=env, stdout=stdout,
                                  stderr=stderr, pass_fds=passed_fds(len(self.sockets)))
         except OSError as error:
             if pipes is not None:
@@ -102,17 +125,19 @@ class Child:
         ticks = start_ticks(process.pid)
         if ticks is not None:
             self.store.save(child=ChildRecord(process.pid, ticks, boot_id(), commit))
-        process.exited.add_done_callback(lambda future: self._on_exit(process, pipes, future))
+        process.exited.add_done_callback(
+            lambda future: self._on_exit(process, pipes, tail, future))
         return ChildStarted(pid=process.pid, commit=commit)
 
-    def _on_exit(self, process: proc.Process, pipes: ChildPipes | None,
+    def _on_exit(self, process: proc.Process, pipes: ChildPipes | None, tail: _Tail | None,
                  future: asyncio.Future[int]) -> None:
         if pipes is not None:
             pipes.close()  # its last lines belong before the child.exited line
         if self.store.current.child and self.store.current.child.pid == process.pid:
             self.store.save(child=None)
         exit_code, signal_name = proc.describe_returncode(future.result())
-        self.post(ChildExited(pid=process.pid, exit_code=exit_code, signal=signal_name))
+        self.post(ChildExited(pid=process.pid, exit_code=exit_code, signal=signal_name,
+                              tail="\n".join(tail.lines) if tail is not None else ""))
 
     def signal(self, pid: int, sig: int) -> bool:
         process = self.process
@@ -128,8 +153,10 @@ class Child:
 
 
 async def stop_stale_child(record: ChildRecord, stop_signal: int, stop_timeout: float,
-                           report: Callable[[str, dict[str, object]], None]) -> None:
-    """Stop a child a killed supervisor left running, if it is provably that child."""
+                           report: Callable[[str, dict[str, object]], None],
+                           kind: str = "child") -> None:
+    """Stop a child (or a build: `kind`) a killed supervisor left running, if it is provably
+    that process, with its whole group."""
     if record.boot_id != boot_id() or start_ticks(record.pid) != record.start_ticks:
         return
     try:
@@ -140,7 +167,11 @@ async def stop_stale_child(record: ChildRecord, stop_signal: int, stop_timeout: 
         # Checked again with the pidfd held: from here on the pid cannot be reused under us.
         if start_ticks(record.pid) != record.start_ticks:
             return
-        report("child.stale_found", {"pid": record.pid, "commit": record.commit})
+        facts = {"pid": record.pid, "commit": record.commit}
+        if kind == "build":
+            report("build.stale_found", facts)
+        else:
+            report("child.stale_found", facts)
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[None] = loop.create_future()
         loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
@@ -155,7 +186,10 @@ async def stop_stale_child(record: ChildRecord, stop_signal: int, stop_timeout: 
             loop.remove_reader(pidfd)
         for member in group_members(record.pid, record.start_ticks):
             _signal_verified(member, record.pid, record.start_ticks, signal.SIGKILL)
-        report("child.stale_stopped", {"pid": record.pid})
+        if kind == "build":
+            report("build.stale_stopped", {"pid": record.pid})
+        else:
+            report("child.stale_stopped", {"pid": record.pid})
     finally:
         os.close(pidfd)
 

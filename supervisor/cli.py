@@ -50,6 +50,7 @@ CONTROL_HELP = {
     "restart": "drain and restart the current release",
     "stop-child": "stop the app and keep it stopped (no crash restarts)",
     "start-child": "start the app again after stop-child",
+    "rollback": "release mode: go back to the previous good release; hold this one",
 }
 
 

@@ -53,6 +53,36 @@ class GitConfig:
 class BuildConfig:
     command: tuple[str, ...]
     timeout: float = 600.0
+    min_free: int = 0  # bytes of MemAvailable a build waits for; 0: never waits
+    nice: int = 10  # CPU niceness of the build; with it, the lowest best-effort IO priority
+
+
+@dataclass(frozen=True, slots=True)
+class DeployConfig:
+    mode: str = "in-place"  # or "releases": build beside the live release, switch `current`
+    dir: str = ""  # releases/, failed/ and the `current` link; default: app.state_dir
+    keep: int = 3  # good releases kept on disk, the live one included
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """How a newly started child proves it is healthy; at most one probe, else just `grace`."""
+
+    grace: float = 5.0  # it must stay up this long (besides passing the probe)
+    tcp: str | None = None  # "127.0.0.1:8080": a connect succeeds
+    http: str | None = None  # "http://127.0.0.1:8080/up": a GET answers 2xx
+    command: tuple[str, ...] | None = None  # exits 0
+    notify: bool = False  # READY=1 on the NOTIFY_SOCKET the supervisor gives the child
+    interval: float = 1.0  # between probes
+    probe_timeout: float = 2.0  # one probe
+    timeout: float = 60.0  # the deadline for proving health
+
+    @property
+    def probe(self) -> str | None:
+        for kind in ("tcp", "http", "command"):
+            if getattr(self, kind) is not None:
+                return kind
+        return "notify" if self.notify else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +97,7 @@ class RestartConfig:
     backoff_min: float = 1.0
     backoff_max: float = 60.0
     reset_after: float = 10.0
+    style: str = "stop-start"  # or "overlap": the new child starts before the old one stops
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +137,12 @@ class Config:
     log: LogConfig
     trigger: TriggerConfig | None = None
     sockets: tuple[SocketConfig, ...] = ()
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+    health: HealthConfig | None = None  # None: no health gate (in-place mode only)
+
+    @property
+    def releases(self) -> bool:
+        return self.deploy.mode == "releases"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +286,7 @@ def default_state_dir(name: str, environ: Mapping[str, str]) -> str:
     return os.path.join(base, "supervisor", name)
 
 
-_SECTIONS = ("app", "git", "build", "drain", "restart", "log", "trigger")
+_SECTIONS = ("app", "git", "build", "drain", "restart", "log", "trigger", "deploy", "health")
 _ARRAYS = ("socket",)  # [[socket]] tables
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
 _LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+):([0-9]{1,5})$")  # as parse_listen
@@ -307,6 +344,8 @@ def parse_config(data: Mapping[str, Any], path: str,
         build_config = BuildConfig(
             command=build.get("command", _command, ("/bin/true",), required=True),
             timeout=build.get("timeout", _positive_duration, 600.0),
+            min_free=build.get("min_free", _free_memory, 0),
+            nice=build.get("nice", _nice, 10),
         )
         build.finish()
 
@@ -325,6 +364,7 @@ def parse_config(data: Mapping[str, Any], path: str,
         backoff_min=restart.get("backoff_min", _positive_duration, 1.0),
         backoff_max=restart.get("backoff_max", _positive_duration, 60.0),
         reset_after=restart.get("reset_after", parse_duration, 10.0),
+        style=restart.get("style", _choice("stop-start", "overlap"), "stop-start"),
     )
     if restart_config.backoff_max < restart_config.backoff_min:
         problems.append("restart.backoff_max: expected a duration not below restart.backoff_min")
@@ -347,10 +387,85 @@ def parse_config(data: Mapping[str, Any], path: str,
         trigger_config = _trigger(_Section("trigger", data["trigger"], problems), base, problems)
     sockets = _sockets(data.get("socket", []), base, problems)
 
+    deploy = _Section("deploy", data.get("deploy", {}), problems)
+    deploy_config = DeployConfig(
+        mode=deploy.get("mode", _choice("in-place", "releases"), "in-place"),
+        dir=deploy.get("dir", path_reader, None) or app_config.state_dir,
+        keep=deploy.get("keep", _releases_kept, 3),
+    )
+    deploy.finish()
+    health_config = None
+    if "health" in data:
+        health_config = _health(_Section("health", data["health"], problems), problems)
+    elif deploy_config.mode == "releases":
+        health_config = HealthConfig()  # rollback needs probation: by default, staying up
+    if restart_config.style == "overlap" and not sockets:
+        problems.append("restart.style: expected \"stop-start\" without a [[socket]]: two "
+                        "children overlap only on a socket the supervisor holds")
+
     if problems:
         raise ConfigError(problems)
     return Config(path, app_config, git_config, build_config, drain_config, restart_config,
-                  log_config, trigger_config, sockets)
+                  log_config, trigger_config, sockets, deploy_config, health_config)
+
+
+def _releases_kept(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        raise _Bad("a whole number from 1 to 100 (the live release counts)")
+    return value
+
+
+def _nice(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 19:
+        raise _Bad("a niceness from 0 (as the supervisor) to 19 (lowest priority)")
+    return value
+
+
+def _free_memory(value: object) -> int:
+    """Like _size, but 0 is allowed: it means "do not wait"."""
+    if value == 0 or value == "0":
+        return 0
+    return _size(value)
+
+
+def _http_url(value: object) -> str:
+    text = _text(value)
+    if not re.fullmatch(r"http://(\[[0-9A-Fa-f:.]+\]|[^:/\[\]\s]+)(:[0-9]{1,5})?(/\S*)?", text):
+        raise _Bad('a plain-HTTP URL such as "http://127.0.0.1:8080/up" (no https: the probe '
+                   "runs on loopback)")
+    return text
+
+
+def _health(section: _Section, problems: list[str]) -> HealthConfig:
+    """[health]: at most one probe; without one, surviving `grace` is the proof."""
+    probes = {
+        "tcp": section.get("tcp", _listen),
+        "http": section.get("http", _http_url),
+        "command": section.get("command", _command),
+        "notify": section.get("notify", _flag, False) or None,
+    }
+    chosen = [name for name, value in probes.items() if value is not None]
+    if len(chosen) > 1:
+        problems.append(f"health.{chosen[1]}: expected at most one probe of tcp, http, command "
+                        f"and notify (also set: {chosen[0]})")
+    config = HealthConfig(
+        grace=section.get("grace", parse_duration, 0.0 if chosen else 5.0),
+        tcp=probes["tcp"], http=probes["http"], command=probes["command"],
+        notify=bool(probes["notify"]),
+        interval=section.get("interval", _positive_duration, 1.0),
+        probe_timeout=section.get("probe_timeout", _positive_duration, 2.0),
+        timeout=section.get("timeout", _positive_duration, 60.0),
+    )
+    if config.timeout <= config.grace:
+        problems.append("health.timeout: expected a duration longer than health.grace")
+    section.finish()
+    return config
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad("true or false")
+    return value
 
 
 def _socket_name(value: object) -> str:

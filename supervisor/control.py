@@ -13,7 +13,7 @@ import signal
 import time
 from typing import Any
 
-REQUESTS = ("deploy", "restart", "stop-child", "start-child")
+REQUESTS = ("deploy", "restart", "stop-child", "start-child", "rollback")
 LOCK_NAME = "supervisor.lock"
 STATUS_NAME = "status.json"
 CONTROL_DIR = "control"

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, Literal
 
-Relation = Literal["same", "behind", "ahead", "diverged"]
+# "unknown": release mode does not compare upstream with the repository's own HEAD.
+Relation = Literal["same", "behind", "ahead", "diverged", "unknown"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,6 +91,25 @@ class ChildExited(Event):
     pid: int
     exit_code: int | None = None
     signal: str | None = None
+    tail: str = ""  # its last output lines, when the supervisor captures them
+
+
+@dataclass(frozen=True, slots=True)
+class HealthPassed(Event):
+    """The child's health probe answered: connected, 2xx, exit 0 or READY=1."""
+
+    name: ClassVar[str] = "health.probe_passed"
+    pid: int
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthProbeFailed(Event):
+    """A probe failed; reported when the reason changes, not on every try."""
+
+    name: ClassVar[str] = "health.probe_failed"
+    pid: int
+    error: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +154,13 @@ class StartChildRequested(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class RollbackRequested(Event):
+    """`supervisor rollback`: back to the previous good release; hold the live one."""
+
+    name: ClassVar[str] = "control.rollback"
+
+
+@dataclass(frozen=True, slots=True)
 class SettingsChanged(Event):
     """SIGHUP re-read the config; `settings` are the machine's new Settings."""
 
@@ -149,7 +176,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         FetchSucceeded, FetchFailed, CheckRequested, TreeUpdated, TreeUpdateFailed,
         BuildSucceeded, BuildFailed, ChildStarted, ChildStartFailed, ChildExited, StatsRead,
         TimerFired, StopRequested, RestartRequested, StopChildRequested, StartChildRequested,
-        SettingsChanged,
+        SettingsChanged, HealthPassed, HealthProbeFailed, RollbackRequested,
     )
 }
 
@@ -200,6 +227,27 @@ class KillChild(Action):
     name: ClassVar[str] = "kill_child"
     pid: int
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeHealth(Action):
+    """Probe the child until it passes (HealthPassed) or StopProbe."""
+
+    name: ClassVar[str] = "probe_health"
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopProbe(Action):
+    name: ClassVar[str] = "stop_probe"
+
+
+@dataclass(frozen=True, slots=True)
+class SetAside(Action):
+    """Release mode: move a failed release out of releases/ into failed/, for inspection."""
+
+    name: ClassVar[str] = "set_aside"
+    commit: str
 
 
 @dataclass(frozen=True, slots=True)

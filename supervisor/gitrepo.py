@@ -44,8 +44,12 @@ def _first_complaint(output: str, returncode: int | None) -> str:
 
 
 class GitRepo:
-    def __init__(self, config: GitConfig, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, config: GitConfig, environ: Mapping[str, str] | None = None,
+                 compare: bool = True) -> None:
         self.config = config
+        # Release mode never moves this tree: what upstream is relative to its HEAD (and
+        # whether it is dirty) decides nothing, so two git processes a poll are saved.
+        self.compare = compare
         self.path = config.repo
         self.env = git_environment(os.environ if environ is None else environ, config.timeout)
         self.remote = config.remote
@@ -53,8 +57,9 @@ class GitRepo:
         self._lock = asyncio.Lock()  # one git command at a time: index.lock would make them race
         self._wake = asyncio.Event()
 
-    async def _git(self, *args: str, timeout: float | None = None) -> str:
-        result = await proc.run(("git", *args), cwd=self.path, env=self.env,
+    async def _git(self, *args: str, timeout: float | None = None,
+                   env: Mapping[str, str] | None = None) -> str:
+        result = await proc.run(("git", *args), cwd=self.path, env=env or self.env,
                                 timeout=timeout or self.config.timeout)
         if result.timed_out:
             raise GitError(f"git {args[0]} timed out after {self.config.timeout:g}s")
@@ -136,6 +141,8 @@ class GitRepo:
                                 "--", self.remote or "origin",
                                 f"+refs/heads/{self.branch}:{self.tracking_ref}")
                 upstream = await self._git("rev-parse", "--verify", self.tracking_ref + "^{commit}")
+                if not self.compare:
+                    return FetchSucceeded(head=head, upstream=upstream, relation="unknown")
                 relation = await self._relation(head, upstream)
                 dirty = relation != "same" and await self.is_dirty()
             except (GitError, OSError) as error:
@@ -161,6 +168,22 @@ class GitRepo:
             if head != commit:
                 return TreeUpdateFailed(commit=commit, error=f"HEAD is {head} after the update")
             return TreeUpdated(commit=commit)
+
+    async def export(self, commit: str, directory: str) -> None:
+        """Write the files of `commit` into a new plain directory (no .git inside), through a
+        throwaway index: this tree, its index and its HEAD are never touched. Raises GitError."""
+        index = directory + ".index"
+        env = {**self.env, "GIT_INDEX_FILE": index}
+        async with self._lock:
+            try:
+                await self._git("read-tree", commit + "^{tree}", env=env)
+                await self._git("checkout-index", "--all", "--force",
+                                "--prefix=" + directory.rstrip("/") + "/", env=env)
+            finally:
+                try:
+                    os.unlink(index)
+                except FileNotFoundError:
+                    pass
 
     def check_now(self) -> None:
         self._wake.set()

@@ -19,6 +19,18 @@ calling a function with plain values.
     RUNNING | BACKOFF --stop-child--> HELD (nothing restarts it) --start-child--> RUNNING
     any --StopRequested--> SHUTTING_DOWN --child gone--> STOPPED
 
+With a health gate, every start passes through PROBATION on its way to RUNNING:
+
+    start --> PROBATION --probe passed and up `grace`--> RUNNING (a new release becomes good)
+    PROBATION --died | deadline--> [ROLLING_BACK: stop it] --> start the newest good release
+                                   (release mode, a release not yet good) | crash rules (else)
+
+In release mode (`Settings.releases`) a deploy builds beside the live release and drains only
+once the build is done; `head` is the release `current` points to, and StartChild moves it:
+
+    RUNNING --newer commit--> UPDATING (check out releases/<commit>) --> BUILDING --> DRAINING
+        --> RESTARTING --> PROBATION --> RUNNING | rollback
+
 Rules
 1. At most one child: `StartChild` is only ever issued while no child is known to run, and the
    loop answers it at once with `ChildStarted` or `ChildStartFailed`.
@@ -28,6 +40,8 @@ Rules
 4. A commit whose tree update or build failed is not tried again until upstream moves on.
 5. Events race. An event with no rule in the current phase changes nothing and is reported as
    ignored; this module never raises on an event.
+6. Only a release that never proved healthy is rolled back, and only to one that did: a good
+   release that fails later is a crashing child, not a bad deploy.
 """
 
 from __future__ import annotations
@@ -50,9 +64,14 @@ from supervisor.events import (
     Fetch,
     FetchFailed,
     FetchSucceeded,
+    HealthPassed,
+    HealthProbeFailed,
     KillChild,
     Note,
+    ProbeHealth,
     RestartRequested,
+    RollbackRequested,
+    SetAside,
     SettingsChanged,
     StartBuild,
     StartChild,
@@ -61,6 +80,7 @@ from supervisor.events import (
     StatsRead,
     StopChild,
     StopChildRequested,
+    StopProbe,
     StopRequested,
     TimerFired,
     TreeUpdated,
@@ -74,6 +94,8 @@ BACKOFF_TIMER = "backoff"
 UPTIME_TIMER = "uptime"
 STOP_TIMER = "stop"
 DRAIN_TIMER = "drain"
+HEALTH_TIMER = "health"  # the deadline for proving health
+GRACE_TIMER = "grace"  # how long a new child must stay up
 
 
 class Phase(StrEnum):
@@ -84,6 +106,8 @@ class Phase(StrEnum):
     UPDATING = "updating"
     BUILDING = "building"
     RESTARTING = "restarting"
+    PROBATION = "probation"
+    ROLLING_BACK = "rolling_back"
     HELD = "held"
     SHUTTING_DOWN = "shutting_down"
     STOPPED = "stopped"
@@ -101,6 +125,11 @@ class Settings:
     drain_timeout: float = 0.0
     has_build: bool = False
     reset_on_diverge: bool = False
+    releases: bool = False  # deploy.mode = "releases"
+    health_gate: bool = False  # every start is on probation until healthy
+    grace: float = 0.0  # a child on probation must stay up this long
+    probe: bool = False  # ... and pass a probe (HealthPassed)
+    health_timeout: float = 60.0  # the deadline for both
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,13 +156,21 @@ class State:
     drain_expired: bool = False  # the drain timeout fired for the current deploy
     restart_requested: bool = False  # the current target is a requested restart, not a deploy
     deploys: int = 0  # deploy attempts so far: the log's correlation id of the current one
+    good: tuple[str, ...] = ()  # release mode: releases that proved healthy, oldest first
+    probe_ok: bool = False  # on probation: the probe passed
+    grace_done: bool = False  # on probation: the child stayed up `grace`
+    probe_error: str | None = None  # on probation: why the probe last failed
+    rollback_to: str | None = None  # ROLLING_BACK: the good release to start once it stopped
+    unhealthy: str | None = None  # ROLLING_BACK: why the child on probation failed
     timers: frozenset[tuple[str, int]] = frozenset()  # armed (name, serial)
     serial: int = 0
 
 
-def initial_state(settings: Settings, built: str | None = None,
-                  failed: str | None = None) -> State:
-    return State(settings=settings, built=built, failed=failed)
+def initial_state(settings: Settings, built: str | None = None, failed: str | None = None,
+                  live: str | None = None, good: tuple[str, ...] = ()) -> State:
+    """`live` and `good` matter in release mode: the release `current` points to, and those
+    known healthy."""
+    return State(settings=settings, built=built, failed=failed, head=live, good=good)
 
 
 Decision = tuple[State, list[Action]]
@@ -149,6 +186,12 @@ def decide(state: State, event: Event) -> Decision:
             return _on_stop_requested(state)
         case _, ChildStarted(pid=pid, commit=commit):
             return _on_child_started(state, pid, commit)
+        case Phase.PROBATION, ChildStartFailed(error=error):
+            return _on_probation_failed(state, "cannot start: " + error)
+        case Phase.UPDATING | Phase.BUILDING, ChildStartFailed(error=error):
+            # A restart of the live release during a release-mode build failed: it waits
+            # for the build, which starts the new release or, if it fails, the live one.
+            return state, [Note("child.start_failed_during_deploy", {"reason": error})]
         case _, ChildStartFailed(error=error):
             return _on_crash(state, error)
         case _, ChildExited(pid=pid) if pid != state.child:
@@ -159,7 +202,8 @@ def decide(state: State, event: Event) -> Decision:
             return _disarm(replace(state, crashes=0), UPTIME_TIMER, cancel=False)
         case Phase.SHUTTING_DOWN, ChildExited():
             return replace(state, phase=Phase.STOPPED, child=None), [Exit(0)]
-        case Phase.SHUTTING_DOWN | Phase.RESTARTING | Phase.HELD, TimerFired(timer="stop"):
+        case Phase.SHUTTING_DOWN | Phase.RESTARTING | Phase.HELD | Phase.ROLLING_BACK, \
+                TimerFired(timer="stop"):
             return _kill_after_stop_timeout(state)
         case Phase.SHUTTING_DOWN, _:
             return _ignored(state, event)
@@ -171,6 +215,8 @@ def decide(state: State, event: Event) -> Decision:
             return _on_hold_requested(state)
         case _, StartChildRequested():
             return _on_start_requested(state)
+        case _, RollbackRequested():
+            return _on_rollback_requested(state)
         case Phase.HELD, ChildExited():
             return _disarm(replace(state, child=None), STOP_TIMER)
         case _, CheckRequested():
@@ -183,6 +229,24 @@ def decide(state: State, event: Event) -> Decision:
             return state, []
         case Phase.RUNNING, ChildExited(exit_code=code, signal=sig):
             return _on_crash(replace(state, child=None), _describe_exit(code, sig))
+        case Phase.PROBATION, ChildExited(exit_code=code, signal=sig, tail=tail):
+            return _on_probation_failed(replace(state, child=None),
+                                        "exited on probation: " + _describe_exit(code, sig), tail)
+        case Phase.PROBATION, HealthPassed(pid=pid) if pid == state.child:
+            return _healthy_yet(replace(state, probe_ok=True))
+        case Phase.PROBATION, HealthProbeFailed(pid=pid, error=error) if pid == state.child:
+            return replace(state, probe_error=error), []
+        case Phase.PROBATION, TimerFired(timer="grace"):
+            state, _ = _disarm(replace(state, grace_done=True), GRACE_TIMER, cancel=False)
+            return _healthy_yet(state)
+        case Phase.PROBATION, TimerFired(timer="health"):
+            state, _ = _disarm(state, HEALTH_TIMER, cancel=False)
+            reason = f"not healthy within {state.settings.health_timeout:g}s"
+            if state.probe_error:
+                reason += f" (last probe: {state.probe_error})"
+            return _on_probation_failed(state, reason)
+        case Phase.ROLLING_BACK, ChildExited(tail=tail):
+            return _after_unhealthy_stopped(replace(state, child=None), tail)
         case Phase.BACKOFF, TimerFired(timer="backoff"):
             state, _ = _disarm(state, BACKOFF_TIMER, cancel=False)
             return _start_child(state, state.head, "crash restart")
@@ -198,10 +262,7 @@ def decide(state: State, event: Event) -> Decision:
             state, actions = _end_drain(state)
             return _after_drain(state, notes + actions)
         case Phase.UPDATING | Phase.BUILDING, ChildExited(exit_code=code, signal=sig):
-            # The tree is mid-update; starting it now would run half a release. The new
-            # release starts when the build ends, or the old one if the build fails.
-            notes = [Note("child.exited_during_deploy", {"reason": _describe_exit(code, sig)})]
-            return replace(state, child=None), notes
+            return _on_exit_during_build(replace(state, child=None), _describe_exit(code, sig))
         case Phase.UPDATING, TreeUpdated(commit=commit) if (
                 commit == state.target and state.reverting):
             return _on_reverted(replace(state, head=commit), None)
@@ -261,18 +322,136 @@ def backoff_delay(settings: Settings, crashes: int) -> float:
 
 
 def _start_child(state: State, commit: str | None, reason: str) -> Decision:
-    return replace(state, phase=Phase.RUNNING), [StartChild(commit, reason)]
+    """In release mode, starting `commit` also points `current` at it, so it becomes `head`."""
+    settings = state.settings
+    if settings.releases:
+        if commit is None:
+            return replace(state, phase=Phase.RUNNING), [
+                Note("child.nothing_to_run", {"reason": "no release has been built yet"})]
+        state = replace(state, head=commit)
+    phase = Phase.PROBATION if settings.health_gate else Phase.RUNNING
+    return replace(state, phase=phase), [StartChild(commit, reason)]
 
 
 def _on_child_started(state: State, pid: int, commit: str | None) -> Decision:
     state = replace(state, child=pid, child_commit=commit)
     state, actions = _arm(state, UPTIME_TIMER, state.settings.reset_after)
-    if state.pending is not None and state.phase == Phase.RUNNING:
-        target, reset = state.pending, state.pending_reset
-        state = replace(state, pending=None, pending_reset=False)
-        state, more = _begin_deploy(state, target, reset)
+    if state.phase == Phase.PROBATION:
+        state, more = _begin_probation(state)
+        return state, actions + more
+    state, more = _deploy_pending(state)
+    return state, actions + more
+
+
+def _deploy_pending(state: State) -> Decision:
+    """A commit found while we were busy is deployed once the child is up and proven."""
+    if state.pending is None or state.phase != Phase.RUNNING:
+        return state, []
+    target, reset = state.pending, state.pending_reset
+    state = replace(state, pending=None, pending_reset=False)
+    return _begin_deploy(state, target, reset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Probation: a started child proves its health before anything builds on it.
+
+
+def _begin_probation(state: State) -> Decision:
+    settings = state.settings
+    state = replace(state, probe_ok=False, grace_done=settings.grace <= 0, probe_error=None)
+    if state.grace_done and not settings.probe:
+        return _healthy_yet(state)
+    state, actions = _arm(state, HEALTH_TIMER, settings.health_timeout)
+    if settings.grace > 0:
+        state, more = _arm(state, GRACE_TIMER, settings.grace)
         actions += more
+    if settings.probe and state.child is not None:
+        actions.append(ProbeHealth(state.child))
     return state, actions
+
+
+def _end_probation(state: State) -> Decision:
+    actions: list[Action] = []
+    for name in (HEALTH_TIMER, GRACE_TIMER):
+        state, cancel = _disarm(state, name)
+        actions += cancel
+    if state.settings.probe and not state.probe_ok:
+        actions.append(StopProbe())
+    return state, actions
+
+
+def _healthy_yet(state: State) -> Decision:
+    """Healthy once up `grace` and, with a probe, once it passed; a new release becomes good."""
+    if not state.grace_done or (state.settings.probe and not state.probe_ok):
+        return state, []
+    state, actions = _end_probation(state)
+    state = replace(state, phase=Phase.RUNNING, probe_error=None)
+    facts: dict[str, object] = {"pid": state.child, "commit": state.child_commit}
+    if state.settings.releases and state.head is not None and state.head not in state.good:
+        state = replace(state, good=state.good + (state.head,))
+        facts["new_good_release"] = True
+    actions.append(Note("health.passed", facts))
+    state, more = _deploy_pending(state)
+    return state, actions + more
+
+
+def _rollback_target(state: State, bad: str | None) -> str | None:
+    """Rule 6: the newest good release, if `bad` is a release that never proved healthy."""
+    if not state.settings.releases or bad is None or bad in state.good:
+        return None
+    return next((commit for commit in reversed(state.good) if commit != bad), None)
+
+
+def _on_probation_failed(state: State, reason: str, tail: str = "") -> Decision:
+    state, actions = _end_probation(state)
+    bad = state.head if state.settings.releases else state.child_commit
+    target = _rollback_target(state, bad)
+    facts: dict[str, object] = {"commit": bad, "reason": reason,
+                                "rollback_to": target}
+    if tail:
+        facts["tail"] = tail
+    actions.append(Note("health.failed", facts))
+    if target is not None:
+        state = replace(state, failed=bad)  # rule 4: not deployed again until upstream moves
+    state = replace(state, rollback_to=target, unhealthy=reason)
+    if state.child is None:
+        state, more = _after_unhealthy_stopped(state, "")
+        return state, actions + more
+    state, timer = _arm(replace(state, phase=Phase.ROLLING_BACK), STOP_TIMER,
+                        state.settings.stop_timeout)
+    return state, actions + [StopChild(state.child, reason)] + timer
+
+
+def _after_unhealthy_stopped(state: State, tail: str) -> Decision:
+    """The unhealthy child is gone: start the good release, or treat it as a crash."""
+    state, actions = _disarm(state, STOP_TIMER)
+    target, reason = state.rollback_to, state.unhealthy or "unhealthy"
+    state = replace(state, rollback_to=None, unhealthy=None)
+    if target is None:
+        state, more = _on_crash(state, reason)
+        return state, actions + more
+    bad = state.head
+    facts: dict[str, object] = {"from": bad, "to": target, "reason": reason}
+    if tail:
+        facts["tail"] = tail
+    actions += [Note("release.rolling_back", facts)]
+    state, more = _start_child(replace(state, crashes=0), target, "rollback")
+    # Set aside once `current` points away from it: the live release is never moved.
+    return state, actions + more + ([SetAside(bad)] if bad is not None else [])
+
+
+def _on_exit_during_build(state: State, reason: str) -> Decision:
+    notes: list[Action] = [Note("child.exited_during_deploy", {"reason": reason})]
+    if not state.settings.releases or state.head is None:
+        # In place, the tree is mid-update; starting it now would run half a release. The
+        # new release starts when the build ends, or the old one if the build fails.
+        return state, notes
+    # The live release is untouched by a release-mode build: restart it at once, once. If it
+    # dies again it waits for the build, which starts the new release or, failing, this one.
+    state = replace(state, crashes=state.crashes + 1)
+    if state.crashes > 1:
+        return state, notes
+    return state, notes + [StartChild(state.head, "crash restart")]
 
 
 def _on_crash(state: State, reason: str) -> Decision:
@@ -295,8 +474,18 @@ def _on_crash(state: State, reason: str) -> Decision:
 
 
 def _deploy_candidate(state: State, fetch: FetchSucceeded) -> tuple[str | None, bool, list[Action]]:
-    """Which commit this fetch asks us to deploy, if any, and whether by reset."""
+    """Which commit this fetch asks us to deploy, if any, and whether by reset. In release mode
+    any other commit is deployed, force-pushed or not: no local work can be lost in a release
+    the supervisor checked out itself."""
     facts: dict[str, object] = {"head": fetch.head, "upstream": fetch.upstream}
+    if state.settings.releases:
+        if fetch.upstream == state.head:
+            return None, False, []
+        if fetch.upstream == state.failed:
+            return None, False, [Note("deploy.skipped", {"head": state.head,
+                                                         "upstream": fetch.upstream,
+                                                         "reason": "failed before"})]
+        return fetch.upstream, False, []
     if fetch.relation == "same":
         return None, False, []
     if fetch.dirty:
@@ -309,7 +498,28 @@ def _deploy_candidate(state: State, fetch: FetchSucceeded) -> tuple[str | None, 
     return fetch.upstream, reset, []
 
 
+def _reconcile_releases_at_start(state: State, event: FetchSucceeded | FetchFailed) -> Decision:
+    """Start the live release (on probation if it never proved healthy: a supervisor killed
+    mid-deploy converges here); a newer commit is deployed once it is up. With no release
+    yet, the first one is built from upstream, or from the repository's HEAD."""
+    candidate, notes = None, []
+    if isinstance(event, FetchSucceeded):
+        candidate, _, notes = _deploy_candidate(state, event)
+    if state.head is not None:
+        state, actions = _start_child(replace(state, pending=candidate), state.head, "startup")
+        return state, notes + actions
+    first = candidate or (event.head if event.head != state.failed else None)
+    if first is None:
+        return replace(state, phase=Phase.RUNNING), notes + [
+            Note("child.nothing_to_run", {"reason": "no release yet and no commit to build"})]
+    state = replace(state, target=first, phase=Phase.UPDATING, deploys=state.deploys + 1)
+    return state, notes + [Note("deploy.started", {"commit": first, "reset": False}),
+                           UpdateTree(first, False)]
+
+
 def _reconcile_at_start(state: State, event: FetchSucceeded | FetchFailed) -> Decision:
+    if state.settings.releases:
+        return _reconcile_releases_at_start(state, event)
     head = event.head
     state = replace(state, head=head)
     notes: list[Action] = []
@@ -334,10 +544,13 @@ def _reconcile_at_start(state: State, event: FetchSucceeded | FetchFailed) -> De
 
 
 def _on_fetch(state: State, fetch: FetchSucceeded) -> Decision:
-    state = replace(state, head=fetch.head)
+    releases = state.settings.releases
+    if not releases:
+        state = replace(state, head=fetch.head)
     commit, reset, notes = _deploy_candidate(state, fetch)
     if commit is None:
-        upstream_went_back = fetch.relation == "same" and state.target != fetch.upstream
+        at_head = fetch.upstream == state.head if releases else fetch.relation == "same"
+        upstream_went_back = at_head and state.target != fetch.upstream
         if upstream_went_back and state.phase == Phase.DRAINING:
             # Upstream went back to what runs: the deploy we were draining for is gone.
             state, actions = _end_drain(replace(state, target=None, phase=Phase.RUNNING))
@@ -359,6 +572,11 @@ def _begin_deploy(state: State, commit: str, reset: bool, restart: bool = False)
     state, actions = _disarm(state, BACKOFF_TIMER)
     state = replace(state, target=commit, target_reset=reset, stats_ok=False, drain_expired=False,
                     restart_requested=restart, deploys=state.deploys + 1)
+    if state.settings.releases and not restart:
+        # Built beside the live release, which serves until the build is done.
+        state = replace(state, phase=Phase.UPDATING)
+        return state, actions + [Note("deploy.started", {"commit": commit, "reset": False}),
+                                 UpdateTree(commit, False)]
     if state.child is None or state.settings.drain_condition is None:
         return _after_drain(state, actions)
     state = replace(state, phase=Phase.DRAINING, draining=True)
@@ -395,7 +613,11 @@ def _on_drain_timeout(state: State) -> Decision:
 
 
 def _after_drain(state: State, actions: list[Action]) -> Decision:
-    """Drained: update and build the target, or, if that is done already, restart into it."""
+    """Drained: update and build the target, or, if that is done already, restart into it.
+    (In release mode the drain comes after the build.)"""
+    if state.settings.releases:
+        state, more = _restart_into_target(state)
+        return state, actions + more
     already_built = state.target == state.built or (
         state.restart_requested and not state.settings.has_build)
     if already_built and state.target == state.head:
@@ -415,7 +637,8 @@ def _end_drain(state: State) -> Decision:
 
 
 def _on_tree_updated(state: State) -> Decision:
-    if state.settings.has_build:
+    proven = state.settings.releases and state.target in state.good  # built before: reuse it
+    if state.settings.has_build and not proven:
         return replace(state, phase=Phase.BUILDING), [StartBuild(state.target)]
     return _on_built(replace(state, built=state.target))
 
@@ -433,6 +656,9 @@ def _on_built(state: State) -> Decision:
                                       {"commit": state.target, "built": True})]
         if not state.draining:
             actions.append(WatchStats())
+            if state.settings.drain_timeout > 0:  # release mode: the drain starts only now
+                state, timer = _arm(state, DRAIN_TIMER, state.settings.drain_timeout)
+                actions += timer
         return replace(state, phase=Phase.DRAINING, draining=True), actions
     return _restart_into_target(state)
 
@@ -455,6 +681,8 @@ def _on_deploy_failed(state: State, reason: str) -> Decision:
     failed = state.target
     state = replace(state, failed=failed)
     actions: list[Action] = [Note("deploy.failed", {"commit": failed, "reason": reason})]
+    if state.settings.releases and failed is not None:
+        actions.append(SetAside(failed))
     if state.pending is not None:
         # Still draining for this deploy: keep watching and go on with the newer commit.
         target, reset = state.pending, state.pending_reset
@@ -464,7 +692,8 @@ def _on_deploy_failed(state: State, reason: str) -> Decision:
     state, more = _end_drain(replace(state, target=None, phase=Phase.RUNNING))
     actions += more
     good = state.built
-    if state.head == failed and good is not None and good != failed:
+    if (not state.settings.releases and state.head == failed and good is not None
+            and good != failed):
         # The tree now holds the commit that failed to build: a crash restart, or a restarted
         # supervisor, would run it. Go back to the last good build before anything starts.
         state = replace(state, target=good, target_reset=True, reverting=True,
@@ -514,6 +743,9 @@ def _on_stop_requested(state: State) -> Decision:
             return state, []
         return state, [KillChild(state.child, "second stop request")]
     state, actions = _end_drain(state)
+    if state.phase == Phase.PROBATION:
+        state, more = _end_probation(state)
+        actions += more
     for name in (BACKOFF_TIMER, UPTIME_TIMER):
         state, cancel = _disarm(state, name)
         actions += cancel
@@ -574,3 +806,23 @@ def _on_start_requested(state: State) -> Decision:
             return state, [Note("control.ignored", {"request": "start-child",
                                                     "reason": "already running"})]
     return _busy(state, "start-child")
+
+
+def _on_rollback_requested(state: State) -> Decision:
+    """`supervisor rollback`: deploy the previous good release; the live one is held (rule 4)
+    until upstream moves on, and no longer counts as good."""
+    if not state.settings.releases:
+        return state, [Note("control.ignored", {"request": "rollback",
+                                                "reason": 'needs deploy.mode = "releases"'})]
+    if state.phase != Phase.RUNNING or state.child is None:
+        return _busy(state, "rollback")
+    previous = next((c for c in reversed(state.good) if c != state.head), None)
+    if previous is None:
+        return state, [Note("control.ignored", {"request": "rollback",
+                                                "reason": "no earlier good release"})]
+    state = replace(state, failed=state.head,
+                    good=tuple(c for c in state.good if c != state.head))
+    notes: list[Action] = [Note("release.rollback_requested", {"from": state.head,
+                                                               "to": previous})]
+    state, actions = _begin_deploy(state, previous, False)
+    return state, notes + actions

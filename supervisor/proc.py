@@ -145,7 +145,8 @@ class _OutputReader:
 
 async def run(argv: Sequence[str], *, cwd: str | os.PathLike[str], env: Mapping[str, str] | None,
               timeout: float, on_line: Callable[[str], None] | None = None,
-              tail_lines: int = 40, line_limit: int = 4096) -> Result:
+              tail_lines: int = 40, line_limit: int = 4096,
+              on_spawn: Callable[[int], None] | None = None) -> Result:
     """Run to completion with stdout and stderr merged; at the timeout the whole group is killed.
 
     Cancelling the caller kills the group too: nothing we start outlives the reason we started it.
@@ -159,6 +160,8 @@ async def run(argv: Sequence[str], *, cwd: str | os.PathLike[str], env: Mapping[
     finally:
         os.close(write_end)
     reader = _OutputReader(read_end, on_line, tail_lines, line_limit)
+    if on_spawn is not None:
+        on_spawn(process.pid)
     timed_out = False
     try:
         try:

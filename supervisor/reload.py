@@ -48,6 +48,9 @@ def merge(old: Config, new: Config) -> tuple[Config, tuple[str, ...], tuple[str,
         merged[section] = replace(after, **keep)
     if old.sockets != new.sockets:
         kept.append("[[socket]]")
+    for section in ("deploy", "health"):  # where releases live, and the probe's sockets
+        if getattr(old, section) != getattr(new, section):
+            kept.append(f"[{section}]")
     merged["app"] = _cwd_in_repo_in_use(old, new, merged["app"])
     if merged["app"].cwd == old.app.cwd and "app.cwd" in applied:
         applied.remove("app.cwd")

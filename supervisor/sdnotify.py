@@ -148,6 +148,10 @@ def status_line(phase: str, *, commit: str | None = None, pid: int | None = None
             parts = [f"building {_short(target)}", serving]
         case "restarting":
             parts = [f"restarting into {_short(target)}"]
+        case "probation":
+            parts = [_join("proving healthy:", _short(commit))]
+        case "rolling_back":
+            parts = [f"stopping unhealthy {_short(commit)}"]
         case "held" if pid is not None:
             parts = [f"held, stopping {_short(commit)}"]
         case "held":

@@ -24,12 +24,16 @@ from supervisor.events import (
     Action,
     CancelTimer,
     CheckRequested,
+    ChildStartFailed,
     Event,
     Exit,
     Fetch,
     KillChild,
     Note,
+    ProbeHealth,
     RestartRequested,
+    RollbackRequested,
+    SetAside,
     SettingsChanged,
     StartBuild,
     StartChild,
@@ -38,6 +42,7 @@ from supervisor.events import (
     StatsRead,
     StopChild,
     StopChildRequested,
+    StopProbe,
     StopRequested,
     TimerFired,
     UnwatchStats,
@@ -55,9 +60,11 @@ from supervisor.status import StatusBoard, facts
 # systemd's variables are for us alone: an app or a build that inherited NOTIFY_SOCKET could
 # report READY=1 or STOPPING=1 in our name.
 SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-DEPLOY_PHASES = (Phase.DRAINING, Phase.UPDATING, Phase.BUILDING, Phase.RESTARTING)
+DEPLOY_PHASES = (Phase.DRAINING, Phase.UPDATING, Phase.BUILDING, Phase.RESTARTING,
+                 Phase.PROBATION, Phase.ROLLING_BACK)
 REQUEST_EVENTS = {"deploy": CheckRequested, "restart": RestartRequested,
-                  "stop-child": StopChildRequested, "start-child": StartChildRequested}
+                  "stop-child": StopChildRequested, "start-child": StartChildRequested,
+                  "rollback": RollbackRequested}
 
 
 class StartupError(Exception):
@@ -74,6 +81,11 @@ def settings_from(config: Config) -> Settings:
         drain_timeout=config.drain.timeout if config.drain else 0.0,
         has_build=config.build is not None,
         reset_on_diverge=config.git.on_diverge == "reset",
+        releases=config.releases,
+        health_gate=config.health is not None,
+        grace=config.health.grace if config.health else 0.0,
+        probe=config.health is not None and config.health.probe is not None,
+        health_timeout=config.health.timeout if config.health else 60.0,
     )
 
 
@@ -89,15 +101,27 @@ class Service:
             os.environ.pop(name, None)
         self.inbox: asyncio.Queue[Event] = asyncio.Queue()
         self.store = StateStore(config.app.state_dir)
-        self.repo = GitRepo(config.git)
+        self.repo = GitRepo(config.git, compare=not config.releases)
+        self.releases = None
+        if config.releases:
+            from supervisor.releases import Releases  # only release mode pays for it
+
+            self.releases = Releases(config.deploy.dir, self.repo, config.deploy.keep,
+                                     self.log.write)
         stats_file = config.drain.stats_file if config.drain else None
         self.output = open_sink(config.log.child, self.log.write, config.log.child_file,
                                 config.log.max_bytes, config.log.keep)
         self.child = Child(config.app, self.store, self.inbox.put_nowait, stats_file,
                            output=self.output, sockets=config.sockets)
         self.builder = (Builder(config.build, config.git.repo, config.app.env,
-                                self.store, self.inbox.put_nowait, self.log.write)
+                                self.store, self.inbox.put_nowait, self.log.write,
+                                cwd_for=self.releases.path if self.releases else None)
                         if config.build else None)
+        self.prober: Any = None
+        if config.health is not None and config.health.probe is not None:
+            from supervisor.health import Prober  # only a configured probe pays for it
+
+            self.prober = Prober(config.health, self.inbox.put_nowait)
         self.watcher = StatsWatcher(stats_file, self._on_stats) if stats_file else None
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.tree_update: asyncio.Task[None] | None = None
@@ -105,7 +129,8 @@ class Service:
         self._last_stats: Stats | None = None
         self.status = StatusBoard(config.app.name, config.git.poll_interval,
                                   tuple(c.key for c in config.drain.until.comparisons)
-                                  if config.drain else ())
+                                  if config.drain else (),
+                                  health_gate=config.health is not None)
         self._last_status: dict[str, Any] | None = None
         self.run_id = os.urandom(3).hex()  # with the deploy count: the log's correlation id
         self.lock_fd: int | None = None
@@ -138,6 +163,23 @@ class Service:
                                "does not exist")
         if not os.path.isdir(self.config.app.cwd):
             raise StartupError(f"app.cwd: {self.config.app.cwd} is not a directory")
+        live = None
+        if self.releases is not None:
+            try:
+                self.releases.setup()
+            except OSError as error:
+                raise StartupError(f"deploy.dir: cannot create releases in "
+                                   f"{self.config.deploy.dir}: {error.strerror}") from None
+            live = self.releases.live()
+        if self.prober is not None and self.config.health and self.config.health.notify:
+            from supervisor.health import NotifyListener
+
+            path = os.path.join(self.config.app.state_dir, "notify.sock")
+            try:
+                self.prober.notify = NotifyListener(path, self.inbox.put_nowait)
+            except OSError as error:
+                raise StartupError(f"health.notify: cannot listen on {path}: "
+                                   f"{error.strerror or error}") from None
         try:
             head = await self.repo.prepare()
         except GitError as error:
@@ -148,7 +190,7 @@ class Service:
             "remote": self.repo.remote, "branch": self.repo.branch, "head": head,
             "built": persisted.built, "failed": persisted.failed,
             "config": str(self.config.path),
-        })
+        } | ({"live": live, "good": list(persisted.good)} if self.releases else {}))
         for listener, socket_config in zip(self.listeners, self.config.sockets, strict=True):
             self.log.write("socket.listening", {
                 "listen": describe(listener), "name": socket_config.name,
@@ -157,9 +199,16 @@ class Service:
             await stop_stale_child(persisted.child, self.config.app.stop_signal,
                                    self.config.app.stop_timeout, self.log.write)
             self.store.save(child=None)
+        if persisted.build is not None:
+            await stop_stale_child(persisted.build, signal.SIGKILL, 5.0, self.log.write,
+                                   kind="build")
+            self.store.save(build=None)
         built = persisted.built if self.config.build else None
+        good: tuple[str, ...] = ()
+        if self.releases is not None:  # a release whose directory is gone cannot be run
+            good = tuple(c for c in persisted.good if os.path.isdir(self.releases.path(c)))
         self.state = initial_state(settings_from(self.config), built=built,
-                                   failed=persisted.failed)
+                                   failed=persisted.failed, live=live, good=good)
         if self.config.trigger is not None:
             await self._start_trigger()
 
@@ -283,6 +332,8 @@ class Service:
             self.state, actions = decide(before, event)
             if self.state.failed != before.failed:
                 self.store.save(failed=self.state.failed)
+            if self.state.good != before.good:
+                self._keep_releases()
             if before.phase in DEPLOY_PHASES or self.state.phase in DEPLOY_PHASES:
                 # Every line of one deploy attempt carries its id, build output included.
                 self.log.context = {"deploy": f"{self.run_id}.{self.state.deploys}"}
@@ -327,10 +378,48 @@ class Service:
                 self.ready_sent = True
             self.notifier.status(self.status.line(self.state, now))
 
+    def _keep_releases(self) -> None:
+        """Durably record the good releases, then delete those no longer worth keeping."""
+        self.store.save(good=self.state.good)
+        if self.releases is None:
+            return
+        state = self.state
+        keep = {*state.good[-self.config.deploy.keep:], state.head, state.target, state.pending}
+        self.releases.prune(c for c in keep if c is not None)
+
+    def _child_directory(self) -> str:
+        """Release mode runs the app from `current` (app.cwd's place inside the release)."""
+        config = self.config
+        if self.releases is None:
+            return config.app.cwd
+        inside = os.path.relpath(config.app.cwd, config.git.repo)
+        if inside.startswith(".."):
+            return config.app.cwd
+        return os.path.normpath(os.path.join(self.releases.current, inside))
+
+    def _start_child(self, commit: str | None) -> Event:
+        if self.releases is not None and commit is not None:
+            try:
+                self.releases.switch(commit)
+            except OSError as error:
+                return ChildStartFailed(error=f"cannot point current at {commit[:12]}: "
+                                              f"{error.strerror or error}")
+        extra = {}
+        if self.prober is not None and self.prober.notify is not None:
+            extra["NOTIFY_SOCKET"] = self.prober.notify.path
+        return self.child.start(commit, cwd=self._child_directory(), extra_env=extra)
+
     def _perform(self, action: Action) -> list[Event]:
         match action:
             case StartChild(commit=commit):
-                return [self.child.start(commit)]
+                return [self._start_child(commit)]
+            case ProbeHealth(pid=pid) if self.prober is not None:
+                self.prober.start(pid, self._child_directory(),
+                                  {**os.environ, **self.config.app.env})
+            case StopProbe() if self.prober is not None:
+                self.prober.stop()
+            case SetAside(commit=commit) if self.releases is not None:
+                self.releases.set_aside(commit)
             case StopChild(pid=pid):
                 self.child.stop(pid)
             case KillChild(pid=pid):
@@ -360,6 +449,10 @@ class Service:
         return []
 
     async def _update_tree(self, commit: str, reset: bool) -> None:
+        if self.releases is not None:
+            keep = (*self.state.good, self.state.head)
+            self.inbox.put_nowait(await self.releases.prepare(commit, (c for c in keep if c)))
+            return
         self.inbox.put_nowait(await self.repo.update(commit, reset))
 
     def _cancel_timer(self, name: str) -> None:
@@ -392,7 +485,15 @@ class Service:
             self.watcher.stop()
         if self.builder is not None:
             self.builder.cancel()
+        if self.prober is not None:
+            self.prober.stop()
+            if self.prober.notify is not None:
+                self.prober.notify.close()
         waiting: list[asyncio.Future[None]] = [poller]
+        if self.releases is not None:
+            for chore in list(self.releases.chores):  # an rm -rf can be redone next time
+                chore.cancel()
+                waiting.append(chore)
         if self.builder is not None and self.builder.task is not None:
             waiting.append(self.builder.task)
         if self.tree_update is not None:

@@ -1,5 +1,6 @@
 """What must survive the supervisor: the last commit built successfully, the last commit whose
-deploy failed, and the identity of the running child. One small JSON file, replaced atomically
+deploy failed, the releases that proved healthy (release mode), and the identity of the running
+child. One small JSON file, replaced atomically
 (write, fsync, rename), so a power cut leaves either the old or the new version, never half of one.
 """
 
@@ -25,6 +26,8 @@ class Persisted:
     built: str | None = None
     child: ChildRecord | None = None
     failed: str | None = None  # not tried again, even after a restart, until upstream moves on
+    good: tuple[str, ...] = ()  # release mode: releases that passed their health gate, oldest first
+    build: ChildRecord | None = None  # a build in progress: stopped if we were killed during it
 
 
 def write_atomically(path: str, data: bytes, durable: bool = True) -> None:
@@ -75,20 +78,26 @@ class StateStore:
             data = None
         if not isinstance(data, dict):
             data = {}
-        built, failed = data.get("built"), data.get("failed")
+        built, failed, good = data.get("built"), data.get("failed"), data.get("good")
+        if not isinstance(good, list):
+            good = []
         self.current = Persisted(built=built if isinstance(built, str) else None,
                                  child=_child_record(data.get("child")),
-                                 failed=failed if isinstance(failed, str) else None)
+                                 failed=failed if isinstance(failed, str) else None,
+                                 good=tuple(c for c in good if isinstance(c, str)),
+                                 build=_child_record(data.get("build")))
         return self.current
 
     def save(self, **changes: object) -> None:
-        """Only `built` and `failed` are written durably. The child's record needs no fsync:
+        """Only `built`, `failed` and `good` are written durably. The child's record needs no fsync:
         after a power cut that child is gone and the boot id tells, and a record naming a dead
         process is harmless, since its start time is checked. That keeps fsync off the path
         between a crash and the restart."""
-        durable = "built" in changes or "failed" in changes
+        durable = bool({"built", "failed", "good"} & set(changes))
         self.current = replace(self.current, **changes)  # type: ignore[arg-type]
         os.makedirs(self.directory, exist_ok=True)
         payload = {"built": self.current.built, "failed": self.current.failed,
-                   "child": asdict(self.current.child) if self.current.child else None}
+                   "good": list(self.current.good),
+                   "child": asdict(self.current.child) if self.current.child else None,
+                   "build": asdict(self.current.build) if self.current.build else None}
         write_atomically(self.path, json.dumps(payload).encode() + b"\n", durable=durable)

@@ -28,7 +28,8 @@ from supervisor.events import (
 from supervisor.machine import Phase, State
 from supervisor.sdnotify import status_line
 
-DEPLOYING = (Phase.DRAINING, Phase.UPDATING, Phase.BUILDING, Phase.RESTARTING)
+DEPLOYING = (Phase.DRAINING, Phase.UPDATING, Phase.BUILDING, Phase.RESTARTING,
+             Phase.PROBATION, Phase.ROLLING_BACK)
 
 
 def facts(snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -44,8 +45,10 @@ def facts(snapshot: dict[str, Any]) -> dict[str, Any]:
 
 
 class StatusBoard:
-    def __init__(self, app: str, poll_interval: float, drain_keys: tuple[str, ...] = ()) -> None:
+    def __init__(self, app: str, poll_interval: float, drain_keys: tuple[str, ...] = (),
+                 health_gate: bool = False) -> None:
         self.app, self.poll_interval, self.drain_keys = app, poll_interval, drain_keys
+        self.health_gate = health_gate  # a deploy succeeds when healthy, not when started
         self.child_since: float | None = None
         self.start_reason: str | None = None
         self.drain_since: float | None = None
@@ -69,8 +72,9 @@ class StatusBoard:
             case ChildStarted(commit=commit):
                 self.child_since = now
                 if self.start_reason in ("deploy", "startup"):
-                    self.last_deploy = {"commit": commit, "result": "succeeded",
-                                        "at": timestamp(now)}
+                    self.last_deploy = {"commit": commit, "at": timestamp(now),
+                                        "result": "proving healthy" if self.health_gate
+                                        else "succeeded"}
             case StatsRead(values=values):
                 self.stats = values
             case BuildFailed(reason=reason) | TreeUpdateFailed(error=reason):
@@ -88,6 +92,17 @@ class StatusBoard:
                 case Note(event="deploy.failed", facts=facts):
                     self.last_deploy = {"commit": facts.get("commit"), "result": "failed",
                                         "reason": facts.get("reason"), "at": timestamp(now)}
+                case Note(event="health.passed", facts=facts) if (
+                        self.last_deploy and self.last_deploy["result"] == "proving healthy"):
+                    self.last_deploy = self.last_deploy | {"result": "succeeded",
+                                                           "at": timestamp(now)}
+                case Note(event="health.failed", facts=facts):
+                    self._error("health.failed", str(facts.get("reason")), now)
+                    if facts.get("rollback_to"):
+                        self.last_deploy = {"commit": facts.get("commit"),
+                                            "result": "rolled back",
+                                            "reason": facts.get("reason"),
+                                            "at": timestamp(now)}
                 case Note(event="child.crash_looping" | "child.backing_off", facts=facts):
                     self._error("child.exited", str(facts.get("reason")), now)
 
@@ -119,6 +134,7 @@ class StatusBoard:
             "head": state.head, "built": state.built,
             "target": state.target if state.phase in DEPLOYING else None,
             "pending": state.pending, "failed": state.failed, "waiting": waiting,
+            "good": list(state.good) if state.settings.releases else None,
             "last_deploy": self.last_deploy, "last_fetch": self.last_fetch,
             "next_fetch": timestamp(self.next_fetch) if self.next_fetch else None,
             "crashes": state.crashes,

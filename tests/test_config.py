@@ -24,6 +24,7 @@ from supervisor.config import (
     BuildConfig,
     Config,
     ConfigError,
+    DeployConfig,
     DrainConfig,
     GitConfig,
     LogConfig,
@@ -96,7 +97,7 @@ CLI_CASES: list[tuple[str, str | bytes, list[str | tuple[str, ...]]]] = [
     ("missing [app]", "[git]\npoll_interval = 10\n", ["app: missing section; expected [app]"]),
     ("[app] not a table", "app = 3\n", ["app: expected a table", "app.command: missing"]),
     ("missing app.command", "[app]\nname = 'web'\n", ["app.command: missing; expected"]),
-    ("unknown section", MINIMAL + "[deploy]\nx = 1\n", ["deploy: unknown section"]),
+    ("unknown section", MINIMAL + "[deployment]\nx = 1\n", ["deployment: unknown section"]),
     ("unknown key", MINIMAL + "comand = 'y'\n", ["app.comand: unknown key"]),
     ("garbage duration", MINIMAL + "[git]\npoll_interval = '10x'\n",
      [('git.poll_interval: expected a duration such as 10, "500ms"', 'got "10x"')]),
@@ -214,7 +215,9 @@ def test_cli_check_prints_the_effective_config(tmp_path: Path) -> None:
     assert printed["app"]["command"] == "./server"
     assert printed["git"]["poll_interval"] == "300s"
     assert printed["restart"] == {"backoff_min": "1s", "backoff_max": "60s",
-                                  "reset_after": "10s"}
+                                  "reset_after": "10s", "style": "stop-start"}
+    assert printed["deploy"]["mode"] == "in-place"
+    assert "health" not in printed
 
 
 FULL = """
@@ -343,7 +346,7 @@ PROBLEM_TABLE: list[tuple[dict[str, Any], str]] = [
     (with_app(log={"format": "JSON"}), 'log.format: expected "json" or "text"'),
     (with_app(log={"file": ""}), "log.file: expected a non-empty string"),
     (with_app(log={"level": "debug"}), "log.level: unknown key"),
-    (with_app(deploy={}), "deploy: unknown section (expected one of app, git, build"),
+    (with_app(releases={}), "releases: unknown section (expected one of app, git, build"),
     (with_app(App={"command": "x"}), "App: unknown section"),
 ]
 
@@ -432,12 +435,15 @@ def test_defaults() -> None:
         restart=RestartConfig(backoff_min=1.0, backoff_max=60.0, reset_after=10.0),
         log=LogConfig(format="json", file=None, child="events", child_file=os.path.join(
             default_state_dir("site", ENVIRON), "child.log")),
+        deploy=DeployConfig(mode="in-place", dir=default_state_dir("site", ENVIRON), keep=3),
+        health=None,
     )
 
 
 def test_section_defaults_when_present() -> None:
     config = config_of(with_app(build={}, drain={}))
-    assert config.build == BuildConfig(command=("/bin/sh", "-c", "make"), timeout=600.0)
+    assert config.build == BuildConfig(command=("/bin/sh", "-c", "make"), timeout=600.0,
+                                       min_free=0, nice=10)
     assert config.drain == DrainConfig(stats_file=os.path.realpath("/srv/app/stats"),
                                        until=parse_condition("n_clients == 0"), timeout=0.0)
 

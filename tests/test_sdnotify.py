@@ -392,6 +392,8 @@ RUNNING = {"commit": "abc1234f00d", "pid": 4321}
     ("building", {**RUNNING, "target": "def5678beef", "pending": "0123456789"},
      "building def5678, abc1234 serving, 0123456 next"),
     ("restarting", {**RUNNING, "target": "def5678beef"}, "restarting into def5678"),
+    ("probation", RUNNING, "proving healthy: abc1234"),
+    ("rolling_back", RUNNING, "stopping unhealthy abc1234"),
     ("shutting_down", RUNNING, "stopping"),
     ("held", RUNNING, "held, stopping abc1234"),
     ("held", {"commit": "abc1234f00d"}, "held, app stopped by stop-child"),
@@ -412,4 +414,4 @@ def test_every_phase_has_a_short_status_line():
         assert line and "\n" not in line and len(line) <= 80, (phase, line)
         assert line.split()[0].rstrip(",") in (
             "starting", "running", "backing", "draining", "updating", "building", "restarting",
-            "held", "stopping", "stopped"), line
+            "held", "stopping", "stopped", "proving"), line

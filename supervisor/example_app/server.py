@@ -3,11 +3,15 @@ file, the way the seed's server did. Standard library only; shipped for the demo
 
     GET /            -> "hello from VERSION" (VERSION is the file beside this script)
     GET /hold?s=N    -> keeps the connection for N seconds, so a client stays "connected"
+    GET /up          -> 200 "ok", or 503 while a file UNHEALTHY lies beside this script
+                        (a health check that fails, to see a rollback)
 
 Environment: PORT (default 8080), HOST (default 127.0.0.1), STATS_FILE (default: none),
 START_DELAY (seconds to wait before serving, to show that the socket handoff makes clients wait
 rather than fail). With socket activation (LISTEN_PID is this process, LISTEN_FDS >= 1) it serves
-on fd 3, the socket the supervisor holds, and ignores HOST and PORT.
+on fd 3, the socket the supervisor holds, and ignores HOST and PORT. With NOTIFY_SOCKET set it
+sends READY=1 there once it serves. A file CRASH beside this script makes it exit at start
+(exit code 3), to see a bad release rolled back.
 """
 
 import os
@@ -67,8 +71,11 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/hold":
             seconds = float(parse_qs(url.query).get("s", ["10"])[0])
             time.sleep(min(seconds, 3600))
-        body = f"hello from {VERSION}\n".encode()
-        self.send_response(200)
+        status, body = 200, f"hello from {VERSION}\n".encode()
+        if url.path == "/up":
+            healthy = not os.path.exists(os.path.join(HERE, "UNHEALTHY"))
+            status, body = (200, b"ok\n") if healthy else (503, b"unhealthy\n")
+        self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         if stopping.is_set():
@@ -94,7 +101,20 @@ def make_server():
                                 int(os.environ.get("PORT", "8080"))), Handler)
 
 
+def notify_ready():
+    """sd_notify's READY=1, for a supervisor (or systemd) that asked with NOTIFY_SOCKET."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(b"READY=1", address)
+
+
 def main():
+    if os.path.exists(os.path.join(HERE, "CRASH")):
+        print(f"example app {VERSION}: CRASH file found, exiting", file=sys.stderr, flush=True)
+        sys.exit(3)
     time.sleep(float(os.environ.get("START_DELAY", "0")))
     server = make_server()
     server.daemon_threads = True
@@ -109,6 +129,7 @@ def main():
     where = f"port {address[1]}" if isinstance(address, tuple) else address
     print(f"example app {VERSION} listening on {where}", file=sys.stderr,
           flush=True)
+    notify_ready()
     server.serve_forever(poll_interval=0.1)  # answers a stop request within ~0.1 s
     server.server_close()  # accept no more; a held socket keeps queueing for the next one
     # Finish the requests in flight (their answers say "Connection: close") and let keep-alive
