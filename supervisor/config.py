@@ -97,7 +97,6 @@ class RestartConfig:
     backoff_min: float = 1.0
     backoff_max: float = 60.0
     reset_after: float = 10.0
-    style: str = "stop-start"  # or "overlap": the new child starts before the old one stops
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +363,6 @@ def parse_config(data: Mapping[str, Any], path: str,
         backoff_min=restart.get("backoff_min", _positive_duration, 1.0),
         backoff_max=restart.get("backoff_max", _positive_duration, 60.0),
         reset_after=restart.get("reset_after", parse_duration, 10.0),
-        style=restart.get("style", _choice("stop-start", "overlap"), "stop-start"),
     )
     if restart_config.backoff_max < restart_config.backoff_min:
         problems.append("restart.backoff_max: expected a duration not below restart.backoff_min")
@@ -399,9 +397,6 @@ def parse_config(data: Mapping[str, Any], path: str,
         health_config = _health(_Section("health", data["health"], problems), problems)
     elif deploy_config.mode == "releases":
         health_config = HealthConfig()  # rollback needs probation: by default, staying up
-    if restart_config.style == "overlap" and not sockets:
-        problems.append("restart.style: expected \"stop-start\" without a [[socket]]: two "
-                        "children overlap only on a socket the supervisor holds")
 
     if problems:
         raise ConfigError(problems)

@@ -270,7 +270,9 @@ def decide(state: State, event: Event) -> Decision:
                 commit == state.target and state.reverting):
             return _on_reverted(state, error)
         case Phase.UPDATING, TreeUpdated(commit=commit) if commit == state.target:
-            return _on_tree_updated(replace(state, head=commit))
+            # In release mode `head` is the live release; the new one is checked out beside it.
+            return _on_tree_updated(state if state.settings.releases
+                                    else replace(state, head=commit))
         case Phase.UPDATING, TreeUpdateFailed(commit=commit, error=error) if commit == state.target:
             return _on_deploy_failed(state, "tree update failed: " + error)
         case Phase.BUILDING, BuildSucceeded(commit=commit) if commit == state.target:

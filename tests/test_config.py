@@ -215,7 +215,7 @@ def test_cli_check_prints_the_effective_config(tmp_path: Path) -> None:
     assert printed["app"]["command"] == "./server"
     assert printed["git"]["poll_interval"] == "300s"
     assert printed["restart"] == {"backoff_min": "1s", "backoff_max": "60s",
-                                  "reset_after": "10s", "style": "stop-start"}
+                                  "reset_after": "10s"}
     assert printed["deploy"]["mode"] == "in-place"
     assert "health" not in printed
 

@@ -22,8 +22,13 @@ from supervisor.events import (
     Exit,
     FetchFailed,
     FetchSucceeded,
+    HealthPassed,
+    HealthProbeFailed,
     KillChild,
+    Note,
     RestartRequested,
+    RollbackRequested,
+    SetAside,
     StartBuild,
     StartChild,
     StartChildRequested,
@@ -67,8 +72,12 @@ def check_and_apply(world: World, before: State, after: State, actions: list, se
     assert not world.exited, "a decision after Exit"
     for action in actions:
         match action:
-            case StartChild():
+            case StartChild(commit=commit, reason=reason):
                 assert not world.alive, f"a second child while {world.alive} still run"
+                if settings_.releases:
+                    assert commit is not None, "release mode started no release"
+                if reason == "rollback":
+                    assert commit in before.good, "rolled back to a release never proven good"
                 if world.start_fails:
                     answers.append(ChildStartFailed(error="cannot start"))
                 else:
@@ -77,8 +86,8 @@ def check_and_apply(world: World, before: State, after: State, actions: list, se
                     answers.append(ChildStarted(pid=world.next_pid, commit=action.commit))
             case StopChild(pid=pid, reason=reason):
                 assert pid in world.alive, "stopping a process that is not our live child"
-                assert reason in ("shutdown", "stop requested") or \
-                    reason.startswith(("deploy ", "restart requested")), reason
+                assert reason in ("shutdown", "stop requested") or reason.startswith(
+                    ("deploy ", "restart requested", "not healthy within")), reason
                 planned = reason.startswith(("deploy", "restart requested"))
                 if planned and settings_.drain_condition is not None:
                     assert world.stats_idle or world.drain_expired, \
@@ -101,6 +110,11 @@ def check_and_apply(world: World, before: State, after: State, actions: list, se
             case Exit():
                 assert not world.alive, "exit with the child still running"
                 world.exited = True
+            case Note(event="health.failed", facts=facts) if facts.get("rollback_to"):
+                assert settings_.releases and facts["commit"] not in before.good, \
+                    "a release that proved healthy was rolled back"
+            case SetAside(commit=commit):
+                assert settings_.releases and commit != after.head, "set aside the live release"
     assert (after.phase == Phase.STOPPED) == world.exited
     if after.phase == Phase.BACKOFF:
         assert after.child is None and any(name == "backoff" for name, _ in after.timers)
@@ -111,6 +125,7 @@ def check_and_apply(world: World, before: State, after: State, actions: list, se
 
 @st.composite
 def next_event(draw: st.DrawFn, world: World, state: State) -> Event:
+    settings_ = state.settings
     # Weighted so that deep phases (draining, restarting) are reached often; a stop request
     # ends the history, so it stays rare.
     choices = ["fetch"] * 4 + ["fetch_failed", "check", "stats", "junk_exit", "junk_timer",
@@ -121,6 +136,10 @@ def next_event(draw: st.DrawFn, world: World, state: State) -> Event:
         choices += ["exit"] * 2
     if state.timers:
         choices += ["timer"] * 2
+    if state.phase == Phase.PROBATION and world.alive:
+        choices += ["healthy"] * 2 + ["probe_failed"]
+    if settings_.releases:
+        choices += ["rollback"]
     if world.build is not None:
         choices += ["build"] * 3
     if world.update is not None:
@@ -141,6 +160,13 @@ def next_event(draw: st.DrawFn, world: World, state: State) -> Event:
             return CheckRequested()
         case "restart":
             return RestartRequested()
+        case "rollback":
+            return RollbackRequested()
+        case "healthy":
+            return HealthPassed(pid=draw(st.sampled_from(sorted(world.alive))))
+        case "probe_failed":
+            return HealthProbeFailed(pid=draw(st.sampled_from(sorted(world.alive))),
+                                     error="connection refused")
         case "hold":
             return StopChildRequested()
         case "start":
@@ -160,7 +186,8 @@ def next_event(draw: st.DrawFn, world: World, state: State) -> Event:
             name, serial = draw(st.sampled_from(sorted(state.timers)))
             return TimerFired(timer=name, serial=serial)
         case "junk_timer":
-            return TimerFired(timer=draw(st.sampled_from(["backoff", "uptime", "stop", "drain"])),
+            return TimerFired(timer=draw(st.sampled_from(["backoff", "uptime", "stop", "drain",
+                                                          "health", "grace"])),
                               serial=draw(st.integers(-5, 0)))
         case "build":
             commit = world.build
@@ -208,6 +235,8 @@ SETTINGS = st.builds(
     drain_condition=st.sampled_from([CONDITION, None]),
     drain_timeout=st.sampled_from([0.0, 30.0]),
     has_build=st.booleans(), reset_on_diverge=st.booleans(),
+    releases=st.booleans(), health_gate=st.booleans(),
+    grace=st.sampled_from([0.0, 5.0]), probe=st.booleans(), health_timeout=st.just(30.0),
 )
 
 
@@ -216,7 +245,8 @@ SETTINGS = st.builds(
        start_fails=st.booleans())
 def test_random_histories_keep_every_promise(settings_, data, built, start_fails):
     world = World(start_fails=start_fails and data.draw(st.booleans()))
-    state = initial_state(settings_, built=built)
+    live = built if settings_.releases else None
+    state = initial_state(settings_, built=built, live=live, good=(live,) if live else ())
     for _ in range(80):
         if world.exited:
             break
@@ -224,7 +254,7 @@ def test_random_histories_keep_every_promise(settings_, data, built, start_fails
         state = deliver(world, state, event, settings_)
         # The machine's view of its child always matches the world's.
         assert (state.child is None) == (not world.alive) or state.phase in (
-            Phase.SHUTTING_DOWN, Phase.RESTARTING)
+            Phase.SHUTTING_DOWN, Phase.RESTARTING, Phase.ROLLING_BACK)
         if state.child is not None:
             assert world.alive == {state.child}
 
