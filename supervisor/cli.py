@@ -13,15 +13,37 @@ from supervisor import __version__
 EXIT_USAGE = 2
 
 
+def _formatter(prog: str) -> object:
+    """argparse's own formatter, told the terminal's width the way shutil.get_terminal_size()
+    would: argparse makes one per add_argument() and, left to itself, imports shutil for it,
+    which imports bz2 and lzma, whose C libraries stay mapped for good (about 0.5 MB)."""
+    import argparse
+
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return argparse.HelpFormatter(prog, width=(columns or 80) - 2)
+
+
 def _parse(argv: list[str] | None) -> dict[str, object]:
     """The arguments as plain values: no argparse object may outlive parsing (see below)."""
     import argparse
 
-    parser = argparse.ArgumentParser(
+    def parser_class(**kwargs: object) -> argparse.ArgumentParser:
+        return argparse.ArgumentParser(formatter_class=_formatter, **kwargs)  # type: ignore[arg-type]
+
+    parser = parser_class(
         prog="supervisor",
         description="Keep one server program running and up to date with its git branch.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=parser_class)
     run = commands.add_parser("run", help="supervise the app described by the config")
     check = commands.add_parser("check", help="validate the config and print it with defaults")
     status = commands.add_parser("status", help="what the running supervisor is doing")
@@ -113,7 +135,7 @@ def _status(state_dir: str, as_json: bool) -> int:
     return 0 if running is not None else 3
 
 
-STARTUP_ONLY = ("argparse", "gettext", "tomllib")
+STARTUP_ONLY = ("argparse", "gettext", "tomllib", "datetime")  # tomllib imports datetime
 
 
 def forget_startup_modules() -> None:

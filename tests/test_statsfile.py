@@ -253,7 +253,16 @@ def watcher_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "stats-watcher"]
 
 
-def test_watcher_reports_the_initial_read_writes_deletes_and_recreates(tmp_path: Path) -> None:
+@pytest.fixture(params=["kernel", "watchfiles"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each watcher test runs with the kernel's notification and with the watchfiles thread,
+    the fallback where the kernel has none."""
+    monkeypatch.setattr(StatsWatcher, "kernel_notify", request.param == "kernel")
+    return str(request.param)
+
+
+def test_watcher_reports_the_initial_read_writes_deletes_and_recreates(tmp_path: Path,
+                                                                       backend: str) -> None:
     path = tmp_path / "stats"
     delays: dict[str, float] = {}
 
@@ -299,7 +308,7 @@ def test_watcher_reports_the_initial_read_writes_deletes_and_recreates(tmp_path:
             await next_matching(queue, lambda s: True, limit=0.4)
 
     asyncio.run(scenario())
-    print("write -> report delays: " + ", ".join(
+    print(f"{backend}: write -> report delays: " + ", ".join(
         f"{label} {seconds * 1000:.0f} ms" for label, seconds in delays.items()))
     for label, seconds in delays.items():
         assert seconds < 0.5, f"{label} took {seconds:.3f}s"
@@ -308,7 +317,7 @@ def test_watcher_reports_the_initial_read_writes_deletes_and_recreates(tmp_path:
     assert watcher_threads() == [], "the watcher thread outlived stop()"
 
 
-def test_watcher_reads_a_file_that_already_exists(tmp_path: Path) -> None:
+def test_watcher_reads_a_file_that_already_exists(tmp_path: Path, backend: str) -> None:
     path = tmp_path / "stats"
     path.write_text('n_clients="4"\n')
 
@@ -324,7 +333,7 @@ def test_watcher_reads_a_file_that_already_exists(tmp_path: Path) -> None:
     assert asyncio.run(scenario()) == Stats({"n_clients": "4"})
 
 
-def test_watcher_of_a_missing_directory_reports_the_failure(tmp_path: Path) -> None:
+def test_watcher_of_a_missing_directory_reports_the_failure(tmp_path: Path, backend: str) -> None:
     async def scenario() -> Stats:
         queue: asyncio.Queue[Stats] = asyncio.Queue()
         watcher = StatsWatcher(str(tmp_path / "no-dir" / "stats"), queue.put_nowait)
@@ -340,7 +349,7 @@ def test_watcher_of_a_missing_directory_reports_the_failure(tmp_path: Path) -> N
 
 
 def test_a_write_storm_gives_bounded_reports_ending_with_the_final_content(
-        tmp_path: Path) -> None:
+        tmp_path: Path, backend: str) -> None:
     path = tmp_path / "stats"
     storm_seconds = 1.0
 
@@ -377,7 +386,7 @@ def test_a_write_storm_gives_bounded_reports_ending_with_the_final_content(
         return writes, reports[1:], elapsed
 
     writes, reports, elapsed = asyncio.run(scenario())
-    print(f"write storm: {writes} writes in {elapsed:.2f}s -> {len(reports)} reports")
+    print(f"{backend}: write storm: {writes} writes in {elapsed:.2f}s -> {len(reports)} reports")
     assert writes > 100
     assert len(reports) <= 15 * elapsed + 2
     assert reports[-1].values == {"n_clients": "final"}
