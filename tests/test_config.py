@@ -27,6 +27,7 @@ from supervisor.config import (
     DeployConfig,
     DrainConfig,
     GitConfig,
+    HealthConfig,
     LogConfig,
     RestartConfig,
     default_state_dir,
@@ -346,6 +347,18 @@ PROBLEM_TABLE: list[tuple[dict[str, Any], str]] = [
     (with_app(log={"format": "JSON"}), 'log.format: expected "json" or "text"'),
     (with_app(log={"file": ""}), "log.file: expected a non-empty string"),
     (with_app(log={"level": "debug"}), "log.level: unknown key"),
+    (with_app(deploy={"mode": "blue-green"}), 'deploy.mode: expected "in-place" or "releases"'),
+    (with_app(deploy={"keep": 0}), "deploy.keep: expected a whole number from 1 to 100"),
+    (with_app(health={"http": "https://127.0.0.1/up"}), "health.http: expected a plain-HTTP URL"),
+    (with_app(health={"tcp": "localhost"}), "health.tcp: expected an address and port"),
+    (with_app(health={"tcp": "127.0.0.1:80", "notify": True}),
+     "health.notify: expected at most one probe of tcp, http, command and notify (also set: tcp)"),
+    (with_app(health={"notify": "yes"}), "health.notify: expected true or false"),
+    (with_app(health={"grace": "10s", "timeout": "5s"}),
+     "health.timeout: expected a duration longer than health.grace"),
+    (with_app(health={"probe": "tcp"}), "health.probe: unknown key"),
+    (with_app(build={"command": "make", "min_free": "1KiB"}), "build.min_free: expected a size"),
+    (with_app(build={"command": "make", "nice": 20}), "build.nice: expected a niceness"),
     (with_app(releases={}), "releases: unknown section (expected one of app, git, build"),
     (with_app(App={"command": "x"}), "App: unknown section"),
 ]
@@ -438,6 +451,20 @@ def test_defaults() -> None:
         deploy=DeployConfig(mode="in-place", dir=default_state_dir("site", ENVIRON), keep=3),
         health=None,
     )
+
+
+def test_release_mode_gets_a_health_gate_by_default() -> None:
+    config = config_of(with_app(deploy={"mode": "releases", "dir": "/srv/releases"}))
+    assert config.releases and config.deploy.dir == "/srv/releases"
+    assert config.health == HealthConfig(grace=5.0)
+    assert config_of(with_app()).health is None
+
+
+def test_a_probe_needs_no_grace_unless_given() -> None:
+    config = config_of(with_app(health={"http": "http://[::1]:8080/up", "timeout": "10s"}))
+    assert config.health is not None and config.health.probe == "http"
+    assert config.health.grace == 0 and config.health.timeout == 10
+    assert config_of(with_app(health={})).health == HealthConfig()
 
 
 def test_section_defaults_when_present() -> None:
