@@ -125,8 +125,9 @@ class Prober:
 def _reason(error: BaseException, timeout: float) -> str:
     if isinstance(error, TimeoutError):
         return f"no answer within {timeout:g}s"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror.lower()
+    if isinstance(error, OSError) and error.errno:
+        # asyncio words a refused connect around the address; the errno says it plainly.
+        return os.strerror(error.errno).lower()
     return str(error) or type(error).__name__
 
 
