@@ -84,17 +84,25 @@ class Child:
         self.stats_file = stats_file
         self.output = output  # None: the app writes to our own stdout and stderr
         self.environ = dict(os.environ if environ is None else environ)
-        self.process: proc.Process | None = None
+        # Oldest first. Two only while an overlap runs the next generation beside this one.
+        self.processes: dict[int, proc.Process] = {}
+
+    @property
+    def process(self) -> proc.Process | None:
+        """The newest generation."""
+        return next(reversed(self.processes.values()), None)
 
     def start(self, commit: str | None, cwd: str | None = None,
               extra_env: Mapping[str, str] | None = None) -> Event:
         """`cwd` replaces app.cwd (release mode runs the app from `current`); `extra_env` is
         what the supervisor itself gives the app (its NOTIFY_SOCKET)."""
-        if self.process is not None and self.process.running:
-            # Rule 1 of the machine makes this unreachable; refusing keeps it true regardless.
-            return ChildStartFailed(error=f"refused: child {self.process.pid} is still running")
-        if self.stats_file is not None:
-            # Numbers written by a previous process must never count for this one.
+        if len(self.processes) >= 2:
+            # Rules 1 and 7 of the machine make this unreachable; refusing keeps it true.
+            return ChildStartFailed(error=f"refused: children {sorted(self.processes)} "
+                                          "are still running")
+        if self.stats_file is not None and not self.processes:
+            # Numbers written by a previous process must never count for this one. (In an
+            # overlap the previous generation still writes them; see _on_exit.)
             try:
                 os.unlink(self.stats_file)
             except FileNotFoundError:
@@ -121,10 +129,12 @@ class Child:
             return ChildStartFailed(error=f"{self.config.command[0]}: {error.strerror or error}")
         if pipes is not None:
             pipes.started(process.pid)
-        self.process = process
+        self.processes[process.pid] = process
         ticks = start_ticks(process.pid)
         if ticks is not None:
-            self.store.save(child=ChildRecord(process.pid, ticks, boot_id(), commit))
+            older = self.store.current.child if len(self.processes) > 1 else None
+            self.store.save(child=ChildRecord(process.pid, ticks, boot_id(), commit),
+                            old_child=older)
         process.exited.add_done_callback(
             lambda future: self._on_exit(process, pipes, tail, future))
         return ChildStarted(pid=process.pid, commit=commit)
@@ -133,17 +143,44 @@ class Child:
                  future: asyncio.Future[int]) -> None:
         if pipes is not None:
             pipes.close()  # its last lines belong before the child.exited line
+        was_oldest = next(iter(self.processes), None) == process.pid
+        self.processes.pop(process.pid, None)
         if self.store.current.child and self.store.current.child.pid == process.pid:
             self.store.save(child=None)
+        if self.store.current.old_child and self.store.current.old_child.pid == process.pid:
+            self.store.save(old_child=None)
+        if was_oldest and self.processes and self.stats_file is not None:
+            # The previous generation is gone after an overlap: what it wrote last must not
+            # count for the one that replaced it, which rewrites the file at its next change.
+            try:
+                os.unlink(self.stats_file)
+            except OSError:
+                pass
         exit_code, signal_name = proc.describe_returncode(future.result())
         self.post(ChildExited(pid=process.pid, exit_code=exit_code, signal=signal_name,
                               tail="\n".join(tail.lines) if tail is not None else ""))
 
     def signal(self, pid: int, sig: int) -> bool:
-        process = self.process
-        if process is None or process.pid != pid:
+        process = self.processes.get(pid)
+        if process is None:
             return False
         return process.signal_group(sig)
+
+    def resident_bytes(self, pid: int) -> int | None:
+        """What a generation holds in RAM: the resident set of its whole process group."""
+        process = self.processes.get(pid)
+        if process is None:
+            return None
+        ticks = start_ticks(pid) or 0
+        total = 0
+        page = os.sysconf("SC_PAGE_SIZE")
+        for member in group_members(pid, ticks) or [pid]:
+            try:
+                with open(f"/proc/{member}/statm", "rb") as file:
+                    total += int(file.read().split()[1]) * page
+            except (OSError, ValueError, IndexError):
+                continue
+        return total
 
     def stop(self, pid: int) -> bool:
         return self.signal(pid, self.config.stop_signal)

@@ -97,6 +97,8 @@ class RestartConfig:
     backoff_min: float = 1.0
     backoff_max: float = 60.0
     reset_after: float = 10.0
+    style: str = "stop-start"  # or "overlap": the next generation starts before this one stops
+    overlap_reserve: int = 32 << 20  # MemAvailable left over once a second generation runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +365,8 @@ def parse_config(data: Mapping[str, Any], path: str,
         backoff_min=restart.get("backoff_min", _positive_duration, 1.0),
         backoff_max=restart.get("backoff_max", _positive_duration, 60.0),
         reset_after=restart.get("reset_after", parse_duration, 10.0),
+        style=restart.get("style", _choice("stop-start", "overlap"), "stop-start"),
+        overlap_reserve=restart.get("overlap_reserve", _free_memory, 32 << 20),
     )
     if restart_config.backoff_max < restart_config.backoff_min:
         problems.append("restart.backoff_max: expected a duration not below restart.backoff_min")
@@ -395,8 +399,19 @@ def parse_config(data: Mapping[str, Any], path: str,
     health_config = None
     if "health" in data:
         health_config = _health(_Section("health", data["health"], problems), problems)
-    elif deploy_config.mode == "releases":
+    elif deploy_config.mode == "releases" or restart_config.style == "overlap":
         health_config = HealthConfig()  # rollback needs probation: by default, staying up
+    if restart_config.style == "overlap" and (deploy_config.mode != "releases" or not sockets):
+        problems.append('restart.style: "overlap" needs deploy.mode = "releases" (each '
+                        "generation runs from its own release) and a [[socket]] (both serve on "
+                        "the socket the supervisor holds)")
+    if restart_config.style == "overlap" and health_config is not None:
+        shared = {s.listen for s in sockets}
+        probed = health_config.tcp or _http_address(health_config.http)
+        if probed in shared:
+            problems.append(f"health.{health_config.probe}: expected notify, a command or grace "
+                            f'with restart.style = "overlap": {probed} is the shared socket, '
+                            "where the old generation would answer for the new one")
 
     if problems:
         raise ConfigError(problems)
@@ -429,6 +444,14 @@ def _http_url(value: object) -> str:
         raise _Bad('a plain-HTTP URL such as "http://127.0.0.1:8080/up" (no https: the probe '
                    "runs on loopback)")
     return text
+
+
+def _http_address(url: str | None) -> str | None:
+    """host:port of a plain-HTTP URL, as [[socket]] listen addresses are written."""
+    if url is None:
+        return None
+    authority = url.removeprefix("http://").split("/", 1)[0]
+    return authority if re.search(r":[0-9]+$", authority) else authority + ":80"
 
 
 def _health(section: _Section, problems: list[str]) -> HealthConfig:

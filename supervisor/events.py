@@ -154,6 +154,17 @@ class StartChildRequested(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class OverlapChecked(Event):
+    """Whether a second generation of the app fits in memory beside the first: MemAvailable
+    against the running one's resident memory (bytes; None where unknown)."""
+
+    name: ClassVar[str] = "restart.overlap_checked"
+    fits: bool
+    available: int | None = None
+    needed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RollbackRequested(Event):
     """`supervisor rollback`: back to the previous good release; hold the live one."""
 
@@ -176,7 +187,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         FetchSucceeded, FetchFailed, CheckRequested, TreeUpdated, TreeUpdateFailed,
         BuildSucceeded, BuildFailed, ChildStarted, ChildStartFailed, ChildExited, StatsRead,
         TimerFired, StopRequested, RestartRequested, StopChildRequested, StartChildRequested,
-        SettingsChanged, HealthPassed, HealthProbeFailed, RollbackRequested,
+        SettingsChanged, HealthPassed, HealthProbeFailed, RollbackRequested, OverlapChecked,
     )
 }
 
@@ -240,6 +251,23 @@ class ProbeHealth(Action):
 @dataclass(frozen=True, slots=True)
 class StopProbe(Action):
     name: ClassVar[str] = "stop_probe"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckOverlap(Action):
+    """Answered at once with OverlapChecked: may a second generation start beside `pid`?"""
+
+    name: ClassVar[str] = "check_overlap"
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchRelease(Action):
+    """Point `current` at `commit` without starting anything: the generation that kept serving
+    through a failed overlap is live again."""
+
+    name: ClassVar[str] = "switch_release"
+    commit: str
 
 
 @dataclass(frozen=True, slots=True)

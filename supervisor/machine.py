@@ -31,6 +31,13 @@ once the build is done; `head` is the release `current` points to, and StartChil
     RUNNING --newer commit--> UPDATING (check out releases/<commit>) --> BUILDING --> DRAINING
         --> RESTARTING --> PROBATION --> RUNNING | rollback
 
+With `Settings.overlap` (release mode, a socket we hold) the new generation starts before the
+old one stops, if memory allows: RESTARTING asks (CheckOverlap) and is answered at once.
+
+    RESTARTING --fits--> PROBATION (old_child serves too) --healthy--> RUNNING, old one stopped
+                                     --unhealthy--> new one stopped, old_child is the child again
+    RESTARTING --does not fit--> stop-start as usual
+
 Rules
 1. At most one child: `StartChild` is only ever issued while no child is known to run, and the
    loop answers it at once with `ChildStarted` or `ChildStartFailed`.
@@ -42,6 +49,8 @@ Rules
    ignored; this module never raises on an event.
 6. Only a release that never proved healthy is rolled back, and only to one that did: a good
    release that fails later is a crashing child, not a bad deploy.
+7. Two children only in an overlap: `old_child` is set exactly while the previous generation
+   still runs beside `child`, and no third starts while it does.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ from supervisor.events import (
     BuildFailed,
     BuildSucceeded,
     CancelTimer,
+    CheckOverlap,
     CheckRequested,
     ChildExited,
     ChildStarted,
@@ -68,6 +78,7 @@ from supervisor.events import (
     HealthProbeFailed,
     KillChild,
     Note,
+    OverlapChecked,
     ProbeHealth,
     RestartRequested,
     RollbackRequested,
@@ -82,6 +93,7 @@ from supervisor.events import (
     StopChildRequested,
     StopProbe,
     StopRequested,
+    SwitchRelease,
     TimerFired,
     TreeUpdated,
     TreeUpdateFailed,
@@ -96,6 +108,7 @@ STOP_TIMER = "stop"
 DRAIN_TIMER = "drain"
 HEALTH_TIMER = "health"  # the deadline for proving health
 GRACE_TIMER = "grace"  # how long a new child must stay up
+STOP_OLD_TIMER = "stop_old"  # the previous generation's stop timeout, after an overlap
 
 
 class Phase(StrEnum):
@@ -130,6 +143,7 @@ class Settings:
     grace: float = 0.0  # a child on probation must stay up this long
     probe: bool = False  # ... and pass a probe (HealthPassed)
     health_timeout: float = 60.0  # the deadline for both
+    overlap: bool = False  # restart.style = "overlap"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +163,7 @@ class State:
     pending: str | None = None  # newer commit found while busy with `target`
     pending_reset: bool = False
     failed: str | None = None  # last commit whose deploy failed: not tried again
+    held: tuple[str, ...] = ()  # earlier failed (or rolled back) commits, newest last: nor these
     crashes: int = 0  # deaths in a row, each before the child stayed up `reset_after`
     reverting: bool = False  # moving the tree back to `built` after a failed build
     draining: bool = False  # the stats watcher is running for the current deploy
@@ -162,15 +177,36 @@ class State:
     probe_error: str | None = None  # on probation: why the probe last failed
     rollback_to: str | None = None  # ROLLING_BACK: the good release to start once it stopped
     unhealthy: str | None = None  # ROLLING_BACK: why the child on probation failed
+    old_child: int | None = None  # overlap: the previous generation, still running
+    old_commit: str | None = None  # ... and the release it runs
     timers: frozenset[tuple[str, int]] = frozenset()  # armed (name, serial)
     serial: int = 0
 
 
+HELD_KEPT = 10  # failed commits remembered besides the last one
+
+
 def initial_state(settings: Settings, built: str | None = None, failed: str | None = None,
-                  live: str | None = None, good: tuple[str, ...] = ()) -> State:
+                  live: str | None = None, good: tuple[str, ...] = (),
+                  held: tuple[str, ...] = ()) -> State:
     """`live` and `good` matter in release mode: the release `current` points to, and those
     known healthy."""
-    return State(settings=settings, built=built, failed=failed, head=live, good=good)
+    return State(settings=settings, built=built, failed=failed, head=live, good=good,
+                 held=held)
+
+
+def _hold(state: State, commit: str | None) -> State:
+    """Rule 4: `commit` is not deployed again until upstream names another one; nor is the
+    commit held before it (a rollback by hand must not free a commit that failed on its own)."""
+    if commit is None or commit == state.failed:
+        return state
+    held = state.held + ((state.failed,) if state.failed else ())
+    held = tuple(c for c in held if c != commit)[-HELD_KEPT:]
+    return replace(state, failed=commit, held=held)
+
+
+def _is_held(state: State, commit: str) -> bool:
+    return commit == state.failed or commit in state.held
 
 
 Decision = tuple[State, list[Action]]
@@ -194,14 +230,22 @@ def decide(state: State, event: Event) -> Decision:
             return state, [Note("child.start_failed_during_deploy", {"reason": error})]
         case _, ChildStartFailed(error=error):
             return _on_crash(state, error)
+        case _, ChildExited(pid=pid) if pid == state.old_child and pid is not None:
+            return _on_old_child_exited(state)
         case _, ChildExited(pid=pid) if pid != state.child:
             return _ignored(state, event)
         case _, TimerFired(timer=name, serial=serial) if (name, serial) not in state.timers:
             return _ignored(state, event)
         case _, TimerFired(timer="uptime"):
             return _disarm(replace(state, crashes=0), UPTIME_TIMER, cancel=False)
+        case Phase.SHUTTING_DOWN, ChildExited() if state.old_child is not None:
+            return replace(state, child=None), []
         case Phase.SHUTTING_DOWN, ChildExited():
             return replace(state, phase=Phase.STOPPED, child=None), [Exit(0)]
+        case _, TimerFired(timer="stop_old"):
+            state, _ = _disarm(state, STOP_OLD_TIMER, cancel=False)
+            reason = f"did not stop within {state.settings.stop_timeout:g}s"
+            return state, [KillChild(state.old_child, reason)] if state.old_child else []
         case Phase.SHUTTING_DOWN | Phase.RESTARTING | Phase.HELD | Phase.ROLLING_BACK, \
                 TimerFired(timer="stop"):
             return _kill_after_stop_timeout(state)
@@ -245,6 +289,8 @@ def decide(state: State, event: Event) -> Decision:
             if state.probe_error:
                 reason += f" (last probe: {state.probe_error})"
             return _on_probation_failed(state, reason)
+        case Phase.RESTARTING, OverlapChecked(fits=fits, available=available, needed=needed):
+            return _on_overlap_checked(state, fits, available, needed)
         case Phase.ROLLING_BACK, ChildExited(tail=tail):
             return _after_unhealthy_stopped(replace(state, child=None), tail)
         case Phase.BACKOFF, TimerFired(timer="backoff"):
@@ -389,12 +435,13 @@ def _healthy_yet(state: State) -> Decision:
     state, actions = _end_probation(state)
     state = replace(state, phase=Phase.RUNNING, probe_error=None)
     facts: dict[str, object] = {"pid": state.child, "commit": state.child_commit}
+    state, stop_old = _stop_old_child(state, f"replaced by {state.child_commit}")
     if state.settings.releases and state.head is not None and state.head not in state.good:
         state = replace(state, good=state.good + (state.head,))
         facts["new_good_release"] = True
     actions.append(Note("health.passed", facts))
     state, more = _deploy_pending(state)
-    return state, actions + more
+    return state, actions + stop_old + more
 
 
 def _rollback_target(state: State, bad: str | None) -> str | None:
@@ -408,13 +455,15 @@ def _on_probation_failed(state: State, reason: str, tail: str = "") -> Decision:
     state, actions = _end_probation(state)
     bad = state.head if state.settings.releases else state.child_commit
     target = _rollback_target(state, bad)
+    if state.old_child is not None:
+        target = state.old_commit  # the old generation still serves: back to it
     facts: dict[str, object] = {"commit": bad, "reason": reason,
                                 "rollback_to": target}
     if tail:
         facts["tail"] = tail
     actions.append(Note("health.failed", facts))
-    if target is not None:
-        state = replace(state, failed=bad)  # rule 4: not deployed again until upstream moves
+    if target is not None and state.old_child is None:
+        state = _hold(state, bad)
     state = replace(state, rollback_to=target, unhealthy=reason)
     if state.child is None:
         state, more = _after_unhealthy_stopped(state, "")
@@ -429,6 +478,8 @@ def _after_unhealthy_stopped(state: State, tail: str) -> Decision:
     state, actions = _disarm(state, STOP_TIMER)
     target, reason = state.rollback_to, state.unhealthy or "unhealthy"
     state = replace(state, rollback_to=None, unhealthy=None)
+    if state.old_child is not None:
+        return _back_to_old_child(state, reason, tail, actions)
     if target is None:
         state, more = _on_crash(state, reason)
         return state, actions + more
@@ -440,6 +491,29 @@ def _after_unhealthy_stopped(state: State, tail: str) -> Decision:
     state, more = _start_child(replace(state, crashes=0), target, "rollback")
     # Set aside once `current` points away from it: the live release is never moved.
     return state, actions + more + ([SetAside(bad)] if bad is not None else [])
+
+
+def _back_to_old_child(state: State, reason: str, tail: str,
+                       actions: list[Action]) -> Decision:
+    """A failed overlap: the previous generation never stopped serving; it is the child again
+    and its release is live again. The new commit is held like any failed deploy."""
+    bad, old = state.head if state.settings.releases else state.target, state.old_commit
+    facts: dict[str, object] = {"from": bad, "to": old, "reason": reason,
+                                "kept_pid": state.old_child}
+    if tail:
+        facts["tail"] = tail
+    if bad != old:  # a restart of the same release that failed holds nothing back
+        state = _hold(state, bad)
+    state = replace(state, child=state.old_child, child_commit=old, old_child=None,
+                    old_commit=None, phase=Phase.RUNNING)
+    if state.settings.releases and old is not None:
+        state = replace(state, head=old)
+        actions.append(SwitchRelease(old))  # before the note: it reports what is done
+    actions.append(Note("release.rolling_back", facts))
+    if state.settings.releases and bad is not None and bad != old and bad not in state.good:
+        actions.append(SetAside(bad))
+    state, more = _deploy_pending(state)
+    return state, actions + more
 
 
 def _on_exit_during_build(state: State, reason: str) -> Decision:
@@ -483,7 +557,7 @@ def _deploy_candidate(state: State, fetch: FetchSucceeded) -> tuple[str | None, 
     if state.settings.releases:
         if fetch.upstream == state.head:
             return None, False, []
-        if fetch.upstream == state.failed:
+        if _is_held(state, fetch.upstream):
             return None, False, [Note("deploy.skipped", {"head": state.head,
                                                          "upstream": fetch.upstream,
                                                          "reason": "failed before"})]
@@ -495,7 +569,7 @@ def _deploy_candidate(state: State, fetch: FetchSucceeded) -> tuple[str | None, 
     reset = fetch.relation != "behind"
     if reset and not state.settings.reset_on_diverge:
         return None, False, [Note("git.diverged", facts | {"relation": fetch.relation})]
-    if fetch.upstream == state.failed:
+    if _is_held(state, fetch.upstream):
         return None, False, [Note("deploy.skipped", facts | {"reason": "failed before"})]
     return fetch.upstream, reset, []
 
@@ -510,7 +584,8 @@ def _reconcile_releases_at_start(state: State, event: FetchSucceeded | FetchFail
     if state.head is not None:
         state, actions = _start_child(replace(state, pending=candidate), state.head, "startup")
         return state, notes + actions
-    first = candidate or (event.head if event.head != state.failed else None)
+    first = candidate or (event.head if event.head and not _is_held(state, event.head)
+                          else None)
     if first is None:
         return replace(state, phase=Phase.RUNNING), notes + [
             Note("child.nothing_to_run", {"reason": "no release yet and no commit to build"})]
@@ -671,20 +746,59 @@ def _restart_into_target(state: State) -> Decision:
         reason = "deploy" if state.child_commit is not None else "startup"
         state, more = _start_child(replace(state, crashes=0), state.target, reason)
         return state, actions + more
+    if state.settings.overlap and state.old_child is None:
+        return replace(state, phase=Phase.RESTARTING), actions + [CheckOverlap(state.child)]
+    state, more = _stop_for_restart(state)
+    return state, actions + more
+
+
+def _on_overlap_checked(state: State, fits: bool, available: int | None,
+                        needed: int | None) -> Decision:
+    if state.child is None:  # unreachable: answered at once, with nothing in between
+        return _restart_into_target(state)
+    if not fits:
+        note = Note("restart.overlap_fallback", {"available": available, "needed": needed})
+        state, actions = _stop_for_restart(state)
+        return state, [note] + actions
+    # Both serve on the socket we hold; the old one stops once the new one proved healthy.
+    state = replace(state, old_child=state.child, old_commit=state.child_commit, child=None,
+                    crashes=0)
+    reason = "restart requested" if state.restart_requested else "deploy"
+    state = replace(state, restart_requested=False)
+    return _start_child(state, state.target, reason + " (overlap)")
+
+
+def _on_old_child_exited(state: State) -> Decision:
+    state, actions = _disarm(replace(state, old_child=None, old_commit=None), STOP_OLD_TIMER)
+    if state.phase == Phase.SHUTTING_DOWN and state.child is None:
+        return replace(state, phase=Phase.STOPPED), actions + [Exit(0)]
+    return state, actions
+
+
+def _stop_old_child(state: State, reason: str) -> Decision:
+    if state.old_child is None:
+        return state, []
+    state, timer = _arm(state, STOP_OLD_TIMER, state.settings.stop_timeout)
+    return state, [StopChild(state.old_child, reason)] + timer
+
+
+def _stop_for_restart(state: State) -> Decision:
+    assert state.child is not None
     state, timer = _arm(replace(state, phase=Phase.RESTARTING), STOP_TIMER,
                         state.settings.stop_timeout)
     reason = "restart requested" if state.restart_requested else f"deploy {state.target}"
     if state.drain_expired:
         reason += " (drain timed out)"
-    return state, actions + [StopChild(state.child, reason)] + timer
+    return state, [StopChild(state.child, reason)] + timer
 
 
 def _on_deploy_failed(state: State, reason: str) -> Decision:
     failed = state.target
-    state = replace(state, failed=failed)
+    state = _hold(state, failed)
     actions: list[Action] = [Note("deploy.failed", {"commit": failed, "reason": reason})]
-    if state.settings.releases and failed is not None:
-        actions.append(SetAside(failed))
+    if state.settings.releases and failed is not None and failed != state.head \
+            and failed not in state.good:
+        actions.append(SetAside(failed))  # never the live release, nor one proven good
     if state.pending is not None:
         # Still draining for this deploy: keep watching and go on with the newer commit.
         target, reset = state.pending, state.pending_reset
@@ -733,29 +847,30 @@ def _carry_on_after_failure(state: State, actions: list[Action], reason: str) ->
 
 def _kill_after_stop_timeout(state: State) -> Decision:
     state, _ = _disarm(state, STOP_TIMER, cancel=False)
-    if state.child is None:
-        return state, []
     reason = f"did not stop within {state.settings.stop_timeout:g}s"
-    return state, [KillChild(state.child, reason)]
+    return state, [KillChild(pid, reason) for pid in (state.child, state.old_child)
+                   if pid is not None and (pid == state.child or
+                                           state.phase == Phase.SHUTTING_DOWN)]
 
 
 def _on_stop_requested(state: State) -> Decision:
     if state.phase == Phase.SHUTTING_DOWN:
-        if state.child is None:
-            return state, []
-        return state, [KillChild(state.child, "second stop request")]
+        return state, [KillChild(pid, "second stop request")
+                       for pid in (state.child, state.old_child) if pid is not None]
     state, actions = _end_drain(state)
     if state.phase == Phase.PROBATION:
         state, more = _end_probation(state)
         actions += more
-    for name in (BACKOFF_TIMER, UPTIME_TIMER):
+    for name in (BACKOFF_TIMER, UPTIME_TIMER, STOP_OLD_TIMER):
         state, cancel = _disarm(state, name)
         actions += cancel
-    if state.child is None:
+    if state.child is None and state.old_child is None:
         return replace(state, phase=Phase.STOPPED), actions + [Exit(0)]
     state, timer = _arm(replace(state, phase=Phase.SHUTTING_DOWN), STOP_TIMER,
                         state.settings.stop_timeout)
-    return state, actions + [StopChild(state.child, "shutdown")] + timer
+    stops: list[Action] = [StopChild(pid, "shutdown") for pid in (state.old_child, state.child)
+                           if pid is not None]
+    return state, actions + stops + timer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -822,7 +937,7 @@ def _on_rollback_requested(state: State) -> Decision:
     if previous is None:
         return state, [Note("control.ignored", {"request": "rollback",
                                                 "reason": "no earlier good release"})]
-    state = replace(state, failed=state.head,
+    state = replace(_hold(state, state.head),
                     good=tuple(c for c in state.good if c != state.head))
     notes: list[Action] = [Note("release.rollback_requested", {"from": state.head,
                                                                "to": previous})]

@@ -23,6 +23,7 @@ from supervisor.eventlog import EventLog
 from supervisor.events import (
     Action,
     CancelTimer,
+    CheckOverlap,
     CheckRequested,
     ChildStartFailed,
     Event,
@@ -30,6 +31,7 @@ from supervisor.events import (
     Fetch,
     KillChild,
     Note,
+    OverlapChecked,
     ProbeHealth,
     RestartRequested,
     RollbackRequested,
@@ -44,6 +46,7 @@ from supervisor.events import (
     StopChildRequested,
     StopProbe,
     StopRequested,
+    SwitchRelease,
     TimerFired,
     UnwatchStats,
     UpdateTree,
@@ -86,6 +89,7 @@ def settings_from(config: Config) -> Settings:
         grace=config.health.grace if config.health else 0.0,
         probe=config.health is not None and config.health.probe is not None,
         health_timeout=config.health.timeout if config.health else 60.0,
+        overlap=config.restart.style == "overlap",
     )
 
 
@@ -199,6 +203,10 @@ class Service:
             await stop_stale_child(persisted.child, self.config.app.stop_signal,
                                    self.config.app.stop_timeout, self.log.write)
             self.store.save(child=None)
+        if persisted.old_child is not None:
+            await stop_stale_child(persisted.old_child, self.config.app.stop_signal,
+                                   self.config.app.stop_timeout, self.log.write)
+            self.store.save(old_child=None)
         if persisted.build is not None:
             await stop_stale_child(persisted.build, signal.SIGKILL, 5.0, self.log.write,
                                    kind="build")
@@ -208,7 +216,8 @@ class Service:
         if self.releases is not None:  # a release whose directory is gone cannot be run
             good = tuple(c for c in persisted.good if os.path.isdir(self.releases.path(c)))
         self.state = initial_state(settings_from(self.config), built=built,
-                                   failed=persisted.failed, live=live, good=good)
+                                   failed=persisted.failed, live=live, good=good,
+                                   held=persisted.held)
         if self.config.trigger is not None:
             await self._start_trigger()
 
@@ -330,8 +339,8 @@ class Service:
             event = queue.popleft()
             before = self.state
             self.state, actions = decide(before, event)
-            if self.state.failed != before.failed:
-                self.store.save(failed=self.state.failed)
+            if self.state.failed != before.failed or self.state.held != before.held:
+                self.store.save(failed=self.state.failed, held=self.state.held)
             if self.state.good != before.good:
                 self._keep_releases()
             if before.phase in DEPLOY_PHASES or self.state.phase in DEPLOY_PHASES:
@@ -387,6 +396,17 @@ class Service:
         keep = {*state.good[-self.config.deploy.keep:], state.head, state.target, state.pending}
         self.releases.prune(c for c in keep if c is not None)
 
+    def _check_overlap(self, pid: int) -> Event:
+        """A second generation fits if MemAvailable covers what the running one holds, with
+        restart.overlap_reserve to spare (a tiny box must not swap or OOM for a restart)."""
+        from supervisor.build import available_memory
+
+        needed = self.child.resident_bytes(pid)
+        available = available_memory()
+        fits = (needed is not None and available is not None
+                and available - needed >= self.config.restart.overlap_reserve)
+        return OverlapChecked(fits=fits, available=available, needed=needed)
+
     def _child_directory(self) -> str:
         """Release mode runs the app from `current` (app.cwd's place inside the release)."""
         config = self.config
@@ -420,6 +440,14 @@ class Service:
                 self.prober.stop()
             case SetAside(commit=commit) if self.releases is not None:
                 self.releases.set_aside(commit)
+            case CheckOverlap(pid=pid):
+                return [self._check_overlap(pid)]
+            case SwitchRelease(commit=commit) if self.releases is not None:
+                try:
+                    self.releases.switch(commit)
+                except OSError as error:
+                    self.log.write("release.switch_failed", {"commit": commit,
+                                                             "error": error.strerror})
             case StopChild(pid=pid):
                 self.child.stop(pid)
             case KillChild(pid=pid):

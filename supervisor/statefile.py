@@ -28,6 +28,8 @@ class Persisted:
     failed: str | None = None  # not tried again, even after a restart, until upstream moves on
     good: tuple[str, ...] = ()  # release mode: releases that passed their health gate, oldest first
     build: ChildRecord | None = None  # a build in progress: stopped if we were killed during it
+    old_child: ChildRecord | None = None  # the previous generation, during an overlap
+    held: tuple[str, ...] = ()  # earlier failed commits, not tried again either
 
 
 def write_atomically(path: str, data: bytes, durable: bool = True) -> None:
@@ -79,13 +81,18 @@ class StateStore:
         if not isinstance(data, dict):
             data = {}
         built, failed, good = data.get("built"), data.get("failed"), data.get("good")
+        held = data.get("held")
         if not isinstance(good, list):
             good = []
+        if not isinstance(held, list):
+            held = []
         self.current = Persisted(built=built if isinstance(built, str) else None,
                                  child=_child_record(data.get("child")),
                                  failed=failed if isinstance(failed, str) else None,
                                  good=tuple(c for c in good if isinstance(c, str)),
-                                 build=_child_record(data.get("build")))
+                                 build=_child_record(data.get("build")),
+                                 old_child=_child_record(data.get("old_child")),
+                                 held=tuple(c for c in held if isinstance(c, str)))
         return self.current
 
     def save(self, **changes: object) -> None:
@@ -93,11 +100,13 @@ class StateStore:
         after a power cut that child is gone and the boot id tells, and a record naming a dead
         process is harmless, since its start time is checked. That keeps fsync off the path
         between a crash and the restart."""
-        durable = bool({"built", "failed", "good"} & set(changes))
+        durable = bool({"built", "failed", "good", "held"} & set(changes))
         self.current = replace(self.current, **changes)  # type: ignore[arg-type]
         os.makedirs(self.directory, exist_ok=True)
         payload = {"built": self.current.built, "failed": self.current.failed,
-                   "good": list(self.current.good),
+                   "good": list(self.current.good), "held": list(self.current.held),
                    "child": asdict(self.current.child) if self.current.child else None,
-                   "build": asdict(self.current.build) if self.current.build else None}
+                   "build": asdict(self.current.build) if self.current.build else None,
+                   "old_child": asdict(self.current.old_child)
+                   if self.current.old_child else None}
         write_atomically(self.path, json.dumps(payload).encode() + b"\n", durable=durable)

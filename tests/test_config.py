@@ -216,7 +216,8 @@ def test_cli_check_prints_the_effective_config(tmp_path: Path) -> None:
     assert printed["app"]["command"] == "./server"
     assert printed["git"]["poll_interval"] == "300s"
     assert printed["restart"] == {"backoff_min": "1s", "backoff_max": "60s",
-                                  "reset_after": "10s"}
+                                  "reset_after": "10s", "style": "stop-start",
+                                  "overlap_reserve": 33554432}
     assert printed["deploy"]["mode"] == "in-place"
     assert "health" not in printed
 
@@ -349,6 +350,11 @@ PROBLEM_TABLE: list[tuple[dict[str, Any], str]] = [
     (with_app(log={"level": "debug"}), "log.level: unknown key"),
     (with_app(deploy={"mode": "blue-green"}), 'deploy.mode: expected "in-place" or "releases"'),
     (with_app(deploy={"keep": 0}), "deploy.keep: expected a whole number from 1 to 100"),
+    (with_app(restart={"style": "overlap"}), 'restart.style: "overlap" needs deploy.mode'),
+    (with_app(restart={"style": "blue-green"}), 'restart.style: expected "stop-start" or'),
+    (with_app(restart={"style": "overlap"}, deploy={"mode": "releases"},
+              socket=[{"listen": "127.0.0.1:8080"}], health={"http": "http://127.0.0.1:8080/"}),
+     "health.http: expected notify, a command or grace with restart.style"),
     (with_app(health={"http": "https://127.0.0.1/up"}), "health.http: expected a plain-HTTP URL"),
     (with_app(health={"tcp": "localhost"}), "health.tcp: expected an address and port"),
     (with_app(health={"tcp": "127.0.0.1:80", "notify": True}),

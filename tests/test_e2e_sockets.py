@@ -156,3 +156,69 @@ def test_without_handoff_a_client_in_the_same_window_is_refused(world):
     world.release("2")
     supervisor.wait_for("child.exited", pid=old_pid)
     assert world.http("/", timeout=10) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# restart.style = "overlap" (release mode): the next generation starts on the same socket, and
+# the old one stops only once the new one proved healthy.
+
+
+def serve_with_overlap(world, restart=None, health=None):
+    # READY=1 from the new generation itself: an HTTP probe on the shared socket could be
+    # answered by the old one (the config refuses it).
+    health = {"notify": True, "timeout": "5s", **(health or {})}
+    supervisor, pid = serve_with_handoff(
+        world, deploy={"mode": "releases", "dir": str(world.tmp / "deploy")},
+        restart={"style": "overlap", **(restart or {})}, health=health)
+    supervisor.wait_for("health.passed", pid=pid)
+    return supervisor, pid
+
+
+def test_an_overlap_serves_from_both_generations_and_stops_the_old_one_last(world):
+    supervisor, old_pid = serve_with_overlap(world)
+    commit = world.release("2")
+
+    checked = supervisor.wait_for("restart.overlap_checked", fits=True)
+    assert checked["needed"] > 0 and checked["available"] > checked["needed"]
+    started = supervisor.wait_for("child.started", commit=commit, after=checked)
+    # The new generation sleeps before it accepts; the old one still answers meanwhile.
+    assert world.alive(old_pid)
+    assert world.http("/", timeout=10) in ("hello from 1", "hello from 2")
+    passed = supervisor.wait_for("health.passed", pid=started["pid"], after=started)
+    assert passed["_t"] - started["_t"] >= float(SLOW_START) * 0.9, "healthy before it served"
+    stop = supervisor.wait_for(action="stop_child", after=started)
+    # The old generation is stopped by the very step that found the new one healthy.
+    assert stop["event"] == "health.probe_passed" and stop["pid"] == started["pid"]
+    assert supervisor.action(stop, "stop_child") == {
+        "action": "stop_child", "pid": old_pid, "reason": f"replaced by {commit}"}
+    supervisor.wait_for("child.exited", pid=old_pid, after=passed)
+    world.wait_http("hello from 2", supervisor)
+
+
+def test_a_failed_overlap_leaves_the_old_generation_serving_without_a_restart(world):
+    supervisor, old_pid = serve_with_overlap(world, health={"timeout": "2s"})
+    bad = world.commit({"CRASH": "yes\n"}, version="2", message="crashes at start")
+    world.push()
+
+    started = supervisor.wait_for("child.started", commit=bad)
+    failed = supervisor.wait_for("health.failed", commit=bad, after=started)
+    assert "CRASH file found" in failed["tail"]
+    rolled = supervisor.wait_for("release.rolling_back", kept_pid=old_pid, after=failed)
+    assert not world.alive(started["pid"])
+    assert world.alive(old_pid), "the old generation was stopped"
+    assert os.path.basename(os.readlink(world.tmp / "deploy" / "current")) == world.first
+    assert not supervisor.select("child.started", after=rolled)
+    world.wait_http("hello from 1", supervisor)
+
+
+def test_an_overlap_falls_back_to_stop_start_when_memory_is_short(world):
+    supervisor, old_pid = serve_with_overlap(world, restart={"overlap_reserve": "1000GiB"})
+    commit = world.release("2")
+    checked = supervisor.wait_for("restart.overlap_checked", fits=False)
+    fallback = supervisor.wait_for("restart.overlap_fallback", after=checked)
+    assert fallback["needed"] > 0
+    assert supervisor.action(checked, "stop_child")["pid"] == old_pid
+    exited = supervisor.wait_for("child.exited", pid=old_pid, after=checked)
+    # Stop-start on the held socket: this connection waits for the next generation.
+    assert world.http("/", timeout=10) == "hello from 2"
+    supervisor.wait_for("child.started", commit=commit, after=exited)

@@ -14,6 +14,7 @@ from supervisor.condition import parse_condition
 from supervisor.events import (
     BuildFailed,
     BuildSucceeded,
+    CheckOverlap,
     CheckRequested,
     ChildExited,
     ChildStarted,
@@ -26,6 +27,7 @@ from supervisor.events import (
     HealthProbeFailed,
     KillChild,
     Note,
+    OverlapChecked,
     RestartRequested,
     RollbackRequested,
     SetAside,
@@ -63,6 +65,7 @@ class World:
     drain_expired: bool = False  # the drain timer fired since the watch began
     exited: bool = False
     start_fails: bool = False
+    overlap_fits: bool = True  # the answer to CheckOverlap
 
 
 def check_and_apply(world: World, before: State, after: State, actions: list, settings_: Settings
@@ -73,7 +76,10 @@ def check_and_apply(world: World, before: State, after: State, actions: list, se
     for action in actions:
         match action:
             case StartChild(commit=commit, reason=reason):
-                assert not world.alive, f"a second child while {world.alive} still run"
+                # Beside a previous generation still running (overlap), never beside our child.
+                assert not world.alive or (
+                    settings_.overlap and world.alive == {after.old_child}), \
+                    f"another child while {world.alive} still run"
                 if settings_.releases:
                     assert commit is not None, "release mode started no release"
                 if reason == "rollback":
@@ -87,7 +93,7 @@ def check_and_apply(world: World, before: State, after: State, actions: list, se
             case StopChild(pid=pid, reason=reason):
                 assert pid in world.alive, "stopping a process that is not our live child"
                 assert reason in ("shutdown", "stop requested") or reason.startswith(
-                    ("deploy ", "restart requested", "not healthy within")), reason
+                    ("deploy ", "restart requested", "not healthy within", "replaced by")), reason
                 planned = reason.startswith(("deploy", "restart requested"))
                 if planned and settings_.drain_condition is not None:
                     assert world.stats_idle or world.drain_expired, \
@@ -113,6 +119,9 @@ def check_and_apply(world: World, before: State, after: State, actions: list, se
             case Note(event="health.failed", facts=facts) if facts.get("rollback_to"):
                 assert settings_.releases and facts["commit"] not in before.good, \
                     "a release that proved healthy was rolled back"
+            case CheckOverlap(pid=pid):
+                assert settings_.overlap and world.alive == {pid}
+                answers.append(OverlapChecked(fits=world.overlap_fits, available=1, needed=1))
             case SetAside(commit=commit):
                 assert settings_.releases and commit != after.head, "set aside the live release"
     assert (after.phase == Phase.STOPPED) == world.exited
@@ -237,14 +246,16 @@ SETTINGS = st.builds(
     has_build=st.booleans(), reset_on_diverge=st.booleans(),
     releases=st.booleans(), health_gate=st.booleans(),
     grace=st.sampled_from([0.0, 5.0]), probe=st.booleans(), health_timeout=st.just(30.0),
-)
+    overlap=st.booleans(),
+).filter(lambda s: s.releases or not s.overlap)  # the config allows overlap only with releases
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(settings_=SETTINGS, data=st.data(), built=st.sampled_from([None, COMMITS[0]]),
        start_fails=st.booleans())
 def test_random_histories_keep_every_promise(settings_, data, built, start_fails):
-    world = World(start_fails=start_fails and data.draw(st.booleans()))
+    world = World(start_fails=start_fails and data.draw(st.booleans()),
+                  overlap_fits=data.draw(st.booleans()))
     live = built if settings_.releases else None
     state = initial_state(settings_, built=built, live=live, good=(live,) if live else ())
     for _ in range(80):
@@ -252,11 +263,9 @@ def test_random_histories_keep_every_promise(settings_, data, built, start_fails
             break
         event = data.draw(next_event(world, state))
         state = deliver(world, state, event, settings_)
-        # The machine's view of its child always matches the world's.
-        assert (state.child is None) == (not world.alive) or state.phase in (
-            Phase.SHUTTING_DOWN, Phase.RESTARTING, Phase.ROLLING_BACK)
-        if state.child is not None:
-            assert world.alive == {state.child}
+        # The machine's view of its children always matches the world's (rule 7).
+        assert len(world.alive) <= (2 if settings_.overlap else 1)
+        assert world.alive == {p for p in (state.child, state.old_child) if p is not None}
 
 
 @settings(max_examples=200, deadline=None)

@@ -9,11 +9,15 @@ from dataclasses import replace
 from supervisor.events import (
     BuildFailed,
     BuildSucceeded,
+    CancelTimer,
+    CheckOverlap,
     ChildExited,
     FetchFailed,
     FetchSucceeded,
     HealthPassed,
     HealthProbeFailed,
+    KillChild,
+    OverlapChecked,
     ProbeHealth,
     RollbackRequested,
     SetAside,
@@ -22,6 +26,8 @@ from supervisor.events import (
     StatsRead,
     StopChild,
     StopProbe,
+    StopRequested,
+    SwitchRelease,
     TreeUpdated,
     UpdateTree,
     WatchStats,
@@ -263,8 +269,91 @@ def test_a_force_pushed_older_commit_is_deployed_in_release_mode():
 def test_a_stop_during_probation_ends_the_probe_and_its_timers():
     harness = live()
     deploy_to_probation(harness, B)
-    from supervisor.events import StopRequested
-
     actions = harness.feed(StopRequested())
     assert StopProbe() in actions
     assert {name for name, _ in harness.state.timers} == {"stop"}
+
+
+# ---------------------------------------------------------------------------------------------
+# restart.style = "overlap": the new generation starts before the old one stops.
+
+OVERLAP = replace(RELEASES, overlap=True)
+
+
+def overlapping(fits: bool = True) -> Harness:
+    """Release A live (pid 101); B built and drained; the overlap check answered `fits`."""
+    harness = live(OVERLAP)
+    harness.feed(upstream(B))
+    harness.feed(TreeUpdated(commit=B))
+    harness.feed(BuildSucceeded(commit=B))
+    actions = harness.feed(IDLE)
+    assert of_type(actions, CheckOverlap) == [CheckOverlap(101)]
+    assert of_type(actions, StopChild) == [], "stopped before asking"
+    harness.feed(OverlapChecked(fits=fits, available=100, needed=50 if fits else 200))
+    return harness
+
+
+def test_an_overlap_starts_the_new_generation_then_stops_the_old_once_healthy():
+    harness = overlapping()
+    assert of_type(harness.actions, StartChild)[-1] == StartChild(B, "deploy (overlap)")
+    assert harness.state.child == 102 and harness.state.old_child == 101
+    assert harness.state.phase == Phase.PROBATION
+    actions = prove(harness)
+    assert of_type(actions, StopChild) == [StopChild(101, f"replaced by {B}")]
+    assert harness.state.good == (A, B) and harness.state.old_child == 101
+    assert harness.feed(ChildExited(pid=101, signal="SIGTERM")) == [CancelTimer("stop_old")]
+    assert harness.state.old_child is None and harness.state.child == 102
+
+
+def test_an_old_generation_that_will_not_stop_is_killed():
+    harness = overlapping()
+    prove(harness)
+    assert harness.fire("stop_old") == [KillChild(101, "did not stop within 5s")]
+
+
+def test_a_failed_overlap_keeps_the_old_generation_serving():
+    harness = overlapping()
+    actions = harness.feed(ChildExited(pid=102, exit_code=3, tail="boom"))
+    assert of_type(actions, StartChild) == [], "the old generation never stopped"
+    assert SwitchRelease(A) in actions and SetAside(B) in actions
+    assert harness.state.child == 101 and harness.state.old_child is None
+    assert harness.state.head == A and harness.state.failed == B
+    assert harness.state.phase == Phase.RUNNING
+
+
+def test_an_overlap_that_misses_its_deadline_stops_only_the_new_generation():
+    harness = overlapping()
+    actions = harness.fire("health")
+    assert [a.pid for a in of_type(actions, StopChild)] == [102]
+    harness.feed(ChildExited(pid=102, signal="SIGTERM"))
+    assert harness.state.child == 101 and harness.state.head == A
+
+
+def test_without_room_for_two_the_restart_falls_back_to_stop_start():
+    harness = overlapping(fits=False)
+    notes = [a for a in harness.actions if kinds([a]) == ["restart.overlap_fallback"]]
+    assert notes and notes[0].facts == {"available": 100, "needed": 200}
+    assert of_type(harness.actions, StopChild)[-1] == StopChild(101, f"deploy {B}")
+    harness.feed(ChildExited(pid=101, signal="SIGTERM"))
+    assert of_type(harness.actions, StartChild)[-1] == StartChild(B, "deploy")
+
+
+def test_a_shutdown_during_an_overlap_stops_both_and_waits_for_both():
+    harness = overlapping()
+    actions = harness.feed(StopRequested())
+    assert sorted(a.pid for a in of_type(actions, StopChild)) == [101, 102]
+    harness.feed(ChildExited(pid=102, signal="SIGTERM"))
+    assert harness.state.phase == Phase.SHUTTING_DOWN
+    actions = harness.feed(ChildExited(pid=101, signal="SIGTERM"))
+    assert harness.state.phase == Phase.STOPPED and "exit" in kinds(actions)
+
+
+def test_a_rollback_by_hand_does_not_free_a_commit_that_failed_on_its_own():
+    harness = live(good=(C, A))
+    deploy_to_probation(harness, B)
+    harness.feed(ChildExited(pid=102, exit_code=3))  # B fails: rolled back to A
+    prove(harness)
+    assert harness.state.failed == B
+    harness.feed(RollbackRequested())  # A is left by hand for C; upstream still names B
+    assert harness.state.failed == A and harness.state.held == (B,)
+    assert kinds(harness.feed(upstream(B))) == ["deploy.skipped"]
