@@ -4,7 +4,8 @@ failed requests by kind and the latency percentiles, for each way of restarting:
 
     no-handoff   the app binds its own port (PORT): the seed's kill-then-start
     stop-start   [[socket]]: the supervisor holds the listening socket across generations
-    overlap      not implemented yet (printed as such)
+    overlap      [[socket]], release mode, restart.style = "overlap": the next generation starts
+                 beside the old one and proves itself with READY=1 before the old one stops
 
 Each way gets its own bare remote, dev clone and supervisor clone, a steady-state run (same load,
 no deploys) and then the deploy run, with the same app, on the same machine, in one run. A deploy
@@ -295,6 +296,8 @@ def toml(value: Any) -> str:
         return "{ " + ", ".join(f"{k} = {toml(v)}" for k, v in value.items()) + " }"
     if isinstance(value, list):
         return "[" + ", ".join(toml(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return json.dumps(str(value))
 
 
@@ -309,8 +312,12 @@ def write_config(tmp: Path, way: str, port: int, start_delay: float) -> Path:
         ("[build]", {"command": "true", "timeout": "20s"}),
         ("[log]", {"format": "json"}),
     ]
-    if way == "stop-start":
+    if way in ("stop-start", "overlap"):
         sections.append(("[[socket]]", {"listen": f"127.0.0.1:{port}", "name": "http"}))
+    if way == "overlap":
+        sections += [("[deploy]", {"mode": "releases", "dir": str(tmp / "deploy")}),
+                     ("[restart]", {"style": "overlap"}),
+                     ("[health]", {"notify": True, "timeout": "20s"})]
     lines = []
     for header, values in sections:
         lines.append(header)
@@ -352,11 +359,12 @@ def deploy(sup: Supervisor, tmp: Path, port: int, version: int, result: Result) 
     mark = len(sup.records)
     signalled = time.monotonic()
     sup.owned.signal(sup.proc.pid, signal.SIGUSR1)
-    sup.wait_for("child.started", 30, mark, lambda r: r.get("commit") == commit)
+    started = sup.wait_for("child.started", 30, mark, lambda r: r.get("commit") == commit)
     answered = wait_answer(port, f"hello from {version}", 30)
-    exited = sup.wait_for("child.exited", 5, mark)
+    exited = sup.wait_for("child.exited", 30, mark, lambda r: r.get("pid") != started["pid"])
     result.deploy_seconds.append(answered - signalled)
-    result.window_seconds.append(answered - exited["_t"])
+    if exited["_t"] <= answered:  # overlap: the old one exits only after the new one serves
+        result.window_seconds.append(answered - exited["_t"])
 
 
 def measure(way: str, args: argparse.Namespace, owned: Owned) -> Result:
@@ -442,9 +450,6 @@ def report(results: list[Result], args: argparse.Namespace, elapsed: float) -> s
         "|---|---:|---:|---|---:|---:|---:|",
     ]
     for result in results:
-        if result.way == "overlap":
-            lines.append("| overlap | not implemented | | | | | |")
-            continue
         load, steady = result.deploys, result.steady
         if load is None:
             lines.append(f"| {result.way} | {result.done} | error | | | | "
@@ -466,15 +471,15 @@ def report(results: list[Result], args: argparse.Namespace, elapsed: float) -> s
         "",
     ]
     for result in results:
-        if result.way == "overlap":
-            continue
         lines.append(f"- **{result.way}**:")
         if result.deploy_seconds:
+            window = (f"old child exited to new one answering median "
+                      f"{ms(statistics.median(result.window_seconds))}, max "
+                      f"{ms(max(result.window_seconds))}" if result.window_seconds
+                      else "the old child exited only after the new one answered, every time")
             lines.append(f"  deploy (USR1 to the new version answering) median "
                          f"{ms(statistics.median(result.deploy_seconds))}, max "
-                         f"{ms(max(result.deploy_seconds))}; old child exited to new one "
-                         f"answering median {ms(statistics.median(result.window_seconds))}, "
-                         f"max {ms(max(result.window_seconds))}.")
+                         f"{ms(max(result.deploy_seconds))}; {window}.")
         if result.steady:
             lines.append(f"  steady: {result.steady.requests} requests in "
                          f"{result.steady.seconds:.1f} s, "
@@ -509,8 +514,8 @@ def main() -> int:
                         help="seconds between one deploy answering and the next push")
     parser.add_argument("--disable-keepalive", action="store_true",
                         help="a new connection per request")
-    parser.add_argument("--ways", default="no-handoff,stop-start",
-                        help="comma-separated, of: no-handoff, stop-start")
+    parser.add_argument("--ways", default="no-handoff,stop-start,overlap",
+                        help="comma-separated, of: no-handoff, stop-start, overlap")
     parser.add_argument("--max-minutes", type=float, default=15.0, help="watchdog")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -535,9 +540,7 @@ def main() -> int:
     results = []
     try:
         for way in WAYS:
-            if way == "overlap":
-                results.append(Result(way))
-            elif way in chosen:
+            if way in chosen:
                 results.append(measure(way, args, owned))
     except KeyboardInterrupt:
         log("interrupted")
