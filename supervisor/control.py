@@ -193,7 +193,13 @@ def describe_status(status: dict[str, Any]) -> str:
                      f"up {span(float(child.get('uptime') or 0))} (since {child.get('since')})")
     else:
         lines.append("app:       not running")
-    lines.append(f"tree:      {_short(status.get('head'))}, built {_short(status.get('built'))}")
+    good = status.get("good")
+    if good is not None:  # release mode: `head` is the release `current` points to
+        lines.append(f"release:   {_short(status.get('head'))} live; good: "
+                     + (", ".join(_short(c) for c in reversed(good)) or "none yet"))
+    else:
+        lines.append(f"tree:      {_short(status.get('head'))}, "
+                     f"built {_short(status.get('built'))}")
     if status.get("target"):
         lines.append(f"deploying: {_short(status.get('target'))}")
     if status.get("waiting"):

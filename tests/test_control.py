@@ -138,3 +138,12 @@ def test_the_status_file_changes_with_facts_not_with_the_clock():
     later = json.loads(json.dumps(status))
     later["child"]["pid"] = 6
     assert facts(status) != facts(later)
+
+
+def test_release_mode_status_names_the_live_and_the_good_releases():
+    status = {"app": "web", "pid": 1, "phase": "running", "child": None, "head": "b" * 40,
+              "good": ["a" * 40, "b" * 40], "failed": "c" * 40}
+    text = control.describe_status(status)
+    assert f"release:   {'b' * 12} live; good: {'b' * 12}, {'a' * 12}" in text
+    assert "tree:" not in text and "held back" in text
+    assert "good: none yet" in control.describe_status(status | {"good": []})
