@@ -139,6 +139,7 @@ class Settings:
     has_build: bool = False
     reset_on_diverge: bool = False
     releases: bool = False  # deploy.mode = "releases"
+    releases_kept: int = 3  # deploy.keep: good releases remembered (and kept on disk)
     health_gate: bool = False  # every start is on probation until healthy
     grace: float = 0.0  # a child on probation must stay up this long
     probe: bool = False  # ... and pass a probe (HealthPassed)
@@ -437,7 +438,8 @@ def _healthy_yet(state: State) -> Decision:
     facts: dict[str, object] = {"pid": state.child, "commit": state.child_commit}
     state, stop_old = _stop_old_child(state, f"replaced by {state.child_commit}")
     if state.settings.releases and state.head is not None and state.head not in state.good:
-        state = replace(state, good=state.good + (state.head,))
+        # Only the newest few stay on disk, so only those can be reused without a build.
+        state = replace(state, good=(state.good + (state.head,))[-state.settings.releases_kept:])
         facts["new_good_release"] = True
     actions.append(Note("health.passed", facts))
     state, more = _deploy_pending(state)

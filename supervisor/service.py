@@ -85,6 +85,7 @@ def settings_from(config: Config) -> Settings:
         has_build=config.build is not None,
         reset_on_diverge=config.git.on_diverge == "reset",
         releases=config.releases,
+        releases_kept=config.deploy.keep,
         health_gate=config.health is not None,
         grace=config.health.grace if config.health else 0.0,
         probe=config.health is not None and config.health.probe is not None,
@@ -393,7 +394,7 @@ class Service:
         if self.releases is None:
             return
         state = self.state
-        keep = {*state.good[-self.config.deploy.keep:], state.head, state.target, state.pending}
+        keep = {*state.good, state.head, state.target, state.pending}
         self.releases.prune(c for c in keep if c is not None)
 
     def _check_overlap(self, pid: int) -> Event:

@@ -357,3 +357,13 @@ def test_a_rollback_by_hand_does_not_free_a_commit_that_failed_on_its_own():
     harness.feed(RollbackRequested())  # A is left by hand for C; upstream still names B
     assert harness.state.failed == A and harness.state.held == (B,)
     assert kinds(harness.feed(upstream(B))) == ["deploy.skipped"]
+
+
+def test_only_the_newest_good_releases_are_remembered():
+    """Older ones are deleted from disk: a force push back to one must build it again."""
+    harness = live(replace(RELEASES, releases_kept=2), good=(C, A))
+    deploy_to_probation(harness, B)
+    prove(harness)
+    assert harness.state.good == (A, B)
+    harness.feed(upstream(C))
+    assert of_type(harness.feed(TreeUpdated(commit=C)), StartBuild) == [StartBuild(C)]
