@@ -245,8 +245,9 @@ def details(results: dict) -> list[str]:
         last = ours["memory_after_deploys"]
         out.append(f"- Ours in the deploy phase (alone, so compare RSS and private, not PSS): "
                    f"RSS {before['rss'] / 1024:.1f} MB before any deploy, "
-                   f"{first['rss'] / 1024:.1f} MB after the first (the file watcher is "
-                   f"loaded for the drain and stays), {last['rss'] / 1024:.1f} MB after all "
+                   f"{first['rss'] / 1024:.1f} MB after the first (its drain is watched "
+                   f"by the kernel's notification: no thread, no library), "
+                   f"{last['rss'] / 1024:.1f} MB after all "
                    f"{len(ours['deploy']) + len(ours['drain']) + len(ours['storm'])}; private "
                    f"{before['private'] / 1024:.1f}, {first['private'] / 1024:.1f}, "
                    f"{last['private'] / 1024:.1f} MB; {last['threads']} thread(s) at the end.")
