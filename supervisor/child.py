@@ -189,33 +189,56 @@ class Child:
         return self.signal(pid, signal.SIGKILL)
 
 
-async def stop_stale_child(record: ChildRecord, stop_signal: int, stop_timeout: float,
-                           report: Callable[[str, dict[str, object]], None],
-                           kind: str = "child") -> None:
-    """Stop a child (or a build: `kind`) a killed supervisor left running, if it is provably
-    that process, with its whole group."""
+def _claim(record: ChildRecord) -> int | None:
+    """A pidfd for the process `record` names, if it provably is that process (same boot, same
+    start time, checked again with the pidfd held: from then on the pid cannot be reused)."""
     if record.boot_id != boot_id() or start_ticks(record.pid) != record.start_ticks:
-        return
+        return None
     try:
         pidfd = os.pidfd_open(record.pid)
     except ProcessLookupError:
-        return
-    try:
-        # Checked again with the pidfd held: from here on the pid cannot be reused under us.
-        if start_ticks(record.pid) != record.start_ticks:
-            return
+        return None
+    if start_ticks(record.pid) != record.start_ticks:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def _signal_group(record: ChildRecord, sig: int) -> None:
+    for member in group_members(record.pid, record.start_ticks) or [record.pid]:
+        _signal_verified(member, record.pid, record.start_ticks, sig)
+
+
+def _report(report: Callable[[str, dict[str, object]], None], kind: str, found: bool,
+            record: ChildRecord) -> None:
+    if found:
         facts = {"pid": record.pid, "commit": record.commit}
         if kind == "build":
             report("build.stale_found", facts)
         else:
             report("child.stale_found", facts)
+    elif kind == "build":
+        report("build.stale_stopped", {"pid": record.pid})
+    else:
+        report("child.stale_stopped", {"pid": record.pid})
+
+
+async def stop_stale_child(record: ChildRecord, stop_signal: int, stop_timeout: float,
+                           report: Callable[[str, dict[str, object]], None],
+                           kind: str = "child") -> None:
+    """Stop a child (or a build: `kind`) a killed supervisor left running, if it is provably
+    that process, with its whole group."""
+    pidfd = _claim(record)
+    if pidfd is None:
+        return
+    try:
+        _report(report, kind, True, record)
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[None] = loop.create_future()
         loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
         try:
             for sig, grace in ((stop_signal, stop_timeout), (signal.SIGKILL, 5.0)):
-                for member in group_members(record.pid, record.start_ticks) or [record.pid]:
-                    _signal_verified(member, record.pid, record.start_ticks, sig)
+                _signal_group(record, sig)
                 done, _ = await asyncio.wait([exited], timeout=grace)
                 if done:
                     break
@@ -223,12 +246,32 @@ async def stop_stale_child(record: ChildRecord, stop_signal: int, stop_timeout: 
             loop.remove_reader(pidfd)
         for member in group_members(record.pid, record.start_ticks):
             _signal_verified(member, record.pid, record.start_ticks, signal.SIGKILL)
-        if kind == "build":
-            report("build.stale_stopped", {"pid": record.pid})
-        else:
-            report("child.stale_stopped", {"pid": record.pid})
+        _report(report, kind, False, record)
     finally:
         os.close(pidfd)
+
+
+def stop_stale_child_now(record: ChildRecord, stop_signal: int, stop_timeout: float,
+                         report: Callable[[str, dict[str, object]], None]) -> bool:
+    """The same, before any event loop exists (the app we left may hold the socket we are
+    about to bind); True if there was one to stop."""
+    import select
+
+    pidfd = _claim(record)
+    if pidfd is None:
+        return False
+    try:
+        _report(report, "child", True, record)
+        for sig, grace in ((stop_signal, stop_timeout), (signal.SIGKILL, 5.0)):
+            _signal_group(record, sig)
+            if select.select([pidfd], [], [], grace)[0]:
+                break
+        for member in group_members(record.pid, record.start_ticks):
+            _signal_verified(member, record.pid, record.start_ticks, signal.SIGKILL)
+        _report(report, "child", False, record)
+    finally:
+        os.close(pidfd)
+    return True
 
 
 def _signal_verified(pid: int, pgid: int, not_before: int, sig: int) -> None:

@@ -163,10 +163,31 @@ def under_journald() -> bool:
     return stream == f"{info.st_dev}:{info.st_ino}"
 
 
+def _stop_children_left_behind(config, notes: list[tuple[str, dict[str, object]]]  # type: ignore[no-untyped-def]
+                               ) -> bool:
+    """Stop the app (both generations, after an overlap) that state.json says a killed
+    supervisor left running, if it provably is that app; True if one was stopped."""
+    from supervisor.child import stop_stale_child_now
+    from supervisor.statefile import StateStore
+
+    store = StateStore(config.app.state_dir)
+    persisted = store.load()
+    stopped = False
+    for record in (persisted.old_child, persisted.child):
+        if record is not None:
+            stopped |= stop_stale_child_now(record, config.app.stop_signal,
+                                            config.app.stop_timeout,
+                                            lambda event, facts: notes.append((event, facts)))
+    if stopped:
+        store.save(child=None, old_child=None)
+    return stopped
+
+
 def _run(config, log_format: str | None) -> int:  # type: ignore[no-untyped-def]
     without_tls()
     forget_startup_modules()
     listeners, inherited = [], False
+    early_notes: list[tuple[str, dict[str, object]]] = []  # logged once the log exists
     if config.sockets:
         # First of all, while fds 3.. are still free: that is where the app will find them.
         from supervisor import control
@@ -179,7 +200,13 @@ def _run(config, log_format: str | None) -> int:  # type: ignore[no-untyped-def]
         try:
             listeners, inherited = open_sockets(config.sockets, os.environ)
         except SocketError as error:
-            return _fail([str(error)])
+            # The app a killed supervisor left behind may hold the socket: stop it, try again.
+            if not _stop_children_left_behind(config, early_notes):
+                return _fail([str(error)])
+            try:
+                listeners, inherited = open_sockets(config.sockets, os.environ)
+            except SocketError as error:
+                return _fail([str(error)])
     import asyncio
 
     from supervisor.eventlog import EventLog
@@ -200,7 +227,7 @@ def _run(config, log_format: str | None) -> int:  # type: ignore[no-untyped-def]
     log.priority_prefix = stream is None and under_journald()
     try:
         service = Service(config, log, log_format_forced=log_format is not None,
-                          listeners=listeners, inherited=inherited)
+                          listeners=listeners, inherited=inherited, early_notes=early_notes)
         return asyncio.run(service.run())
     except StartupError as error:
         return _fail([str(error)])

@@ -69,11 +69,22 @@ class EventLog:
         line = self._json(record) if self.format == "json" else self._text(record)
         if self.priority_prefix:
             line = f"<{priority(event)}>{line}"
+        self._report_dropped()
         try:
             self.stream.write(line + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass  # nowhere left to report it; the supervisor's job goes on
+
+    def _report_dropped(self) -> None:
+        """A log file that could not be written (a full disk) counts the lines it lost; the
+        first line that can be written again is preceded by how many, and why."""
+        if not getattr(self.stream, "dropped", 0):
+            return
+        count, error = self.stream.take_dropped()  # type: ignore[union-attr]
+        self.write("log.lines_dropped", {"count": count, "error": error})
+        if self.stream.dropped:  # type: ignore[union-attr]  # that failed too: keep counting
+            self.stream.dropped += count - 1  # type: ignore[union-attr]  # not the report
 
     def transition(self, event: Event, before: str, after: str, actions: list[Action]) -> None:
         """The step's line: the event's facts, the phase before and after, the actions taken."""

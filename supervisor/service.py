@@ -96,7 +96,10 @@ def settings_from(config: Config) -> Settings:
 
 class Service:
     def __init__(self, config: Config, log: EventLog, log_format_forced: bool = False,
-                 listeners: Sequence[socket.socket] = (), inherited: bool = False) -> None:
+                 listeners: Sequence[socket.socket] = (), inherited: bool = False,
+                 early_notes: Sequence[tuple[str, dict[str, object]]] = ()) -> None:
+        # What happened before the log existed (an app left behind, stopped to free a socket).
+        self.early_notes = list(early_notes)
         self.config, self.log = config, log
         self.listeners, self.listeners_inherited = list(listeners), inherited
         self.log_format_forced = log_format_forced  # --log-format outlives a reload
@@ -105,7 +108,7 @@ class Service:
         for name in SYSTEMD_ONLY:
             os.environ.pop(name, None)
         self.inbox: asyncio.Queue[Event] = asyncio.Queue()
-        self.store = StateStore(config.app.state_dir)
+        self.store = StateStore(config.app.state_dir, report=self.log.write)
         self.repo = GitRepo(config.git, compare=not config.releases)
         self.releases = None
         if config.releases:
@@ -196,6 +199,8 @@ class Service:
             "built": persisted.built, "failed": persisted.failed,
             "config": str(self.config.path),
         } | ({"live": live, "good": list(persisted.good)} if self.releases else {}))
+        for name, what in self.early_notes:
+            self.log.write(name, what)
         for listener, socket_config in zip(self.listeners, self.config.sockets, strict=True):
             self.log.write("socket.listening", {
                 "listen": describe(listener), "name": socket_config.name,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 
@@ -39,12 +40,20 @@ def write_atomically(path: str, data: bytes, durable: bool = True) -> None:
     temporary = os.path.join(directory_name, f".{name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, data)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(28, os.strerror(28))  # a short write: the disk is full
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)  # a half-written file must not take the space left
+        except OSError:
+            pass
+        raise
     if not durable:
         return
     directory = os.open(directory_name or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -66,10 +75,13 @@ def _child_record(data: object) -> ChildRecord | None:
 
 
 class StateStore:
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str],
+                 report: Callable[[str, dict[str, object]], None] | None = None) -> None:
         self.directory = os.fspath(directory)
         self.path = os.path.join(self.directory, "state.json")
         self.current = Persisted()
+        self.report = report  # told when the file cannot be written (a full disk)
+        self.failing: str | None = None
 
     def load(self) -> Persisted:
         """A missing or damaged file means nothing is known, which is always safe."""
@@ -102,11 +114,23 @@ class StateStore:
         between a crash and the restart."""
         durable = bool({"built", "failed", "good", "held"} & set(changes))
         self.current = replace(self.current, **changes)  # type: ignore[arg-type]
-        os.makedirs(self.directory, exist_ok=True)
         payload = {"built": self.current.built, "failed": self.current.failed,
                    "good": list(self.current.good), "held": list(self.current.held),
                    "child": asdict(self.current.child) if self.current.child else None,
                    "build": asdict(self.current.build) if self.current.build else None,
                    "old_child": asdict(self.current.old_child)
                    if self.current.old_child else None}
-        write_atomically(self.path, json.dumps(payload).encode() + b"\n", durable=durable)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            write_atomically(self.path, json.dumps(payload).encode() + b"\n", durable=durable)
+        except OSError as error:
+            # The supervisor's job comes first: it goes on with what it knows in memory, and
+            # the next save writes everything again.
+            reason = error.strerror or str(error)
+            if reason != self.failing and self.report is not None:
+                self.report("state.save_failed", {"path": self.path, "error": reason})
+            self.failing = reason
+            return
+        if self.failing is not None and self.report is not None:
+            self.report("state.saved_again", {"path": self.path})
+        self.failing = None

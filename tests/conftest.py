@@ -743,3 +743,34 @@ def hanging_server() -> Iterator[HangingServer]:
         yield server
     finally:
         server.close()
+
+
+class FullDisk:
+    """A real tmpfs of 64 KiB that a test fills up and frees again: writes there fail with
+    ENOSPC, as on a full SD card."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.filler = directory / "filler"
+
+    def fill(self) -> None:
+        with open(self.filler, "ab", buffering=0) as file, contextlib.suppress(OSError):
+            while True:
+                file.write(b"x" * 4096)
+
+    def free(self) -> None:
+        self.filler.unlink()
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[FullDisk]:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                            capture_output=True)
+    if result.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield FullDisk(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -77,3 +77,24 @@ def test_a_closed_stream_never_raises():
     stream = io.StringIO()
     stream.close()
     EventLog(stream).write("supervisor.stopped", {"pid": 1})
+
+
+def test_lines_a_full_disk_lost_are_counted_in_the_next_line_that_is_written(full_disk):
+    from supervisor.childlog import RotatingFile
+
+    path = full_disk.directory / "events.log"
+    stream = RotatingFile(path, 1 << 20, 1)
+    stream.open()
+    log = EventLog(stream)
+    log.write("one", {})
+    full_disk.fill()
+    log.write("lost", {"text": "x" * 5000})  # more than the page the file has left
+    log.write("lost too", {"text": "x" * 5000})
+    full_disk.free()
+    log.write("two", {})
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    # A short report line may still fit where the long lines did not: count them all.
+    assert events[0]["event"] == "one" and events[-1]["event"] == "two"
+    reports = [e for e in events[1:-1] if e["event"] == "log.lines_dropped"]
+    assert len(reports) == len(events) - 2 and sum(e["count"] for e in reports) == 2
+    assert all(e["error"] == "No space left on device" for e in reports)

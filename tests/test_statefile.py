@@ -39,3 +39,22 @@ def test_saving_replaces_the_file_whole(tmp_path):
     store.save(built="c" * 40)
     assert (tmp_path / "state.json").stat().st_ino != inode  # renamed over, never rewritten
     assert json.loads((tmp_path / "state.json").read_text())["built"] == "c" * 40
+
+
+def test_a_full_disk_is_reported_not_raised_and_the_next_save_catches_up(full_disk):
+    reports = []
+    store = StateStore(full_disk.directory,
+                       report=lambda event, facts: reports.append((event, facts)))
+    store.save(built="a" * 40)
+    full_disk.fill()
+    store.save(failed="b" * 40)
+    store.save(failed="c" * 40)  # the same error again: reported once
+    assert [event for event, _ in reports] == ["state.save_failed"]
+    assert reports[0][1]["error"] == "No space left on device"
+    assert store.current.failed == "c" * 40, "what it knows in memory is kept"
+    assert sorted(p.name for p in full_disk.directory.iterdir()) == ["filler", "state.json"], \
+        "a half-written temporary file was left behind"
+    full_disk.free()
+    store.save(held=("b" * 40,))
+    assert reports[-1][0] == "state.saved_again"
+    assert StateStore(full_disk.directory).load().failed == "c" * 40
