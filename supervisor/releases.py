@@ -121,7 +121,8 @@ class Releases:
         good ones). Runs in the background: a big tree takes a while to delete."""
         keep = set(keep) | {self.live()}
         for name in os.listdir(self.releases):
-            if _COMMIT.match(name) and name not in keep:
+            if _COMMIT.match(name) and name not in keep \
+                    and not os.path.islink(self.path(name)):  # we never make links there
                 self.log("release.removed", {"commit": name})
                 self._later(self._remove(self.path(name)))
 
