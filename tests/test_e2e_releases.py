@@ -240,7 +240,7 @@ def test_a_supervisor_killed_mid_deploy_converges(world, moment):
 
 
 def test_a_supervisor_killed_during_probation_of_a_bad_release_rolls_it_back(world):
-    overrides = releases(world, health={"grace": "2s", "timeout": "3s",
+    overrides = releases(world, health={"grace": "1s", "timeout": "1.5s",
                                         "http": f"http://127.0.0.1:{world.port}/up",
                                         "interval": "100ms"})
     supervisor, _ = world.start_serving(**overrides)
