@@ -33,27 +33,50 @@ class Persisted:
     held: tuple[str, ...] = ()  # earlier failed commits, not tried again either
 
 
+RESERVED = 8192  # bytes each copy of the state file keeps allocated (a few hundred are used)
+
+
+def _write_all_at_start(fd: int, data: bytes) -> None:
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], written)
+
+
 def write_atomically(path: str, data: bytes, durable: bool = True) -> None:
-    """Replace `path` in one rename; `durable` also fsyncs, so the new content survives a
-    power cut (an SD card makes that cost milliseconds: only pay it where it matters)."""
+    """Replace `path` in one rename, so a crash or power cut leaves the old or the new version,
+    never half of one; `durable` also fsyncs (an SD card makes that cost milliseconds: only pay
+    it where it matters).
+
+    The new version is written into a spare file that already holds allocated room, and the old
+    version becomes the next spare (a hard link keeps it through the rename): no step needs a
+    free block, so the state still reaches the disk when the disk is full, and a supervisor
+    killed then can still recognise the app it leaves. Raises OSError."""
     directory_name, name = os.path.split(path)
-    temporary = os.path.join(directory_name, f".{name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    spare = os.path.join(directory_name, f".{name}.spare")
+    old = os.path.join(directory_name, f".{name}.old")
+    fd = os.open(spare, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        try:
-            if os.write(fd, data) != len(data):
-                raise OSError(28, os.strerror(28))  # a short write: the disk is full
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)  # a half-written file must not take the space left
-        except OSError:
-            pass
-        raise
+        padded = data + b" " * (RESERVED - len(data))  # JSON readers skip the blanks
+        _write_all_at_start(fd, padded)
+        if os.fstat(fd).st_size > len(padded):
+            os.ftruncate(fd, len(padded))
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.unlink(old)
+    except FileNotFoundError:
+        pass
+    try:
+        os.link(path, old)
+    except FileNotFoundError:
+        pass  # the first save
+    os.replace(spare, path)
+    try:
+        os.replace(old, spare)
+    except FileNotFoundError:
+        pass
     if not durable:
         return
     directory = os.open(directory_name or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -61,6 +84,20 @@ def write_atomically(path: str, data: bytes, durable: bool = True) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def reserve(path: str) -> None:
+    """Make sure the spare copy exists with its room allocated, while the disk has room: the
+    first save after start-up then needs none either. Raises OSError."""
+    directory_name, name = os.path.split(path)
+    spare = os.path.join(directory_name, f".{name}.spare")
+    if os.path.exists(spare) and os.path.getsize(spare) >= RESERVED:
+        return
+    fd = os.open(spare, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all_at_start(fd, b" " * RESERVED)
+    finally:
+        os.close(fd)
 
 
 def _child_record(data: object) -> ChildRecord | None:
@@ -123,6 +160,7 @@ class StateStore:
         try:
             os.makedirs(self.directory, exist_ok=True)
             write_atomically(self.path, json.dumps(payload).encode() + b"\n", durable=durable)
+            reserve(self.path)  # after the first save there is no old copy to be the spare
         except OSError as error:
             # The supervisor's job comes first: it goes on with what it knows in memory, and
             # the next save writes everything again.

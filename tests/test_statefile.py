@@ -14,7 +14,9 @@ def test_state_round_trips_through_the_file(tmp_path):
     loaded = StateStore(tmp_path / "state").load()
     assert loaded.built == "a" * 40
     assert loaded.child == ChildRecord(123, 456, "boot", "a" * 40)
-    assert [p.name for p in (tmp_path / "state").iterdir()] == ["state.json"]  # no temp left
+    # The state and its spare copy (room for the next save, allocated while there is room).
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [
+        ".state.json.spare", "state.json"]
 
 
 def test_a_damaged_or_foreign_state_file_means_nothing_is_known(tmp_path):
@@ -41,20 +43,37 @@ def test_saving_replaces_the_file_whole(tmp_path):
     assert json.loads((tmp_path / "state.json").read_text())["built"] == "c" * 40
 
 
-def test_a_full_disk_is_reported_not_raised_and_the_next_save_catches_up(full_disk):
+def test_the_state_still_reaches_a_full_disk(full_disk):
+    """The app's identity must be on disk even then: a supervisor killed now must recognise the
+    app it leaves (found by the chaos soak: with [[socket]], the next one could not bind)."""
+    store = StateStore(full_disk.directory, report=lambda event, facts: reports.append(event))
+    reports: list[str] = []
+    store.save(built="a" * 40)
+    full_disk.fill()
+    for pid in range(100, 110):
+        store.save(child=ChildRecord(pid, pid * 10, "boot", "b" * 40), failed="c" * 40)
+    assert reports == []
+    loaded = StateStore(full_disk.directory).load()
+    assert loaded.child == ChildRecord(109, 1090, "boot", "b" * 40)
+    assert loaded.built == "a" * 40 and loaded.failed == "c" * 40
+
+
+def test_a_state_that_does_not_fit_is_reported_not_raised_and_the_next_save_catches_up(
+        full_disk):
     reports = []
     store = StateStore(full_disk.directory,
                        report=lambda event, facts: reports.append((event, facts)))
     store.save(built="a" * 40)
     full_disk.fill()
-    store.save(failed="b" * 40)
-    store.save(failed="c" * 40)  # the same error again: reported once
+    many = tuple(f"{n:040x}" for n in range(300))  # more than the room kept for it
+    store.save(held=many)
+    store.save(held=many, failed="c" * 40)  # the same error again: reported once
     assert [event for event, _ in reports] == ["state.save_failed"]
     assert reports[0][1]["error"] == "No space left on device"
     assert store.current.failed == "c" * 40, "what it knows in memory is kept"
-    assert sorted(p.name for p in full_disk.directory.iterdir()) == ["filler", "state.json"], \
-        "a half-written temporary file was left behind"
+    assert StateStore(full_disk.directory).load().built == "a" * 40, "the old state survives"
     full_disk.free()
-    store.save(held=("b" * 40,))
+    store.save(built="d" * 40)
     assert reports[-1][0] == "state.saved_again"
-    assert StateStore(full_disk.directory).load().failed == "c" * 40
+    loaded = StateStore(full_disk.directory).load()
+    assert loaded.failed == "c" * 40 and loaded.held == many and loaded.built == "d" * 40
