@@ -145,9 +145,11 @@ class Child:
             pipes.close()  # its last lines belong before the child.exited line
         was_oldest = next(iter(self.processes), None) == process.pid
         self.processes.pop(process.pid, None)
-        if self.store.current.child and self.store.current.child.pid == process.pid:
-            self.store.save(child=None)
-        if self.store.current.old_child and self.store.current.old_child.pid == process.pid:
+        records = self.store.current
+        if records.child and records.child.pid == process.pid:
+            # A failed overlap: the older generation, still running, is the one to recognise.
+            self.store.save(child=records.old_child, old_child=None)
+        elif records.old_child and records.old_child.pid == process.pid:
             self.store.save(old_child=None)
         if was_oldest and self.processes and self.stats_file is not None:
             # The previous generation is gone after an overlap: what it wrote last must not

@@ -437,10 +437,13 @@ def _healthy_yet(state: State) -> Decision:
     state = replace(state, phase=Phase.RUNNING, probe_error=None)
     facts: dict[str, object] = {"pid": state.child, "commit": state.child_commit}
     state, stop_old = _stop_old_child(state, f"replaced by {state.child_commit}")
-    if state.settings.releases and state.head is not None and state.head not in state.good:
-        # Only the newest few stay on disk, so only those can be reused without a build.
-        state = replace(state, good=(state.good + (state.head,))[-state.settings.releases_kept:])
-        facts["new_good_release"] = True
+    if state.settings.releases and state.head is not None:
+        # Newest last, so a rollback goes back to the release that served last; only the
+        # newest few stay on disk, so only those can be reused without a build.
+        if state.head not in state.good:
+            facts["new_good_release"] = True
+        good = tuple(c for c in state.good if c != state.head) + (state.head,)
+        state = replace(state, good=good[-state.settings.releases_kept:])
     actions.append(Note("health.passed", facts))
     state, more = _deploy_pending(state)
     return state, actions + stop_old + more
@@ -583,6 +586,15 @@ def _reconcile_releases_at_start(state: State, event: FetchSucceeded | FetchFail
     candidate, notes = None, []
     if isinstance(event, FetchSucceeded):
         candidate, _, notes = _deploy_candidate(state, event)
+    if state.head is not None and _is_held(state, state.head):
+        # Killed while leaving a held release (a rollback, by hand or not, before `current`
+        # moved): finish leaving it for the newest good one.
+        previous = next((c for c in reversed(state.good) if c != state.head), None)
+        if previous is not None:
+            note = Note("release.rollback_resumed", {"from": state.head, "to": previous})
+            state, actions = _start_child(replace(state, pending=candidate), previous,
+                                          "rollback")
+            return state, notes + [note] + actions
     if state.head is not None:
         state, actions = _start_child(replace(state, pending=candidate), state.head, "startup")
         return state, notes + actions
@@ -629,7 +641,10 @@ def _on_fetch(state: State, fetch: FetchSucceeded) -> Decision:
     commit, reset, notes = _deploy_candidate(state, fetch)
     if commit is None:
         at_head = fetch.upstream == state.head if releases else fetch.relation == "same"
-        upstream_went_back = at_head and state.target != fetch.upstream
+        # A held commit that runs is being left on purpose (a rollback by hand): not a reason
+        # to cancel the deploy away from it.
+        upstream_went_back = (at_head and state.target != fetch.upstream
+                              and not _is_held(state, fetch.upstream))
         if upstream_went_back and state.phase == Phase.DRAINING:
             # Upstream went back to what runs: the deploy we were draining for is gone.
             state, actions = _end_drain(replace(state, target=None, phase=Phase.RUNNING))

@@ -367,3 +367,34 @@ def test_only_the_newest_good_releases_are_remembered():
     assert harness.state.good == (A, B)
     harness.feed(upstream(C))
     assert of_type(harness.feed(TreeUpdated(commit=C)), StartBuild) == [StartBuild(C)]
+
+
+def test_a_fetch_does_not_cancel_a_rollback_by_hand_waiting_for_its_drain():
+    """Found by the soak (seed 37): upstream still names the release being left, which looked
+    like "upstream went back to what runs"."""
+    harness = live(good=(A, B), commit=B)
+    harness.feed(RollbackRequested())
+    harness.feed(TreeUpdated(commit=A))
+    harness.feed(BUSY)
+    assert harness.state.phase == Phase.DRAINING
+    assert harness.feed(upstream(B)) == []
+    assert harness.state.phase == Phase.DRAINING and harness.state.target == A
+
+
+def test_a_supervisor_killed_during_a_rollback_by_hand_finishes_it_at_start():
+    """Found by the soak (seed 175): `current` still named the held release."""
+    harness = Harness(initial_state(RELEASES, live=B, good=(A,), failed=B))
+    actions = harness.feed(upstream(B))
+    assert kinds(actions)[0] == "release.rollback_resumed"
+    assert of_type(actions, StartChild) == [StartChild(A, "rollback")]
+
+
+def test_a_release_proven_again_becomes_the_newest_good_one():
+    """A rollback goes back to the release that served last, even one deployed again."""
+    harness = live(good=(C, A), commit=A)
+    deploy_to_probation(harness, C)  # upstream went back to C, proven before
+    prove(harness)
+    assert harness.state.good == (A, C)
+    deploy_to_probation(harness, B)
+    harness.feed(ChildExited(pid=harness.state.child, exit_code=3))
+    assert of_type(harness.actions, StartChild)[-1] == StartChild(C, "rollback")

@@ -2,7 +2,8 @@
 real git and the example app; zero violations expected. The long run, and what each invariant
 means, are in docs/soak.md: `.venv/bin/python -m tests.soak.soak --seed N --minutes M`.
 
-Two bugs the soak found (now fixed) are replayed here with the seeds that found them.
+Two bugs the soak found (now fixed) are replayed here with the seeds that found them; three more,
+in release mode, are replayed as expected failures until they are fixed.
 """
 
 from __future__ import annotations
@@ -59,6 +60,60 @@ def test_a_short_soak_that_kills_the_supervisor_keeps_every_promise(tmp_path: Pa
     assert result["violation_count"] == 0, report
     assert result["faults"].get("kill_supervisor", 0) >= 1, report
     assert result["checks"].get("stale_child_stopped", 0) >= 1, report
+
+
+RELEASE_FAULTS = ("push_good,push_crash_at_start,push_unhealthy,push_build_failure,force_push,"
+                  "kill_supervisor,kill_child,rollback_request")
+
+
+def test_a_short_soak_in_release_mode_keeps_every_promise(tmp_path: Path) -> None:
+    # Release mode with the http probe on /up: seed 7 pushes a build failure, an unhealthy and a
+    # crashing release (both rolled back), kills the supervisor mid-deploy and asks for a
+    # rollback by hand (about 14 s).
+    result, report = soak(tmp_path, "--seed", "7", "--steps", "10", "--mode", "releases",
+                          "--faults", RELEASE_FAULTS, limit=90)
+    assert result["violation_count"] == 0, report
+    assert result["mode"] == "releases" and result["probe"] == "http", report
+    assert result["final_converge"] is not None, report
+    assert result["rollbacks"]["expected"] >= 2, report
+    assert result["rollbacks"]["logged"] >= result["rollbacks"]["expected"], report
+    for fault in ("push_unhealthy", "push_crash_at_start", "rollback_request"):
+        assert result["faults"].get(fault, 0) >= 1, f"{fault} never injected\n{report}"
+    for invariant in ("current_valid", "cwd_is_current", "releases_bounded", "failed_bounded",
+                      "held_not_redeployed", "rollback_reason", "rollback_target",
+                      "converged", "one_child", "no_leftovers", "clean_exit"):
+        assert result["checks"].get(invariant, 0) > 0, f"{invariant} never checked\n{report}"
+
+
+def test_a_rollback_by_hand_survives_the_next_fetch(tmp_path: Path) -> None:
+    """Found by the soak, fixed: `supervisor rollback` with a client held waits in its drain; the
+    next fetch saw upstream at the live release and took it for "upstream went back", so the
+    rollback was cancelled (seed 37, step 2)."""
+    result, report = soak(tmp_path, "--seed", "37", "--steps", "2", "--mode", "releases",
+                          "--faults", "push_good,rollback_request", "--settle-bound", "3",
+                          "--stop-on-violation", limit=90)
+    assert result["violation_count"] == 0, report
+
+
+def test_a_supervisor_killed_during_a_rollback_by_hand_finishes_it(tmp_path: Path) -> None:
+    """Found by the soak, fixed: `supervisor rollback` with a client held (it waits in its
+    drain), kill -9 of the supervisor 0.96 s later; the next one started the release `current`
+    still named, the one rolled back from (seed 175, step 3). Now it finishes the rollback."""
+    result, report = soak(tmp_path, "--seed", "175", "--steps", "3", "--mode", "releases",
+                          "--faults", "push_good,push_build_failure,rollback_request",
+                          "--settle-bound", "3", "--stop-on-violation", limit=90)
+    assert result["violation_count"] == 0, report
+
+
+def test_a_supervisor_killed_after_two_failed_overlaps_can_be_started_again(
+        tmp_path: Path) -> None:
+    """Found by the soak, fixed: two crashing releases in a row, each rolled back to the
+    generation that kept serving, then kill -9 of the supervisor; the next one exited with code
+    2, "Address already in use": the serving generation was recorded nowhere (seed 62)."""
+    result, report = soak(tmp_path, "--seed", "62", "--steps", "5", "--mode", "releases",
+                          "--overlap", "--faults", "kill_supervisor,rollback_request,push_good,"
+                          "push_crash_at_start,kill_child", "--stop-on-violation", limit=90)
+    assert result["violation_count"] == 0, report
 
 
 def test_a_supervisor_killed_with_a_socket_can_be_started_again(tmp_path: Path) -> None:

@@ -3,12 +3,15 @@ from a seeded `random.Random`, and the supervisor's promises checked after every
 
     .venv/bin/python -m tests.soak.soak --seed 1234 --minutes 30     # the long run
     .venv/bin/python -m tests.soak.soak --seed 1234 --steps 40       # replay its first 40 steps
+    .venv/bin/python -m tests.soak.soak --mode releases --overlap    # release mode, overlap
 
 One world per run, in a temporary directory: a bare remote, a developer clone that pushes, the
 clone the supervisor owns, and a small tmpfs holding `app.state_dir` and the event log (so that
 it can be filled). The supervisor runs the example app with a build, a [drain] with a timeout and
-a [[socket]]. Each step injects one fault (FAULTS below; add one with `@fault(...)`), waits until
-the supervisor has converged, and audits what happened. docs/soak.md says what is checked.
+a [[socket]]; with `--mode releases` also [deploy] mode = "releases" and a [health] gate, and with
+`--overlap` restart.style = "overlap". Each step injects one fault (FAULTS below; add one with
+`@fault(...)`), waits until the supervisor has converged, and audits what happened. docs/soak.md
+says what is checked.
 
 Every process started here runs in a session of its own and carries SOAK_TOKEN in its
 environment, so the soak finds what the supervisor started without looking anything up by name,
@@ -39,7 +42,7 @@ import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,9 +60,17 @@ START_DELAY = "0.2"  # the example app waits this long before it serves: a resta
 TMPFS_SIZE = "1m"  # holds app.state_dir and the event log; log.max_bytes * (keep + 1) = 512 KiB
 LOG_MAX_BYTES = "128KiB"
 LOG_KEEP = 3
+# Release mode: deploy.keep, and the [health] gate. A release that exits at start fails its
+# probation at once; one whose /up answers 503 (an UNHEALTHY file) only at HEALTH_TIMEOUT.
+DEPLOY_KEEP = 2
+HEALTH_TIMEOUT = 5.0
+HEALTH_INTERVAL = 0.2
+HELD_KEPT = 11  # failed commits the supervisor remembers: the last one and ten before it
+RELEASE_NAME = re.compile(r"^[0-9a-f]{40}$")
 
 SETTLE_BOUND = 30.0  # seconds a step may take to converge before it counts as a violation
 FINAL_BOUND = 60.0  # the same after the last fault
+FD_WINDOW = 3  # samples at each end of a supervisor's life, for the fd check
 FD_SLACK = 2  # fds a supervisor may hold at its last quiet moment beyond its first
 MEMORY_SLACK_KB = 2048  # PSS growth allowed between a supervisor's first and last quiet moment
 MIN_SAMPLES = 4  # quiet moments a supervisor needs before its fds and memory are judged
@@ -69,7 +80,8 @@ GIVE_UP_AFTER = 3  # steps in a row that do not converge end the run early
 
 START_REASONS = {"startup", "deploy", "crash restart", "restart requested", "start requested",
                  "deploy failed; back on the last good build",
-                 "deploy failed; starting the tree as it is"}
+                 "deploy failed; starting the tree as it is", "rollback", "deploy (overlap)",
+                 "restart requested (overlap)"}
 DRAIN_MARKS = ("deploy.waiting_for_drain", "drain.satisfied", "drain.timed_out",
                "drain.child_exited")
 
@@ -395,15 +407,26 @@ def actions_named(record: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 class Sampler:
     """Scans /proc every SAMPLE_EVERY seconds for the processes of this run: there must never
-    be two app processes at once (invariant `one_child`), whatever is going on. Overlaps seen
-    during a step become one violation at its end (`report`). It also keeps every app process
-    group it saw, for the final check that none outlives the supervisor."""
+    be two app processes at once (invariant `one_child`), whatever is going on; with overlap,
+    never three, and two only in a step that started an overlap. Overlaps seen during a step
+    become one violation at its end (`report`). It also keeps every app process group it saw,
+    for the final check that none outlives the supervisor.
 
-    def __init__(self, marker: bytes, checker: Checker) -> None:
+    In release mode (`deploy_dir`) each scan also looks at the disk: once `current` exists it
+    must always be a link to releases/COMMIT, a directory (`current_valid`); releases/ may
+    hold at most deploy.keep + 2 releases (`releases_bounded`), failed/ at most deploy.keep + 1
+    (one more until the oldest is removed in the background: `failed_bounded`)."""
+
+    def __init__(self, marker: bytes, checker: Checker, deploy_dir: Path | None = None,
+                 keep: int = DEPLOY_KEEP) -> None:
         self.marker, self.checker = marker, checker
+        self.deploy_dir, self.keep = deploy_dir, keep
         self.app_groups: dict[int, int] = {}  # pgid -> its leader's start ticks
         self.scans = 0
         self.overlaps: list[str] = []
+        self.most_apps = 0  # the most app processes seen at once since the last report
+        self.current_seen = False
+        self.disk_problems: dict[str, list[str]] = defaultdict(list)
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
@@ -422,6 +445,7 @@ class Sampler:
     def scan(self) -> list[Proc]:
         processes = token_processes(self.marker)
         apps = [p for p in processes if p.kind == "app"]
+        problems = self.look_at_disk() if self.deploy_dir is not None else {}
         with self.lock:
             for app in apps:
                 if app.pid == app.pgid:
@@ -429,15 +453,66 @@ class Sampler:
             self.scans += 1
             if len(apps) > 1:
                 self.overlaps.append("; ".join(map(str, apps)))
+                self.most_apps = max(self.most_apps, len(apps))
+            for invariant, problem in problems.items():
+                self.disk_problems[invariant].append(problem)
         return processes
 
-    def report(self) -> None:
-        """One `one_child` check per step: were two app processes ever seen at once?"""
+    def look_at_disk(self) -> dict[str, str]:
+        """What is wrong with deploy.dir right now (release mode), by invariant."""
+        assert self.deploy_dir is not None
+        problems: dict[str, str] = {}
+        current = self.deploy_dir / "current"
+        for _ in range(3):  # a switch between reading the link and looking at its target
+            try:
+                target = os.readlink(current)
+            except OSError as error:
+                if self.current_seen:
+                    problems["current_valid"] = f"current: {error.strerror}"
+                break
+            self.current_seen = True
+            name = target.rstrip("/").rpartition("/")[2]
+            if target != f"releases/{name}" or not RELEASE_NAME.match(name):
+                problems["current_valid"] = f"current -> {target!r}: not releases/COMMIT"
+                break
+            if (self.deploy_dir / "releases" / name).is_dir():
+                problems.pop("current_valid", None)
+                break
+            with contextlib.suppress(OSError):
+                if os.readlink(current) != target:
+                    continue
+            problems["current_valid"] = f"current -> {target}, which is not a directory"
+            break
+        for folder, bound, invariant in (("releases", self.keep + 2, "releases_bounded"),
+                                         ("failed", self.keep + 1, "failed_bounded")):
+            with contextlib.suppress(OSError):
+                names = sorted(n for n in os.listdir(self.deploy_dir / folder)
+                               if RELEASE_NAME.match(n))
+                if len(names) > bound:
+                    problems[invariant] = (f"{len(names)} releases in {folder}/ (at most "
+                                           f"{bound}): {[short(n) for n in names]}")
+        return problems
+
+    def report(self, overlap_started: bool = False) -> None:
+        """One `one_child` check per step: were two app processes ever seen at once? With
+        `overlap_started` (the step started a new generation beside the old one) two are
+        allowed, never three. In release mode, one check per step of each disk invariant."""
         with self.lock:
             overlaps, self.overlaps = self.overlaps, []
-        self.checker.check("one_child", not overlaps,
-                           lambda: f"two app processes at once, in {len(overlaps)} scan(s) of "
-                                   f"/proc; first: {overlaps[0]}; last: {overlaps[-1]}")
+            most, self.most_apps = self.most_apps, 0
+            problems, self.disk_problems = self.disk_problems, defaultdict(list)
+        allowed = 2 if overlap_started else 1
+        self.checker.check("one_child", not overlaps or most <= allowed,
+                           lambda: f"{most} app processes at once (at most {allowed}), in "
+                                   f"{len(overlaps)} scan(s) of /proc; first: {overlaps[0]}; "
+                                   f"last: {overlaps[-1]}")
+        if self.deploy_dir is None:
+            return
+        for invariant in ("current_valid", "releases_bounded", "failed_bounded"):
+            seen = problems.get(invariant, [])
+            self.checker.check(invariant, not seen,
+                               lambda seen=seen: f"in {len(seen)} scan(s): first: {seen[0]}; "
+                                                 f"last: {seen[-1]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,7 +522,8 @@ class Sampler:
 @dataclass(frozen=True)
 class Commit:
     sha: str
-    kind: str  # "good", "buildfail" (its build fails) or "crash" (its app exits at start)
+    kind: str  # "good", "buildfail" (its build fails), "crash" (its app exits at start) or
+    # "unhealthy" (it serves, but its /up answers 503: a failed health check in release mode)
     version: str  # what the app answers over HTTP: "hello from VERSION"
 
     def __str__(self) -> str:
@@ -471,8 +547,13 @@ BUILD_FAILS = 'echo "soak: this build fails on purpose" >&2\nexit 1\n'
 
 class World:
     def __init__(self, root: Path, *, tmpfs: bool, socket_handoff: bool,
-                 state_on_tmpfs: bool) -> None:
+                 state_on_tmpfs: bool, releases: bool = False, overlap: bool = False,
+                 probe: str | None = None) -> None:
         self.root = root
+        # Release mode: deploy.dir beside the state directory, on the ordinary disk (a full
+        # tmpfs would fail a checkout, and a failed checkout holds a good commit: rule 4).
+        self.releases, self.overlap, self.probe = releases, overlap, probe
+        self.deploy_dir = root / "deploy" if releases else None
         self.remote = root / "remote.git"
         self.remote_away = root / "remote.git.away"
         self.dev = root / "dev"
@@ -576,6 +657,17 @@ class World:
         ]
         if self.socket_handoff:
             lines += ["[[socket]]", f'listen = "127.0.0.1:{self.port}"', 'name = "web"', ""]
+        if self.releases:
+            lines += ["[deploy]", 'mode = "releases"', f"dir = {q(str(self.deploy_dir))}",
+                      f"keep = {DEPLOY_KEEP}", "",
+                      "[health]", f'timeout = "{HEALTH_TIMEOUT:g}s"',
+                      f'interval = "{HEALTH_INTERVAL * 1000:g}ms"', 'probe_timeout = "1s"']
+            lines += (["notify = true"] if self.probe == "notify"
+                      else [f'http = "http://127.0.0.1:{self.port}/up"'])
+            lines.append("")
+        if self.overlap:
+            lines[lines.index("[restart]") + 1:lines.index("[restart]") + 1] = [
+                'style = "overlap"']
         return "\n".join(lines)
 
     def supervisor_env(self) -> dict[str, str]:
@@ -603,6 +695,12 @@ class World:
                  'echo "built version $(cat VERSION)"\n')
         for name, text in (("server.py", server), ("build.sh", build), ("VERSION", version + "\n")):
             (self.dev / name).write_text(text)
+        unhealthy = self.dev / "UNHEALTHY"  # the example app's /up answers 503 while it exists
+        if kind == "unhealthy":
+            unhealthy.write_text("soak: this release fails its health check\n")
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                unhealthy.unlink()
         self.git(self.dev, "add", "-A")
         self.git(self.dev, "commit", "-q", "--allow-empty", "-m", f"{kind} {version}")
         commit = Commit(self.git(self.dev, "rev-parse", "HEAD"), kind, version)
@@ -631,6 +729,10 @@ class World:
         self.git(self.app, "remote", "set-url", "origin", url or str(self.remote))
 
     # -- the app's side -------------------------------------------------------------------
+
+    def release_path(self, sha: str) -> Path:
+        assert self.deploy_dir is not None
+        return self.deploy_dir / "releases" / sha
 
     def http(self, timeout: float = 1.5) -> str | None:
         try:
@@ -701,21 +803,94 @@ class HangingListener:
 
 @dataclass
 class Model:
-    """The newest pushed commit (`tip`) and what must run once things settle (`running`): a
-    commit that builds runs, even one that crashes (there is no rollback yet: it crash-loops);
-    a commit whose build fails leaves what ran before."""
+    """The newest pushed commit (`tip`) and what must run once things settle (`running`).
+
+    In place: a commit that builds runs, even one that crashes (there is no rollback in place:
+    it crash-loops); a commit whose build fails leaves what ran before.
+
+    In release mode (`releases`) the rules of the README's "Rollback": the commit the live
+    release runs, or one held back, changes nothing; a commit whose build fails is held and
+    leaves what ran before; one that fails its probation (it exits at start, or, with the http
+    probe, its /up answers 503) is held and rolled back to the newest good release (with an
+    overlap: to the generation that kept serving, the live one); any other becomes good and
+    runs. `good` mirrors the supervisor's good releases (oldest first, the newest deploy.keep),
+    `held` its held commits (the last one failed and ten before it); `supervisor rollback`
+    goes back to the newest good release other than the live one, which is held and no longer
+    good."""
 
     tip: Commit
     running: Commit
+    commits: dict[str, Commit] = field(default_factory=dict, repr=False)
+    releases: bool = False
+    overlap: bool = False
+    http_probe: bool = False
+    good: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
+    rollbacks: int = 0  # automatic rollbacks the model expects
+    # Rollbacks to a release other than the one live before the bad deploy (after a force push
+    # back to an older good release, "the newest good release" is not the one that served).
+    elsewhere: list[str] = field(default_factory=list)
+
+    def copy(self) -> Model:
+        return replace(self, good=list(self.good), held=list(self.held),
+                       elsewhere=list(self.elsewhere))
 
     def pushed(self, commit: Commit) -> None:
         self.tip = commit
-        if commit.kind != "buildfail":
+        if not self.releases:
+            if commit.kind != "buildfail":
+                self.running = commit
+            return
+        if commit.sha == self.running.sha or commit.sha in self.held:
+            return  # deploy.skipped, or nothing to do
+        if commit.kind == "buildfail":
+            self.hold(commit.sha)
+        elif commit.kind == "crash" or (commit.kind == "unhealthy" and self.http_probe):
+            self.failed_probation(commit)
+        else:
+            self.became_good(commit)
+
+    def became_good(self, commit: Commit) -> None:
+        self.running = commit
+        if commit.sha not in self.good:
+            self.good = (self.good + [commit.sha])[-DEPLOY_KEEP:]
+
+    def failed_probation(self, commit: Commit) -> None:
+        """`commit`, a release that never proved healthy, failed its probation."""
+        live = self.running
+        target = live.sha if self.overlap else next(
+            (c for c in reversed(self.good) if c != commit.sha), None)
+        if target is None:  # no good release to go back to: the crash rules (never here)
             self.running = commit
+            return
+        self.hold(commit.sha)
+        self.rollbacks += 1
+        if target != live.sha:
+            self.elsewhere.append(f"{commit} rolled back to {self.commits[target]}, not to "
+                                  f"{live}, which served before it")
+        self.running = self.commits[target]
+
+    def previous_good(self) -> str | None:
+        """Where `supervisor rollback` goes: the newest good release other than the live one."""
+        if not self.releases:
+            return None
+        return next((c for c in reversed(self.good) if c != self.running.sha), None)
+
+    def rolled_back_by_hand(self) -> None:
+        previous = self.previous_good()
+        assert previous is not None
+        self.hold(self.running.sha)
+        self.good = [c for c in self.good if c != self.running.sha]
+        self.running = self.commits[previous]
+
+    def hold(self, sha: str) -> None:
+        if self.held and self.held[-1] == sha:
+            return
+        self.held = [c for c in self.held if c != sha][-(HELD_KEPT - 1):] + [sha]
 
     @property
     def serving(self) -> bool:
-        return self.running.kind == "good"
+        return self.running.kind in ("good", "unhealthy")
 
 
 @dataclass
@@ -737,6 +912,8 @@ class Stale:
     ticks: int
     commit_kind: str | None
     handled_by_soak: bool = False
+    stopping: bool = False  # asked to stop before the kill: it may exit by itself
+    next_run: tuple[int, int] = (0, 0)  # the next supervisor: its pid, its supervisor.started
 
 
 # ---------------------------------------------------------------------------------------------
@@ -831,6 +1008,17 @@ def push_crash_at_start(soak: Soak) -> str:
     return f"pushed {soak.push('crash')}"
 
 
+def http_probe(soak: Soak) -> bool:
+    return soak.model.releases and soak.model.http_probe
+
+
+@fault("push_unhealthy", 3, needs=http_probe)
+def push_unhealthy(soak: Soak) -> str:
+    """Release mode with the http probe: a commit whose /up answers 503 (an UNHEALTHY file)
+    serves, but never proves healthy: rolled back at health.timeout."""
+    return f"pushed {soak.push('unhealthy')}"
+
+
 @fault("force_push", 4, needs=lambda soak: len(soak.world.branch) >= 2)
 def force_push(soak: Soak) -> str:
     depth = soak.rng.randint(1, min(3, len(soak.world.branch) - 1))
@@ -887,12 +1075,26 @@ def kill_child(soak: Soak) -> str:
     mode = soak.rng.choice(["once", "twice", "during_deploy"])
     delay = soak.rng.uniform(0, 1.0)
     if mode == "during_deploy":
+        before = soak.model.copy()
         commit = soak.push("good")
         time.sleep(delay)
     app = soak.app_process()
     if app is None:
         return f"{mode}: no app process to kill"
+    mark = soak.log.mark()
     signal_verified(app.pid, app.ticks, signal.SIGKILL)
+    if mode == "during_deploy" and soak.model.releases:
+        # A new release killed on probation never proved healthy: it is rolled back and held,
+        # like one that crashed by itself. Only the log can tell where the kill landed.
+        exited = soak.wait_log(lambda r: r["event"] == "child.exited"
+                               and r.get("pid") == app.pid, mark, 5.0)
+        if (exited is not None and exited.get("before") == "probation"
+                and soak.commit_of_pid(app.pid) == commit.sha):
+            soak.model = before
+            soak.model.tip = commit
+            soak.model.failed_probation(commit)
+            return (f"pushed {commit}, killed {app.pid} {delay:.2f}s later, on probation: "
+                    "rolled back")
     if mode == "twice":
         again = soak.wait_for_app(lambda p: p.pid != app.pid, 5.0)
         if again is not None:
@@ -922,24 +1124,27 @@ def stop_child(soak: Soak) -> str:
 
 @fault("kill_supervisor", 4)
 def kill_supervisor(soak: Soak) -> str:
-    mode = soak.rng.choice(["idle", "during_deploy", "during_deploy", "during_failing_build"])
+    """kill -9 at a random moment: idle, or while a commit deploys. In release mode also while
+    a bad release (one that crashes or, with the http probe, is unhealthy) is deployed, on
+    probation or rolled back; the moment ranges over the probation too."""
+    modes = ["idle", "during_deploy", "during_deploy", "during_failing_build"]
+    if soak.model.releases:
+        modes += ["during_bad_deploy"] * 2
+    mode = soak.rng.choice(modes)
     delay = soak.rng.uniform(0, 1.2)
     down_for = soak.rng.uniform(0, 1.0)
+    bad = "crash"
+    if soak.model.releases:
+        bad = soak.rng.choice(["crash", "unhealthy"] if soak.model.http_probe else ["crash"])
+        slow = mode == "during_bad_deploy" and bad == "unhealthy"  # probation to the end
+        delay = soak.rng.uniform(0, HEALTH_TIMEOUT + 1 if slow else 2.0)
     what = ""
     if mode != "idle":
-        commit = soak.push("good" if mode == "during_deploy" else "buildfail")
+        kind = {"during_deploy": "good", "during_failing_build": "buildfail"}.get(mode, bad)
+        commit = soak.push(kind)
         what = f", {delay:.2f}s after pushing {commit}"
         time.sleep(delay)
-    old = soak.run
-    soak.end_of_life(old)
-    old.kill()
-    stale = []
-    for app in (p for p in soak.sampler.scan() if p.kind == "app"):
-        stale.append(Stale(app.pid, app.ticks, soak.kind_of_pid(app.pid)))
-    time.sleep(down_for)
-    soak.start_supervisor(stale)
-    left = ", ".join(str(s.pid) for s in stale) or "none"
-    return f"killed supervisor {old.pid}{what}; restarted after {down_for:.1f}s (app left: {left})"
+    return soak.kill_and_restart(down_for) + what
 
 
 @fault("hold_clients", 6, needs=serving)
@@ -1104,6 +1309,51 @@ def restart_request(soak: Soak) -> str:
     return "supervisor restart"
 
 
+@fault("rollback_request", 3, needs=lambda soak: soak.model.previous_good() is not None)
+def rollback_request(soak: Soak) -> str:
+    """Release mode: `supervisor rollback`, to the newest good release other than the live one
+    (the live one is held, and no longer good). Maybe with a client held, so that the rollback
+    waits in its drain; maybe with a kill -9 of the supervisor while it goes back (within the
+    drain, when a client is held), and another started."""
+    variant = soak.rng.choice(["plain", "plain", "client", "kill", "client_kill"])
+    kill_after = soak.rng.uniform(0, 1.0)
+    hold_for = soak.rng.uniform(0.3, DRAIN_TIMEOUT + 1.5)
+    down_for = soak.rng.uniform(0, 1.0)
+    live, previous = soak.model.running, soak.model.previous_good()
+    with contextlib.ExitStack() as stack:
+        if variant.startswith("client"):
+            hold = stack.enter_context(soak.clients(1))
+            if hold is None:
+                return f"{variant}: the app never counted the client"
+        mark = soak.log.mark()
+        result = soak.cli("rollback")
+        soak.checker.check("control_request", result.returncode == 0,
+                           lambda: f"supervisor rollback: {result.stdout}{result.stderr}")
+        answer = soak.wait_log(
+            lambda r: r["event"] == "release.rollback_requested"
+            or (r["event"] == "control.ignored" and r.get("request") == "rollback"), mark, 5.0)
+        if answer is None or answer["event"] == "control.ignored":
+            # Busy is an honest answer at a bad moment; "no earlier good release" is not here.
+            soak.checker.check("rollback_target", answer is not None and str(
+                answer.get("reason")).startswith("busy"),
+                lambda: f"supervisor rollback from {live} (to {short(previous)} by the model): "
+                        f"answered {answer}")
+            return f"supervisor rollback: {answer and answer.get('reason')}"
+        soak.checker.check("rollback_target",
+                           answer.get("from") == live.sha and answer.get("to") == previous,
+                           lambda: f"supervisor rollback from {live}: the model expects "
+                                   f"{short(previous)}, the log says {answer}")
+        soak.model.rolled_back_by_hand()
+        what = f"supervisor rollback from {live} to {soak.model.running}"
+        if variant.endswith("kill"):
+            time.sleep(kill_after)
+            what += f"; {kill_after:.2f}s on, " + soak.kill_and_restart(down_for)
+        elif variant == "client":
+            time.sleep(hold_for)
+            what += f"; a client held {hold_for:.1f}s"
+    return what
+
+
 @fault("stop_and_start_child", 2, needs=serving)
 def stop_and_start_child(soak: Soak) -> str:
     pause = soak.rng.uniform(0.3, 1.5)
@@ -1145,6 +1395,13 @@ class Options:
     quiet: bool = False
     settle_bound: float = SETTLE_BOUND
     stop_on_violation: bool = False
+    mode: str = "in-place"  # or "releases"
+    overlap: bool = False  # restart.style = "overlap" (release mode, with the socket)
+    probe: str = "http"  # release mode's [health] probe: "http" (on /up) or "notify"
+
+    @property
+    def releases(self) -> bool:
+        return self.mode == "releases"
 
 
 class Soak:
@@ -1157,17 +1414,22 @@ class Soak:
         self.rng = random.Random(self.chooser.getrandbits(64))
         self.checker = Checker()
         self.world = World(root, tmpfs=options.tmpfs, socket_handoff=options.socket_handoff,
-                           state_on_tmpfs=options.state_on_tmpfs)
+                           state_on_tmpfs=options.state_on_tmpfs, releases=options.releases,
+                           overlap=options.overlap,
+                           probe=options.probe if options.releases else None)
         first = self.world.branch[0]
-        self.model = Model(first, first)
+        self.model = Model(first, first, self.world.commits, releases=options.releases,
+                           overlap=options.overlap, http_probe=options.probe == "http",
+                           good=[first.sha] if options.releases else [])
         self.log = EventLogReader(self.world.log_file, LOG_KEEP, self.checker)
-        self.sampler = Sampler(self.world.marker, self.checker)
+        self.sampler = Sampler(self.world.marker, self.checker, self.world.deploy_dir)
         self.run: SupervisorRun | None = None
         self.runs: list[SupervisorRun] = []
         self.holds: list[Hold] = []
         self.open_clients: list[socket.socket] = []
         self.stale: list[Stale] = []
         self.gaps: list[tuple[float, float]] = []  # (from, to): the log may miss lines then
+        self.step_began = now()
         self.injected: Counter[str] = Counter()
         self.converge_times: list[tuple[float, int, str]] = []
         self.audit = LogAudit(self)
@@ -1259,18 +1521,43 @@ class Soak:
             self._hanging = HangingListener()
         return self._hanging
 
-    def kind_of_pid(self, pid: int) -> str | None:
-        """The kind of commit app process `pid` runs, by the log's child.started line."""
+    def commit_of_pid(self, pid: int) -> str | None:
+        """The commit app process `pid` runs, by the log's child.started line."""
         for record in reversed(self.log.since(0)):
             if record["event"] == "child.started" and record.get("pid") == pid:
-                return self.kind_of_commit(record.get("commit"))
+                return record.get("commit")
         return None
+
+    def kind_of_pid(self, pid: int) -> str | None:
+        return self.kind_of_commit(self.commit_of_pid(pid))
+
+    def describe(self, sha: str | None) -> str:
+        commit = self.world.commits.get(sha or "")
+        return str(commit) if commit else short(sha)
 
     def kind_of_commit(self, sha: str | None) -> str | None:
         commit = self.world.commits.get(sha or "")
         return commit.kind if commit else None
 
     # -- supervisors ------------------------------------------------------------------------
+
+    def kill_and_restart(self, down_for: float) -> str:
+        """kill -9 the supervisor, then start another after `down_for` seconds: it must stop
+        the app the old one left (an app it had already asked to stop may exit by itself)."""
+        old = self.run
+        assert old is not None
+        self.end_of_life(old)
+        old.kill()
+        stops = {action.get("pid") for record in self.log.since(old.first or 0)
+                 for action in actions_named(record, "stop_child")}
+        stale = []
+        for app in (p for p in self.sampler.scan() if p.kind == "app"):
+            stale.append(Stale(app.pid, app.ticks, self.kind_of_pid(app.pid),
+                               stopping=app.pid in stops))
+        time.sleep(down_for)
+        self.start_supervisor(stale)
+        left = ", ".join(str(s.pid) for s in stale) or "none"
+        return f"killed supervisor {old.pid}; restarted after {down_for:.1f}s (app left: {left})"
 
     def start_supervisor(self, stale: list[Stale]) -> None:
         """Start a supervisor and wait for its first line. A refusal to start is a violation;
@@ -1286,6 +1573,8 @@ class Soak:
             if started is not None:
                 self.checker.check("supervisor_starts", True)
                 run.first = started["_i"]
+                for left in stale:
+                    left.next_run = (run.pid, run.first)
                 self.stale += stale
                 return
             if run.running:
@@ -1313,7 +1602,11 @@ class Soak:
             self.checker.skip("fd_flat")
             self.checker.skip("memory_flat")
             return
-        first, last = run.samples[0], run.samples[-1]
+        # A leak stays; a git or build process being spawned at the moment of a sample (a
+        # pipe and /dev/null for an instant) does not: judge the fewest of the first and last
+        # few samples.
+        first = min(run.samples[:FD_WINDOW], key=lambda sample: len(sample["fds"]))
+        last = min(run.samples[-FD_WINDOW:], key=lambda sample: len(sample["fds"]))
         summary["fds"] = (len(first["fds"]), len(last["fds"]))
         grown = Counter(last["fds"]) - Counter(first["fds"])
         self.checker.check("fd_flat", len(last["fds"]) <= len(first["fds"]) + FD_SLACK,
@@ -1362,6 +1655,11 @@ class Soak:
         if phase not in ("running", "backoff"):
             return False, f"phase {phase}"
         started = next((r for r in reversed(generation) if r["event"] == "child.started"), None)
+        kept = next((r for r in reversed(generation)
+                     if r["event"] == "release.rolling_back" and r.get("kept_pid")), None)
+        if started is not None and kept is not None and kept["_i"] > started["_i"]:
+            # A failed overlap: the old generation, which kept serving, is the app again.
+            started = {**kept, "pid": kept["kept_pid"], "commit": kept.get("to")}
         # After a full disk the log may lack the last start: then only reality can tell.
         gap_end = max((end for _, end in self.gaps), default=0.0)
         lost = started is None or parse_ts(started["ts"]) < gap_end
@@ -1432,13 +1730,47 @@ class Soak:
             self.recover(mark, bound)
         run = self.run
         assert run is not None
-        self.sampler.report()
-        self.check_stale(run)
+        self.sampler.report(self.overlap_started(mark))
+        self.check_stale()
         self.check_orphans(run)
+        if converged and self.model.releases:
+            self.check_release()
         if converged and self.model.serving:
             self.sample(run)
         self.audit.run(final=False)
         return converged, elapsed, why
+
+    def overlap_started(self, mark: int) -> bool:
+        """Whether a new generation started beside the old one since index `mark` (or may have:
+        the log lost lines to a full disk during the step)."""
+        if not self.options.overlap:
+            return False
+        if any(end >= self.step_began for _, end in self.gaps):
+            return True
+        return any(str(start.get("reason", "")).endswith("(overlap)")
+                   for record in self.log.since(mark)
+                   for start in actions_named(record, "start_child"))
+
+    def check_release(self) -> None:
+        """Converged in release mode: `current` names the release of the commit that serves,
+        and the app runs from it (its cwd)."""
+        expected = self.model.running
+        release = self.world.release_path(expected.sha)
+        assert self.world.deploy_dir is not None
+        try:
+            link: str | None = os.readlink(self.world.deploy_dir / "current")
+        except OSError:
+            link = None
+        self.checker.check("current_valid", link == f"releases/{expected.sha}",
+                           lambda: f"converged on {expected}, but current -> {link}")
+        apps = self.app_processes()
+        cwd = None
+        with contextlib.suppress(OSError, IndexError):
+            cwd = os.readlink(f"/proc/{apps[0].pid}/cwd")
+        self.checker.check("cwd_is_current",
+                           len(apps) == 1 and cwd == os.path.realpath(release),
+                           lambda: f"converged on {expected}: app processes "
+                                   f"{[str(p) for p in apps]} run in {cwd}, not {release}")
 
     def recover(self, mark: int, bound: float) -> None:
         """A supervisor stuck after a violation would turn every later step into the same
@@ -1455,21 +1787,21 @@ class Soak:
         if not converged:
             self.say(f"  recovery did not converge either: {why}")
 
-    def check_stale(self, run: SupervisorRun) -> None:
+    def check_stale(self) -> None:
         """After a supervisor was killed: the app it left is stopped by the next one, which
         says so in its log (child.stale_found)."""
         for left in self.stale:
             self.checker.check("stale_child_stopped", not alive(left.pid, left.ticks),
                                f"app {left.pid}, left by a killed supervisor, still runs")
-            if left.handled_by_soak or left.commit_kind != "good":
-                continue  # stopped by the soak, or a crashing app that may have died alone
-            generation = self.log.since(run.first or 0)
+            if left.handled_by_soak or left.stopping or left.commit_kind != "good":
+                continue  # stopped by the soak, or an app that may have died alone
+            # The supervisor started next (the soak may have replaced it since, see recover).
             self.checker.check(
                 "stale_child_stopped",
                 any(r["event"] == "child.stale_found" and r.get("pid") == left.pid
-                    for r in generation),
-                f"app {left.pid} outlived a killed supervisor, but supervisor {run.pid} "
-                "never logged child.stale_found for it")
+                    for r in self.log.since(left.next_run[1])),
+                f"app {left.pid} outlived a killed supervisor, but supervisor "
+                f"{left.next_run[0]} never logged child.stale_found for it")
         self.stale = []
 
     def check_orphans(self, run: SupervisorRun) -> None:
@@ -1523,7 +1855,7 @@ class Soak:
                 break
             chosen = self.pick()
             self.checker.step = self.steps_done + 1
-            mark = self.log.mark()
+            mark, self.step_began = self.log.mark(), now()
             what = chosen.inject(self)
             self.injected[chosen.name] += 1
             self.steps_done += 1
@@ -1544,7 +1876,7 @@ class Soak:
         """Faults stop: a last good commit must be serving within FINAL_BOUND; then a stop by
         SIGTERM must leave nothing behind."""
         self.checker.step = self.steps_done + 1
-        mark = self.log.mark()
+        mark, self.step_began = self.log.mark(), now()
         commit = self.push("good")
         bound = max(FINAL_BOUND, self.options.settle_bound)
         ok, elapsed, why = self.after_step("final push", mark, bound)
@@ -1618,8 +1950,9 @@ class Soak:
 
 class LogAudit:
     """Checks over the event log, run after each step on the lines that came since: each start
-    of the app has its reason, each stop for a deploy came after the drain, and no stop came
-    while the soak held a client the stats file counted, unless the drain timed out."""
+    of the app has its reason, each stop for a deploy (and each start of an overlap) came after
+    the drain, no stop came while the soak held a client the stats file counted, unless the
+    drain timed out, a commit held back is not deployed again, and a rollback says why."""
 
     def __init__(self, soak: Soak) -> None:
         self.soak = soak
@@ -1628,6 +1961,8 @@ class LogAudit:
         self.by_deploy: dict[str, list[int]] = defaultdict(list)
         self.generation_start = 0
         self.started: set[int] = set()
+        self.held: list[str] = []  # this supervisor's held commits, by its log, newest last
+        self.rollbacks = 0  # release.rolling_back lines
 
     def in_gap(self, first_ts: str, last_ts: str | None = None) -> bool:
         """Whether the log may have lost lines between these two times (the disk was full)."""
@@ -1642,6 +1977,8 @@ class LogAudit:
             i = record["_i"]
             if record["event"] == "supervisor.started":
                 self.generation_start, self.started = i, set()
+                self.held = [record["failed"]] if record.get("failed") else []
+            self.held_back(record)
             if record.get("deploy"):
                 self.by_deploy[record["deploy"]].append(i)
             if record["event"] == "child.started":
@@ -1660,7 +1997,40 @@ class LogAudit:
                 self.drain_timeout_honest(records, i)
             for stop in actions_named(record, "stop_child"):
                 self.stop_after_drain(records, i, stop)
+            for start in actions_named(record, "start_child"):
+                if str(start.get("reason", "")).endswith("(overlap)"):
+                    self.stop_after_drain(records, i, start)
         self.next = upto
+
+    def held_back(self, record: dict[str, Any]) -> None:
+        """Rule 4: a commit whose deploy failed, that failed its probation or was rolled back
+        by hand is not deployed again by this supervisor (it remembers the last HELD_KEPT);
+        and every rollback has a reason."""
+        event, held = record["event"], None
+        if event == "deploy.failed":
+            held = record.get("commit")
+        elif event == "health.failed":
+            self.checker.check("rollback_reason", bool(record.get("reason")) and isinstance(
+                record.get("reason"), str), lambda: f"health.failed without a reason: {record}")
+            if record.get("rollback_to") and record.get("rollback_to") != record.get("commit"):
+                held = record.get("commit")
+        elif event == "release.rollback_requested":
+            held = record.get("from")
+        elif event == "release.rolling_back":
+            self.rollbacks += 1
+            reason = record.get("reason")
+            self.checker.check(
+                "rollback_reason", isinstance(reason, str) and bool(reason.strip())
+                and all(RELEASE_NAME.match(str(record.get(k))) for k in ("from", "to")),
+                lambda: f"release.rolling_back without a reason, or from or to: {record}")
+        elif event == "deploy.started":
+            commit = record.get("commit")
+            self.checker.check("held_not_redeployed", commit not in self.held,
+                               lambda: f"deploy.started of {self.soak.describe(commit)} at "
+                                       f"{record['ts']}, held back by this supervisor since "
+                                       "its deploy failed")
+        if held and (not self.held or self.held[-1] != held):
+            self.held = [c for c in self.held if c != held][-(HELD_KEPT - 1):] + [held]
 
     def start_reason(self, records: list[dict[str, Any]], i: int) -> None:
         started = records[i]
@@ -1693,11 +2063,15 @@ class LogAudit:
 
     def stop_after_drain(self, records: list[dict[str, Any]], i: int,
                          stop: dict[str, Any]) -> None:
+        """`stop` is a stop_child action, or the start_child of an overlap (the old generation
+        keeps serving, but the drain still comes first)."""
         record, reason = records[i], str(stop.get("reason"))
         if not (reason.startswith("deploy") or reason.startswith("restart requested")):
             return  # a shutdown, stop-child or kill: no drain is promised
+        overlap = stop.get("action") == "start_child"
         timed = reason.endswith("(drain timed out)")
-        self.client_held(record, stop, timed)
+        if not overlap:
+            self.client_held(record, stop, timed)
         deploy = record.get("deploy")
         if not deploy:
             self.checker.check("drain_before_stop", False,
@@ -1716,6 +2090,10 @@ class LogAudit:
         last_mark = marks[-1]["event"] if marks else None
         if timed:
             ok = any(r["event"] == "drain.timed_out" for r in marks)
+        elif overlap:
+            values = stats[-1].get("values") if stats else None
+            ok = any(r["event"] == "drain.timed_out" for r in marks) or (
+                last_mark == "drain.satisfied" and drained(values))
         else:
             values = stats[-1].get("values") if stats else None
             ok = last_mark == "drain.satisfied" and drained(values)
@@ -1770,6 +2148,11 @@ def summarize(soak: Soak, seed: int, seconds: float) -> dict[str, Any]:
         "unknown_start_reasons": dict(soak.unknown_reasons),
         "tmpfs": soak.world.had_tmpfs,
         "socket": soak.world.socket_handoff,
+        "mode": soak.options.mode,
+        "overlap": soak.options.overlap,
+        "probe": soak.options.probe if soak.options.releases else None,
+        "rollbacks": {"expected": soak.model.rollbacks, "logged": soak.audit.rollbacks},
+        "rolled_back_elsewhere": soak.model.elsewhere,
         "aborted": soak.aborted,
         "recoveries": soak.recoveries,
         "supervisor_processes": len(soak.runs),
@@ -1783,6 +2166,11 @@ def print_report(soak: Soak, summary: dict[str, Any]) -> None:
     print(f"\nsoak: seed {seed}, {soak.steps_done} steps in {seconds:.1f}s, "
           f"{len(soak.runs)} supervisor process(es), {soak.log.lines} log lines, "
           f"{soak.sampler.scans} scans of /proc")
+    if soak.options.releases:
+        print(f"release mode: {soak.options.probe} probe, "
+              f"{'overlap' if soak.options.overlap else 'stop-start'}; automatic rollbacks: "
+              f"{soak.model.rollbacks} expected by the model, {soak.audit.rollbacks} "
+              "release.rolling_back lines")
     print("faults injected:")
     for name, count in sorted(soak.injected.items(), key=lambda kv: -kv[1]):
         print(f"  {name:24} {count}")
@@ -1808,6 +2196,8 @@ def print_report(soak: Soak, summary: dict[str, Any]) -> None:
                   f"fds {f0} -> {f1}")
     if soak.unknown_reasons:
         print(f"start reasons not in docs/events.md: {dict(soak.unknown_reasons)}")
+    for line in soak.model.elsewhere:
+        print(f"rolled back to the newest good release, not to the one that served: {line}")
     if soak.recoveries:
         print(f"supervisors restarted by the soak after a step did not converge: "
               f"{soak.recoveries}")
@@ -1846,8 +2236,24 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--stop-on-violation", action="store_true",
                         help="end the run after the first step with a violation (no final "
                              "phase): the quickest way to replay a failure")
+    parser.add_argument("--mode", choices=("in-place", "releases"), default="in-place",
+                        help='deploy.mode: "releases" adds [deploy] and a [health] gate, '
+                             "rollbacks, and the faults push_unhealthy and rollback_request")
+    parser.add_argument("--overlap", action="store_true",
+                        help='restart.style = "overlap" (needs --mode releases and the socket)')
+    parser.add_argument("--probe", choices=("http", "notify"), default=None,
+                        help="release mode's health probe: http on /up (default), or notify "
+                             "(READY=1; the default, and the only choice, with --overlap)")
     parser.add_argument("--quiet", action="store_true", help="no line per step")
     args = parser.parse_args(argv)
+    if args.overlap and (args.mode != "releases" or args.no_socket):
+        parser.error("--overlap needs --mode releases and the socket (no --no-socket)")
+    if args.overlap and args.probe == "http":
+        parser.error("--overlap needs --probe notify: an http probe of the shared socket would "
+                     "be answered by the old generation")
+    if args.probe is not None and args.mode != "releases":
+        parser.error("--probe needs --mode releases")
+    probe = args.probe or ("notify" if args.overlap else "http")
     chosen = tuple(n for n in args.faults.split(",") if n)
     skipped = tuple(n for n in args.skip.split(",") if n)
     unknown = [n for n in chosen + skipped if n not in names]
@@ -1861,7 +2267,8 @@ def parse_args(argv: list[str] | None) -> Options:
                    directory=args.dir, keep=args.keep, json_path=args.json,
                    tmpfs=not args.no_tmpfs, socket_handoff=not args.no_socket,
                    state_on_tmpfs=not args.log_only_on_tmpfs, quiet=args.quiet,
-                   settle_bound=args.settle_bound, stop_on_violation=args.stop_on_violation)
+                   settle_bound=args.settle_bound, stop_on_violation=args.stop_on_violation,
+                   mode=args.mode, overlap=args.overlap, probe=probe)
 
 
 def replay_command(options: Options, steps: int) -> str:
@@ -1870,6 +2277,10 @@ def replay_command(options: Options, steps: int) -> str:
         words += ["--faults", ",".join(options.faults)]
     if options.skip:
         words += ["--skip", ",".join(options.skip)]
+    if options.releases:
+        words += ["--mode", "releases"] + (["--overlap"] if options.overlap else [])
+        if options.probe != ("notify" if options.overlap else "http"):
+            words += ["--probe", options.probe]
     for flag, on in (("--no-tmpfs", not options.tmpfs), ("--no-socket", not options.socket_handoff),
                      ("--log-only-on-tmpfs", not options.state_on_tmpfs)):
         if on:
@@ -1911,6 +2322,10 @@ def main(argv: list[str] | None = None) -> int:
         soak.say(f"soak: tmpfs {'yes' if soak.world.tmpfs else 'no'}, socket "
                  f"{'yes' if soak.world.socket_handoff else 'no'}, state dir "
                  f"{soak.world.state_dir}, log {soak.world.log_file}")
+        if options.releases:
+            soak.say(f"soak: release mode, deploy.dir {soak.world.deploy_dir}, "
+                     f"{options.probe} probe, "
+                     f"{'overlap' if options.overlap else 'stop-start'}")
         soak.go()
     except KeyboardInterrupt:
         code = 130
