@@ -851,9 +851,9 @@ class Model:
             self.became_good(commit)
 
     def became_good(self, commit: Commit) -> None:
+        """Proven healthy (again): it is the newest good release, the one a rollback goes to."""
         self.running = commit
-        if commit.sha not in self.good:
-            self.good = (self.good + [commit.sha])[-DEPLOY_KEEP:]
+        self.good = ([c for c in self.good if c != commit.sha] + [commit.sha])[-DEPLOY_KEEP:]
 
     def failed_probation(self, commit: Commit) -> None:
         """`commit`, a release that never proved healthy, failed its probation."""
