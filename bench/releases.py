@@ -59,9 +59,10 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from harness import BenchError, free_port, parse_ts
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -77,10 +78,6 @@ KINDS = ("refused", "reset", "timeout", "EOF", "http", "other")
 MODES = ("in-place", "releases")
 BAD_KINDS = ("crash", "unhealthy")
 WAIT = 40.0  # the bound on any one step of a deploy; a passing run never comes near it
-
-
-class BenchError(Exception):
-    """A step did not happen within its bound."""
 
 
 # --- the load client (runs in its own process: --client) -----------------------------------------
@@ -273,22 +270,12 @@ def run(argv: list[str], cwd: Path, timeout: float = 60) -> str:
     return result.stdout.strip()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def http_get(port: int, timeout: float = 1.0) -> str | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=timeout) as response:
             return response.read().decode().strip()
     except (urllib.error.URLError, OSError):
         return None
-
-
-def parse_ts(ts: str) -> float:
-    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
 def supervisor_python() -> str:

@@ -449,11 +449,16 @@ def _healthy_yet(state: State) -> Decision:
     return state, actions + stop_old + more
 
 
+def _newest_good(state: State, other_than: str | None) -> str | None:
+    """The release that proved healthy last, besides `other_than`: where a rollback goes."""
+    return next((commit for commit in reversed(state.good) if commit != other_than), None)
+
+
 def _rollback_target(state: State, bad: str | None) -> str | None:
     """Rule 6: the newest good release, if `bad` is a release that never proved healthy."""
     if not state.settings.releases or bad is None or bad in state.good:
         return None
-    return next((commit for commit in reversed(state.good) if commit != bad), None)
+    return _newest_good(state, other_than=bad)
 
 
 def _on_probation_failed(state: State, reason: str, tail: str = "") -> Decision:
@@ -589,7 +594,7 @@ def _reconcile_releases_at_start(state: State, event: FetchSucceeded | FetchFail
     if state.head is not None and _is_held(state, state.head):
         # Killed while leaving a held release (a rollback, by hand or not, before `current`
         # moved): finish leaving it for the newest good one.
-        previous = next((c for c in reversed(state.good) if c != state.head), None)
+        previous = _newest_good(state, other_than=state.head)
         if previous is not None:
             note = Note("release.rollback_resumed", {"from": state.head, "to": previous})
             state, actions = _start_child(replace(state, pending=candidate), previous,
@@ -865,9 +870,10 @@ def _carry_on_after_failure(state: State, actions: list[Action], reason: str) ->
 def _kill_after_stop_timeout(state: State) -> Decision:
     state, _ = _disarm(state, STOP_TIMER, cancel=False)
     reason = f"did not stop within {state.settings.stop_timeout:g}s"
-    return state, [KillChild(pid, reason) for pid in (state.child, state.old_child)
-                   if pid is not None and (pid == state.child or
-                                           state.phase == Phase.SHUTTING_DOWN)]
+    # A shutdown stops both generations of an overlap; the old one otherwise has its own timer.
+    stopping = (state.child, state.old_child) if state.phase == Phase.SHUTTING_DOWN \
+        else (state.child,)
+    return state, [KillChild(pid, reason) for pid in stopping if pid is not None]
 
 
 def _on_stop_requested(state: State) -> Decision:
@@ -950,7 +956,7 @@ def _on_rollback_requested(state: State) -> Decision:
                                                 "reason": 'needs deploy.mode = "releases"'})]
     if state.phase != Phase.RUNNING or state.child is None:
         return _busy(state, "rollback")
-    previous = next((c for c in reversed(state.good) if c != state.head), None)
+    previous = _newest_good(state, other_than=state.head)
     if previous is None:
         return state, [Note("control.ignored", {"request": "rollback",
                                                 "reason": "no earlier good release"})]

@@ -134,7 +134,6 @@ class Service:
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.tree_update: asyncio.Task[None] | None = None
         self.state: State = initial_state(settings_from(config))
-        self._last_stats: Stats | None = None
         self.status = StatusBoard(config.app.name, config.git.poll_interval,
                                   tuple(c.key for c in config.drain.until.comparisons)
                                   if config.drain else (),
@@ -466,7 +465,6 @@ class Service:
             case StartBuild(commit=commit) if self.builder is not None:
                 self.builder.start(commit)
             case WatchStats() if self.watcher is not None:
-                self._last_stats = None
                 self.watcher.start()
             case UnwatchStats() if self.watcher is not None:
                 self.watcher.stop()
@@ -495,11 +493,8 @@ class Service:
             handle.cancel()
 
     def _on_stats(self, stats: Stats) -> None:
-        """A read identical to the previous one is dropped: it can change no decision, and a
-        child that rewrites its stats file all day must not fill the log."""
-        if stats == self._last_stats:
-            return
-        self._last_stats = stats
+        """The watcher passes on only a read that differs from the previous one: a child that
+        rewrites its stats file all day must not fill the log."""
         if stats.ignored_lines:
             self.log.write("stats.lines_ignored", {"count": stats.ignored_lines,
                                                    "first": stats.first_ignored})
