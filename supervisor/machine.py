@@ -465,8 +465,8 @@ def _on_probation_failed(state: State, reason: str, tail: str = "") -> Decision:
     state, actions = _end_probation(state)
     bad = state.head if state.settings.releases else state.child_commit
     target = _rollback_target(state, bad)
-    if state.old_child is not None:
-        target = state.old_commit  # the old generation still serves: back to it
+    if state.old_child is not None and bad not in state.good:
+        target = state.old_commit  # the old generation still serves: back to it (rule 6)
     facts: dict[str, object] = {"commit": bad, "reason": reason,
                                 "rollback_to": target}
     if tail:
@@ -512,7 +512,7 @@ def _back_to_old_child(state: State, reason: str, tail: str,
                                 "kept_pid": state.old_child}
     if tail:
         facts["tail"] = tail
-    if bad != old:  # a restart of the same release that failed holds nothing back
+    if bad != old and bad not in state.good:  # rule 6: a proven release is not held back
         state = _hold(state, bad)
     state = replace(state, child=state.old_child, child_commit=old, old_child=None,
                     old_commit=None, phase=Phase.RUNNING)
