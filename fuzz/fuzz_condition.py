@@ -12,8 +12,8 @@ import harness
 from harness import expect
 
 with harness.instrumented():
-    from supervisor.condition import MAX_LENGTH, Condition, ConditionError, parse_condition
-    from supervisor.statsfile import parse_stats
+    from supervisor.core.condition import MAX_LENGTH, Condition, ConditionError, parse_condition
+    from supervisor.drivers.statsfile import parse_stats
 
 
 def check(data: bytes) -> None:

@@ -18,8 +18,8 @@ from harness import expect
 with harness.instrumented():
     import tomllib
 
-    from supervisor.config import Config, ConfigError, format_config, load_config, parse_config
-    from supervisor.trigger import parse_listen
+    from supervisor.core.config import Config, ConfigError, format_config, load_config, parse_config
+    from supervisor.drivers.trigger import parse_listen
 
 PATH = "supervisor.toml"  # relative to the sandbox, the working directory while fuzzing
 

@@ -14,8 +14,8 @@ import harness
 from harness import expect
 
 with harness.instrumented():
-    from supervisor.condition import parse_condition
-    from supervisor.statsfile import Stats, parse_stats, read_stats
+    from supervisor.core.condition import parse_condition
+    from supervisor.drivers.statsfile import Stats, parse_stats, read_stats
 
 KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CONDITIONS = [parse_condition(text) for text in (

@@ -20,7 +20,7 @@ import harness
 from harness import expect
 
 with harness.instrumented():
-    from supervisor.trigger import Trigger
+    from supervisor.drivers.trigger import Trigger
 
 SECRET = "fuzzing-secret-0123456789abcdef"  # the seeds in corpus/trigger are signed with it
 BOUND = 3.0  # seconds for one exchange; a half-closed request needs no timeout to end

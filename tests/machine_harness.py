@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from supervisor.condition import parse_condition
-from supervisor.events import (
+from supervisor.core.condition import parse_condition
+from supervisor.core.events import (
     Action,
     ChildStarted,
     ChildStartFailed,
@@ -19,7 +19,7 @@ from supervisor.events import (
     StartTimer,
     TimerFired,
 )
-from supervisor.machine import Settings, State, decide, initial_state
+from supervisor.core.machine import Settings, State, decide, initial_state
 
 A, B, C, D = "a" * 40, "b" * 40, "c" * 40, "d" * 40
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import proc
-from supervisor.childlog import (
+from supervisor.drivers import proc
+from supervisor.drivers.childlog import (
     DRAIN_LIMIT,
     LINE_LIMIT,
     ChildPipes,
@@ -29,7 +29,7 @@ from supervisor.childlog import (
     RotatingFile,
     open_sink,
 )
-from supervisor.eventlog import EventLog
+from supervisor.drivers.eventlog import EventLog
 from tests.processes import kill_if_ours, run
 
 SH = "/bin/sh"

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from supervisor.condition import (
+from supervisor.core.condition import (
     MAX_LENGTH,
     Comparison,
     Condition,

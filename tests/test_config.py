@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from supervisor.condition import parse_condition
-from supervisor.config import (
+from supervisor.core.condition import parse_condition
+from supervisor.core.config import (
     AppConfig,
     BuildConfig,
     Config,

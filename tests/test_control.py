@@ -12,12 +12,12 @@ import time
 
 import pytest
 
-from supervisor import control
-from supervisor.eventlog import EventLog, priority, timestamp
+from supervisor.drivers.eventlog import EventLog, priority, timestamp
+from supervisor.loop import control
 
 HOLD_LOCK = """
 import sys, time
-from supervisor import control
+from supervisor.loop import control
 control.acquire_lock(sys.argv[1])
 print("locked", flush=True)
 time.sleep(60)
@@ -125,7 +125,7 @@ def test_under_journald_each_line_carries_its_syslog_priority():
 
 
 def test_the_status_file_changes_with_facts_not_with_the_clock():
-    from supervisor.status import facts
+    from supervisor.loop.status import facts
 
     status = {"updated": "t1", "phase": "draining",
               "child": {"pid": 5, "commit": "a", "since": "s", "uptime": 10.0},

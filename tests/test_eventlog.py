@@ -9,8 +9,8 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.eventlog import MAX_ITEMS, MAX_TEXT, EventLog, timestamp
-from supervisor.events import BuildFailed, ChildExited, Note, StartChild, StartTimer, StatsRead
+from supervisor.core.events import BuildFailed, ChildExited, Note, StartChild, StartTimer, StatsRead
+from supervisor.drivers.eventlog import MAX_ITEMS, MAX_TEXT, EventLog, timestamp
 
 
 def lines(stream: io.StringIO) -> list[str]:
@@ -80,7 +80,7 @@ def test_a_closed_stream_never_raises():
 
 
 def test_lines_a_full_disk_lost_are_counted_in_the_next_line_that_is_written(full_disk):
-    from supervisor.childlog import RotatingFile
+    from supervisor.drivers.childlog import RotatingFile
 
     path = full_disk.directory / "events.log"
     stream = RotatingFile(path, 1 << 20, 1)

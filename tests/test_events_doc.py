@@ -8,7 +8,7 @@ import ast
 import re
 from pathlib import Path
 
-from supervisor import events
+from supervisor.core import events
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "events.md"
@@ -77,7 +77,7 @@ def writes_in(module: str, source: str) -> tuple[set[str], set[tuple[str, str]]]
 def writes() -> tuple[set[str], set[tuple[str, str]]]:
     names: set[str] = set()
     computed: set[tuple[str, str]] = set()
-    for path in sorted((ROOT / "supervisor").glob("*.py")):
+    for path in sorted((ROOT / "supervisor").rglob("*.py")):
         found, passed_on = writes_in(path.name, path.read_text())
         names |= found
         computed |= passed_on
@@ -125,7 +125,7 @@ def test_every_writer_handed_to_a_driver_has_a_name_the_collector_knows() -> Non
     """A driver gets the log's writer as a parameter (`log`, `report`); one named otherwise
     (`emit("x.y", ...)`) would write lines the collector never sees."""
     names = []
-    for path in sorted((ROOT / "supervisor").glob("*.py")):
+    for path in sorted((ROOT / "supervisor").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.arg) and node.annotation is not None and \
                     WRITER_TYPE.fullmatch(ast.unparse(node.annotation)):
@@ -174,7 +174,7 @@ def test_every_action_is_documented() -> None:
 
 
 def test_every_phase_is_documented() -> None:
-    from supervisor.machine import Phase
+    from supervisor.core.machine import Phase
 
     text = DOC.read_text()
     assert [p.value for p in Phase if f"| `{p.value}` |" not in text] == []

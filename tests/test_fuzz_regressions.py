@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.condition import MAX_LENGTH, ConditionError, parse_condition
-from supervisor.config import ConfigError, format_config, load_config, parse_config
-from supervisor.trigger import parse_listen
+from supervisor.core.condition import MAX_LENGTH, ConditionError, parse_condition
+from supervisor.core.config import ConfigError, format_config, load_config, parse_config
+from supervisor.drivers.trigger import parse_listen
 
 ENVIRON = {"HOME": "/home/fuzz"}
 APP = {"command": "make run"}
@@ -105,7 +105,7 @@ def test_a_secret_file_that_is_a_fifo_does_not_block(tmp_path: Path) -> None:
 
 def test_a_config_file_larger_than_the_cap_is_refused_before_parsing(tmp_path: Path) -> None:
     # tomllib takes minutes on some huge inputs (long dotted keys): no config needs 256 KiB.
-    from supervisor.config import MAX_CONFIG_BYTES
+    from supervisor.core.config import MAX_CONFIG_BYTES
 
     path = tmp_path / "supervisor.toml"
     path.write_text('[app]\ncommand = "x"\n' + "#" * MAX_CONFIG_BYTES + "\n")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import GitConfig
-from supervisor.events import FetchFailed, FetchSucceeded, TreeUpdated, TreeUpdateFailed
-from supervisor.gitrepo import GitError, GitRepo, git_environment
+from supervisor.core.config import GitConfig
+from supervisor.core.events import FetchFailed, FetchSucceeded, TreeUpdated, TreeUpdateFailed
+from supervisor.drivers.gitrepo import GitError, GitRepo, git_environment
 from tests.helpers_git import Repos, commit, git, git_env, head, make_repos
 from tests.processes import run
 

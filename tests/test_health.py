@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import HealthConfig
-from supervisor.events import HealthPassed, HealthProbeFailed
-from supervisor.health import NotifyListener, ProbeFailed, Prober, probe_http, probe_tcp
+from supervisor.core.config import HealthConfig
+from supervisor.core.events import HealthPassed, HealthProbeFailed
+from supervisor.drivers.health import NotifyListener, ProbeFailed, Prober, probe_http, probe_tcp
 from tests.processes import run
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.events import (
+from supervisor.core.events import (
     BuildFailed,
     BuildSucceeded,
     CancelTimer,
@@ -35,7 +35,7 @@ from supervisor.events import (
     UpdateTree,
     WatchStats,
 )
-from supervisor.machine import Phase, Settings, backoff_delay, decide, initial_state
+from supervisor.core.machine import Phase, Settings, backoff_delay, decide, initial_state
 from tests.machine_harness import DRAIN, NO_DRAIN, A, B, C, Harness, kinds, of_type
 
 BACK_ON_GOOD = "deploy failed; back on the last good build"

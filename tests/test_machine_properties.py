@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.condition import parse_condition
-from supervisor.events import (
+from supervisor.core.condition import parse_condition
+from supervisor.core.events import (
     BuildFailed,
     BuildSucceeded,
     CheckOverlap,
@@ -45,7 +45,7 @@ from supervisor.events import (
     UpdateTree,
     WatchStats,
 )
-from supervisor.machine import Phase, Settings, State, decide, initial_state
+from supervisor.core.machine import Phase, Settings, State, decide, initial_state
 
 COMMITS = ["a" * 40, "b" * 40, "c" * 40, "d" * 40]
 CONDITION = parse_condition("n_clients == 0")

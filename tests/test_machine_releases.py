@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from supervisor.events import (
+from supervisor.core.events import (
     BuildFailed,
     BuildSucceeded,
     CancelTimer,
@@ -32,7 +32,7 @@ from supervisor.events import (
     UpdateTree,
     WatchStats,
 )
-from supervisor.machine import Phase, Settings, initial_state
+from supervisor.core.machine import Phase, Settings, initial_state
 from tests.machine_harness import DRAIN, A, B, C, Harness, kinds, of_type
 
 RELEASES = replace(DRAIN, releases=True, health_gate=True, grace=2.0, probe=True,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import proc
-from supervisor.proc import describe_returncode
+from supervisor.drivers import proc
+from supervisor.drivers.proc import describe_returncode
 from tests.processes import kill_if_ours, run
 
 SH = "/bin/sh"

@@ -7,10 +7,10 @@ import asyncio
 import os
 from pathlib import Path
 
-from supervisor.config import GitConfig
-from supervisor.events import TreeUpdated, TreeUpdateFailed
-from supervisor.gitrepo import GitRepo
-from supervisor.releases import Releases
+from supervisor.core.config import GitConfig
+from supervisor.core.events import TreeUpdated, TreeUpdateFailed
+from supervisor.drivers.gitrepo import GitRepo
+from supervisor.drivers.releases import Releases
 from tests.helpers_git import commit, git, git_env, make_repos
 from tests.processes import run
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import signal
 
-from supervisor.config import load_config
-from supervisor.events import BuildFailed, ChildExited, event_from_record
-from supervisor.replay import replay
-from supervisor.service import settings_from
+from supervisor.cli.replay import replay
+from supervisor.core.config import load_config
+from supervisor.core.events import BuildFailed, ChildExited, event_from_record
+from supervisor.core.settings import settings_from
 
 
 def test_a_real_run_replays_through_the_machine_phase_for_phase(world):

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.machine import Phase
-from supervisor.sdnotify import Notifier, status_line, watchdog_interval
+from supervisor.core.machine import Phase
+from supervisor.drivers.sdnotify import Notifier, status_line, watchdog_interval
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # generous: a passing test never waits this long
@@ -263,7 +263,7 @@ def test_watchdog_interval_for_a_given_pid():
 # the markers tell exactly which pings were sent while the loop was blocked.
 WATCHDOG_PROGRAM = """
 import asyncio, os, time
-from supervisor.sdnotify import Notifier, watchdog_interval, watchdog_pings
+from supervisor.drivers.sdnotify import Notifier, watchdog_interval, watchdog_pings
 
 BEFORE, BLOCK, AFTER = 0.6, 1.0, 0.5
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from supervisor.statefile import ChildRecord, StateStore
+from supervisor.drivers.statefile import ChildRecord, StateStore
 
 
 def test_state_round_trips_through_the_file(tmp_path):

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.condition import parse_condition
-from supervisor.statsfile import MAX_BYTES, Stats, StatsWatcher, parse_stats, read_stats
+from supervisor.core.condition import parse_condition
+from supervisor.drivers.statsfile import MAX_BYTES, Stats, StatsWatcher, parse_stats, read_stats
 
 DRAINED = parse_condition("n_clients == 0")
 

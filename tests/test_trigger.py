@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.trigger import LOG_BURST, Bucket, Signer, Trigger, parse_listen
+from supervisor.drivers.trigger import LOG_BURST, Bucket, Signer, Trigger, parse_listen
 
 SECRET = "It's a Secret to Everybody"
 PAYLOAD = b'{"ref": "refs/heads/main", "after": "' + b"a" * 40 + b'"}'
@@ -532,7 +532,8 @@ def test_random_requests_never_break_the_trigger(data):
 
 
 def test_importing_the_trigger_loads_no_openssl_and_no_http_package():
-    code = ("import sys, supervisor.cli; supervisor.cli.without_tls(); import supervisor.trigger; "
+    code = ("import sys, supervisor.loop.footprint as f; f.without_tls(); "
+            "import supervisor.drivers.trigger; "
             "print(sorted(m for m in ('hashlib', '_hashlib', 'hmac', 'ssl', 'http', 'email') "
             "if sys.modules.get(m)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import AppConfig, BuildConfig, GitConfig
+from supervisor.core.config import AppConfig, BuildConfig, GitConfig
 
 UNITS = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
 INSTALLED = "/opt/tiny-supervisor/.venv/bin/supervisor"

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.eventlog import EventLog, timestamp
-from supervisor.viewer import (
+from supervisor.cli.viewer import (
     CYAN,
     DIM,
     GREEN,
@@ -29,6 +28,7 @@ from supervisor.viewer import (
     parse_since,
     use_colour,
 )
+from supervisor.drivers.eventlog import EventLog, timestamp
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 C1 = "603184d3f2b0bf2e4c6435f6d30b066e3a7b3e92"
@@ -194,7 +194,7 @@ def test_standard_input_is_read_when_no_file_is_given(tmp_path: Path) -> None:
     log_lines = write_log(path, events_at(1, 0), extra="app line\n")
     with open(path, "rb") as stdin:
         # In a directory without a supervisor.toml, so no config names a log file.
-        result = subprocess.run([sys.executable, "-m", "supervisor.viewer", "--json"],
+        result = subprocess.run([sys.executable, "-m", "supervisor.cli.viewer", "--json"],
                                 stdin=stdin, capture_output=True, text=True, timeout=10,
                                 cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
     assert result.returncode == 0, result.stderr
@@ -217,10 +217,10 @@ def test_a_real_event_log_reads_back(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 class Viewer:
-    """`python -m supervisor.viewer ARGS` with its output read line by line in a thread."""
+    """`python -m supervisor.cli.viewer ARGS` with its output read line by line in a thread."""
 
     def __init__(self, *argv: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor.viewer", *argv],
+        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor.cli.viewer", *argv],
                                      cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
@@ -295,7 +295,7 @@ def test_follow_picks_up_appends_rotation_and_truncation(tmp_path: Path) -> None
 
 
 def test_follow_keeps_up_with_a_rotating_event_log(tmp_path: Path) -> None:
-    from supervisor.childlog import RotatingFile
+    from supervisor.drivers.childlog import RotatingFile
 
     path = tmp_path / "events.log"
     file = RotatingFile(path, max_bytes=400, keep=1)

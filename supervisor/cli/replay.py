@@ -1,7 +1,7 @@
 """Replay a JSON event log through the pure machine: the same events must lead through the same
 phases. Used by the tests, and by people turning an incident's log into a unit test:
 
-    python -m supervisor.replay -c supervisor.toml < events.log
+    python -m supervisor.cli.replay -c supervisor.toml < events.log
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from supervisor.events import SettingsChanged, event_from_record
-from supervisor.machine import Settings, State, decide, initial_state
+from supervisor.core.events import SettingsChanged, event_from_record
+from supervisor.core.machine import Settings, State, decide, initial_state
 
 
 def replay(records: Iterable[dict[str, object]], settings: Settings) -> Iterator[str]:
@@ -50,10 +50,10 @@ def replay(records: Iterable[dict[str, object]], settings: Settings) -> Iterator
 
 
 def main(argv: list[str] | None = None) -> int:
-    from supervisor.config import ConfigError, load_config
-    from supervisor.service import settings_from
+    from supervisor.core.config import ConfigError, load_config
+    from supervisor.core.settings import settings_from
 
-    parser = argparse.ArgumentParser(prog="python -m supervisor.replay", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m supervisor.cli.replay", description=__doc__)
     parser.add_argument("-c", "--config", type=Path, default=Path("supervisor.toml"))
     args = parser.parse_args(argv)
     try:

@@ -11,7 +11,7 @@ import time
 from dataclasses import fields
 from typing import IO, Any
 
-from supervisor.events import Action, Event, Note
+from supervisor.core.events import Action, Event, Note
 
 
 def timestamp(now: float | None = None) -> str:

@@ -361,7 +361,7 @@ def log_file_from_config(config: str | None) -> tuple[str | None, list[str]]:
         if not os.path.exists("supervisor.toml"):
             return None, []
         config = "supervisor.toml"
-    from supervisor.config import ConfigError, load_config
+    from supervisor.core.config import ConfigError, load_config
 
     try:
         loaded = load_config(config)

@@ -13,9 +13,9 @@ import socket
 import struct
 from collections.abc import Callable, Mapping
 
-from supervisor import proc
-from supervisor.config import HealthConfig
-from supervisor.events import Event, HealthPassed, HealthProbeFailed
+from supervisor.core.config import HealthConfig
+from supervisor.core.events import Event, HealthPassed, HealthProbeFailed
+from supervisor.drivers import proc
 
 _URL = re.compile(r"^http://(\[[0-9A-Fa-f:.]+\]|[^:/\[\]\s]+)(?::([0-9]{1,5}))?(/\S*)?$")
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+):([0-9]{1,5})$")

@@ -14,13 +14,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from supervisor import control
-from supervisor.build import Builder
-from supervisor.child import Child, stop_stale_child
-from supervisor.childlog import open_sink
-from supervisor.config import Config
-from supervisor.eventlog import EventLog
-from supervisor.events import (
+from supervisor.core.config import Config
+from supervisor.core.events import (
     Action,
     CancelTimer,
     CheckOverlap,
@@ -52,13 +47,19 @@ from supervisor.events import (
     UpdateTree,
     WatchStats,
 )
-from supervisor.gitrepo import GitError, GitRepo
-from supervisor.machine import Phase, Settings, State, decide, initial_state
-from supervisor.sdnotify import Notifier, watchdog_interval, watchdog_pings
-from supervisor.sockets import close_all, describe
-from supervisor.statefile import StateStore
-from supervisor.statsfile import Stats, StatsWatcher, read_stats
-from supervisor.status import StatusBoard, facts
+from supervisor.core.machine import Phase, State, decide, initial_state
+from supervisor.core.settings import settings_from
+from supervisor.drivers.build import Builder
+from supervisor.drivers.child import Child, stop_stale_child
+from supervisor.drivers.childlog import open_sink
+from supervisor.drivers.eventlog import EventLog
+from supervisor.drivers.gitrepo import GitError, GitRepo
+from supervisor.drivers.sdnotify import Notifier, watchdog_interval, watchdog_pings
+from supervisor.drivers.sockets import close_all, describe
+from supervisor.drivers.statefile import StateStore
+from supervisor.drivers.statsfile import Stats, StatsWatcher, read_stats
+from supervisor.loop import control
+from supervisor.loop.status import StatusBoard, facts
 
 # systemd's variables are for us alone: an app or a build that inherited NOTIFY_SOCKET could
 # report READY=1 or STOPPING=1 in our name.
@@ -72,26 +73,6 @@ REQUEST_EVENTS = {"deploy": CheckRequested, "restart": RestartRequested,
 
 class StartupError(Exception):
     """The service cannot start as configured; one line for the user, exit code 2."""
-
-
-def settings_from(config: Config) -> Settings:
-    return Settings(
-        backoff_min=config.restart.backoff_min,
-        backoff_max=config.restart.backoff_max,
-        reset_after=config.restart.reset_after,
-        stop_timeout=config.app.stop_timeout,
-        drain_condition=config.drain.until if config.drain else None,
-        drain_timeout=config.drain.timeout if config.drain else 0.0,
-        has_build=config.build is not None,
-        reset_on_diverge=config.git.on_diverge == "reset",
-        releases=config.releases,
-        releases_kept=config.deploy.keep,
-        health_gate=config.health is not None,
-        grace=config.health.grace if config.health else 0.0,
-        probe=config.health is not None and config.health.probe is not None,
-        health_timeout=config.health.timeout if config.health else 60.0,
-        overlap=config.restart.style == "overlap",
-    )
 
 
 class Service:
@@ -112,7 +93,7 @@ class Service:
         self.repo = GitRepo(config.git, compare=not config.releases)
         self.releases = None
         if config.releases:
-            from supervisor.releases import Releases  # only release mode pays for it
+            from supervisor.drivers.releases import Releases  # only release mode pays for it
 
             self.releases = Releases(config.deploy.dir, self.repo, config.deploy.keep,
                                      self.log.write)
@@ -127,7 +108,7 @@ class Service:
                         if config.build else None)
         self.prober: Any = None
         if config.health is not None and config.health.probe is not None:
-            from supervisor.health import Prober  # only a configured probe pays for it
+            from supervisor.drivers.health import Prober  # only a configured probe pays for it
 
             self.prober = Prober(config.health, self.inbox.put_nowait)
         self.watcher = StatsWatcher(stats_file, self._on_stats) if stats_file else None
@@ -179,7 +160,7 @@ class Service:
                                    f"{self.config.deploy.dir}: {error.strerror}") from None
             live = self.releases.live()
         if self.prober is not None and self.config.health and self.config.health.notify:
-            from supervisor.health import NotifyListener
+            from supervisor.drivers.health import NotifyListener
 
             path = os.path.join(self.config.app.state_dir, "notify.sock")
             try:
@@ -227,7 +208,7 @@ class Service:
             await self._start_trigger()
 
     async def _start_trigger(self) -> None:
-        from supervisor.trigger import Trigger  # only configs with [trigger] pay for it
+        from supervisor.drivers.trigger import Trigger  # only configs with [trigger] pay for it
 
         trigger = self.config.trigger
         assert trigger is not None
@@ -301,9 +282,9 @@ class Service:
 
     def _reload(self) -> None:
         """SIGHUP: re-read the config; apply what can change live, report what cannot."""
-        from supervisor.cli import forget_startup_modules
-        from supervisor.config import ConfigError, load_config
-        from supervisor.reload import merge
+        from supervisor.core.config import ConfigError, load_config
+        from supervisor.loop.footprint import forget_startup_modules
+        from supervisor.loop.reload import merge
 
         if self.notifier is not None:
             self.notifier.reloading()
@@ -404,7 +385,7 @@ class Service:
     def _check_overlap(self, pid: int) -> Event:
         """A second generation fits if MemAvailable covers what the running one holds, with
         restart.overlap_reserve to spare (a tiny box must not swap or OOM for a restart)."""
-        from supervisor.build import available_memory
+        from supervisor.drivers.procfs import available_memory
 
         needed = self.child.resident_bytes(pid)
         available = available_memory()

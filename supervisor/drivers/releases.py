@@ -11,9 +11,9 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from supervisor import proc
-from supervisor.events import Event, TreeUpdated, TreeUpdateFailed
-from supervisor.gitrepo import GitError, GitRepo
+from supervisor.core.events import Event, TreeUpdated, TreeUpdateFailed
+from supervisor.drivers import proc
+from supervisor.drivers.gitrepo import GitError, GitRepo
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 

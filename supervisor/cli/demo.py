@@ -22,9 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from supervisor.statsfile import read_stats
+from supervisor.drivers.statsfile import read_stats
 
-EXAMPLE_APP = Path(os.path.dirname(os.path.abspath(__file__))) / "example_app"
+EXAMPLE_APP = Path(os.path.abspath(__file__)).parent.parent / "example_app"
 HOLD_SECONDS = 6  # how long the demo's client stays connected
 READING_PAUSE = 1.5  # the one fixed pause: time to read the lines above before the push
 STEP_TIMEOUT = 15.0  # every wait below is bounded; a step that takes longer fails the demo

@@ -58,8 +58,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from supervisor.condition import Condition
-from supervisor.events import (
+from supervisor.core.events import (
     Action,
     BuildFailed,
     BuildSucceeded,
@@ -101,6 +100,7 @@ from supervisor.events import (
     UpdateTree,
     WatchStats,
 )
+from supervisor.core.settings import Settings
 
 BACKOFF_TIMER = "backoff"
 UPTIME_TIMER = "uptime"
@@ -124,27 +124,6 @@ class Phase(StrEnum):
     HELD = "held"
     SHUTTING_DOWN = "shutting_down"
     STOPPED = "stopped"
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """The parts of the config that rules depend on; the drivers hold the rest."""
-
-    backoff_min: float = 1.0
-    backoff_max: float = 60.0
-    reset_after: float = 10.0
-    stop_timeout: float = 10.0
-    drain_condition: Condition | None = None
-    drain_timeout: float = 0.0
-    has_build: bool = False
-    reset_on_diverge: bool = False
-    releases: bool = False  # deploy.mode = "releases"
-    releases_kept: int = 3  # deploy.keep: good releases remembered (and kept on disk)
-    health_gate: bool = False  # every start is on probation until healthy
-    grace: float = 0.0  # a child on probation must stay up this long
-    probe: bool = False  # ... and pass a probe (HealthPassed)
-    health_timeout: float = 60.0  # the deadline for both
-    overlap: bool = False  # restart.style = "overlap"
 
 
 # ---------------------------------------------------------------------------------------------

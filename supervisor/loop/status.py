@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from supervisor.eventlog import timestamp
-from supervisor.events import (
+from supervisor.core.events import (
     Action,
     BuildFailed,
     ChildStarted,
@@ -25,8 +24,9 @@ from supervisor.events import (
     TreeUpdateFailed,
     WatchStats,
 )
-from supervisor.machine import Phase, State
-from supervisor.sdnotify import status_line
+from supervisor.core.machine import Phase, State
+from supervisor.drivers.eventlog import timestamp
+from supervisor.drivers.sdnotify import status_line
 
 DEPLOYING = (Phase.DRAINING, Phase.UPDATING, Phase.BUILDING, Phase.RESTARTING,
              Phase.PROBATION, Phase.ROLLING_BACK)

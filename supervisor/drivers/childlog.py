@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from supervisor.eventlog import timestamp
+from supervisor.drivers.eventlog import timestamp
 
 # One line keeps at most this many bytes; the rest of a longer line is dropped. It matches
 # eventlog.MAX_TEXT, so a captured line is never cut a second time by the event log.

@@ -11,49 +11,13 @@ import signal
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
-from supervisor import proc
-from supervisor.childlog import ChildPipes, Sink
-from supervisor.config import AppConfig, SocketConfig
-from supervisor.events import ChildExited, ChildStarted, ChildStartFailed, Event
-from supervisor.sockets import child_environment, passed_fds, wrap
-from supervisor.statefile import ChildRecord, StateStore
-
-
-def boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as file:
-            return file.read().strip()
-    except OSError:
-        return ""
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (which may contain spaces)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            data = file.read()
-    except OSError:
-        return None
-    return data[data.rfind(b")") + 2:].decode().split()
-
-
-def start_ticks(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields else None  # field 22 of the whole line
-
-
-def group_members(pgid: int, not_before: int) -> list[int]:
-    """Live processes in group `pgid` started no earlier than its leader: ours by construction,
-    since the kernel never reuses an id while a group or session still carries it."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fields = _stat_fields(int(entry))
-        if fields and int(fields[2]) == pgid and int(fields[19]) >= not_before and fields[0] != "Z":
-            members.append(int(entry))
-    return members
-
+from supervisor.core.config import AppConfig, SocketConfig
+from supervisor.core.events import ChildExited, ChildStarted, ChildStartFailed, Event
+from supervisor.drivers import proc
+from supervisor.drivers.childlog import ChildPipes, Sink
+from supervisor.drivers.procfs import boot_id, group_members, start_ticks, stat_fields
+from supervisor.drivers.sockets import child_environment, passed_fds, wrap
+from supervisor.drivers.statefile import ChildRecord, StateStore
 
 TAIL_LINES = 10  # of the app's output, carried by child.exited: why a release failed
 
@@ -283,7 +247,7 @@ def _signal_verified(pid: int, pgid: int, not_before: int, sig: int) -> None:
     except (ProcessLookupError, OSError):
         return
     try:
-        fields = _stat_fields(pid)
+        fields = stat_fields(pid)
         if fields and int(fields[2]) == pgid and int(fields[19]) >= not_before:
             signal.pidfd_send_signal(fd, sig)
     except (ProcessLookupError, OSError):

@@ -12,7 +12,7 @@ import socket
 import stat
 from collections.abc import MutableMapping, Sequence
 
-from supervisor.config import SocketConfig
+from supervisor.core.config import SocketConfig
 
 FIRST_FD = 3  # SD_LISTEN_FDS_START
 BACKLOG = 1024  # connections the kernel holds while no app process accepts

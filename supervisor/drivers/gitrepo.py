@@ -9,9 +9,9 @@ import asyncio
 import os
 from collections.abc import Callable, Mapping
 
-from supervisor import proc
-from supervisor.config import GitConfig
-from supervisor.events import Event, FetchFailed, FetchSucceeded, TreeUpdated, TreeUpdateFailed
+from supervisor.core.config import GitConfig
+from supervisor.core.events import Event, FetchFailed, FetchSucceeded, TreeUpdated, TreeUpdateFailed
+from supervisor.drivers import proc
 
 
 class GitError(Exception):

@@ -4,7 +4,6 @@ what it uses; exit code 2 with one line per problem for anything the user must f
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 
@@ -79,16 +78,16 @@ CONTROL_HELP = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["events"]:
-        from supervisor.viewer import main as events
+        from supervisor.cli.viewer import main as events
 
         return events(argv[1:])
     args = _parse(argv)
     if args["command"] == "demo":
-        from supervisor.demo import run_demo
+        from supervisor.cli.demo import run_demo
 
         return run_demo(keep=bool(args["keep"]))
 
-    from supervisor.config import ConfigError, format_config, load_config
+    from supervisor.core.config import ConfigError, format_config, load_config
 
     try:
         config = load_config(str(args["config"]))
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ask(state_dir: str, request: str) -> int:
-    from supervisor import control
+    from supervisor.loop import control
 
     try:
         pid = control.send_request(state_dir, request)
@@ -120,7 +119,7 @@ def _ask(state_dir: str, request: str) -> int:
 def _status(state_dir: str, as_json: bool) -> int:
     import json
 
-    from supervisor import control
+    from supervisor.loop import control
 
     status = control.read_status(state_dir)
     running = control.running_pid(state_dir)
@@ -133,24 +132,6 @@ def _status(state_dir: str, as_json: bool) -> int:
     except BrokenPipeError:  # `supervisor status | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if running is not None else 3
-
-
-STARTUP_ONLY = ("argparse", "gettext", "tomllib", "datetime")  # tomllib imports datetime
-
-
-def forget_startup_modules() -> None:
-    """Drop what only start-up needed (parsing arguments and TOML), before asyncio is imported:
-    its modules then reuse that memory instead of adding to it (about 0.5 MB on a tiny box)."""
-    for name in [m for m in sys.modules if m.split(".")[0] in STARTUP_ONLY]:
-        del sys.modules[name]
-    gc.collect()
-
-
-def without_tls() -> None:
-    """Keep `ssl` out of the running service: asyncio imports it only in case a program opens
-    TLS connections, which the supervisor never does in-process (git runs as a subprocess), and
-    on a 128 MB box its ~3.5 MB are better left to the app. asyncio handles its absence."""
-    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
 
 
 def under_journald() -> bool:
@@ -167,8 +148,8 @@ def _stop_children_left_behind(config, notes: list[tuple[str, dict[str, object]]
                                ) -> bool:
     """Stop the app (both generations, after an overlap) that state.json says a killed
     supervisor left running, if it provably is that app; True if one was stopped."""
-    from supervisor.child import stop_stale_child_now
-    from supervisor.statefile import StateStore
+    from supervisor.drivers.child import stop_stale_child_now
+    from supervisor.drivers.statefile import StateStore
 
     store = StateStore(config.app.state_dir)
     persisted = store.load()
@@ -184,14 +165,16 @@ def _stop_children_left_behind(config, notes: list[tuple[str, dict[str, object]]
 
 
 def _run(config, log_format: str | None) -> int:  # type: ignore[no-untyped-def]
+    from supervisor.loop.footprint import forget_startup_modules, without_tls
+
     without_tls()
     forget_startup_modules()
     listeners, inherited = [], False
     early_notes: list[tuple[str, dict[str, object]]] = []  # logged once the log exists
     if config.sockets:
         # First of all, while fds 3.. are still free: that is where the app will find them.
-        from supervisor import control
-        from supervisor.sockets import SocketError, open_sockets
+        from supervisor.drivers.sockets import SocketError, open_sockets
+        from supervisor.loop import control
 
         running = control.running_pid(config.app.state_dir)
         if running is not None:
@@ -209,12 +192,12 @@ def _run(config, log_format: str | None) -> int:  # type: ignore[no-untyped-def]
                 return _fail([str(error)])
     import asyncio
 
-    from supervisor.eventlog import EventLog
-    from supervisor.service import Service, StartupError
+    from supervisor.drivers.eventlog import EventLog
+    from supervisor.loop.service import Service, StartupError
 
     stream = None
     if config.log.file is not None:
-        from supervisor.childlog import RotatingFile
+        from supervisor.drivers.childlog import RotatingFile
 
         # Rotated by size like the app's output, so the log cannot fill a small disk.
         stream = RotatingFile(config.log.file, config.log.max_bytes, config.log.keep)

@@ -9,7 +9,7 @@ import os
 from dataclasses import fields, replace
 from typing import Any
 
-from supervisor.config import AppConfig, Config
+from supervisor.core.config import AppConfig, Config
 
 # Everything not listed here is taken from the new config.
 FIXED = {

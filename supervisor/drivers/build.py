@@ -11,26 +11,13 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from supervisor import proc
-from supervisor.child import boot_id, start_ticks
-from supervisor.config import BuildConfig
-from supervisor.events import BuildFailed, BuildSucceeded, Event
-from supervisor.statefile import ChildRecord, StateStore
+from supervisor.core.config import BuildConfig
+from supervisor.core.events import BuildFailed, BuildSucceeded, Event
+from supervisor.drivers import proc
+from supervisor.drivers.procfs import available_memory, boot_id, start_ticks
+from supervisor.drivers.statefile import ChildRecord, StateStore
 
 MEMORY_RECHECK = 2.0  # seconds between reads of MemAvailable while a build waits for memory
-MEMINFO = "/proc/meminfo"
-
-
-def available_memory(meminfo: str = MEMINFO) -> int | None:
-    """MemAvailable in bytes: the kernel's estimate of what can be used without swapping."""
-    try:
-        with open(meminfo, "rb") as file:
-            for line in file:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _on_path(name: str) -> bool:
