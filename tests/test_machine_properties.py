@@ -121,7 +121,7 @@ def check_and_apply(world: World, before: State, after: State, actions: list, se
                     "a release that proved healthy was rolled back"
             case CheckOverlap(pid=pid):
                 assert settings_.overlap and world.alive == {pid}
-                answers.append(OverlapChecked(fits=world.overlap_fits, available=1, needed=1))
+                answers.append(OverlapChecked(available=1 if world.overlap_fits else 0, needed=1))
             case SetAside(commit=commit):
                 assert settings_.releases and commit != after.head, "set aside the live release"
     assert (after.phase == Phase.STOPPED) == world.exited
