@@ -94,3 +94,33 @@ def test_the_check_itself_can_fail() -> None:
     assert "app.colour: unknown key" in problems_for("app", "colour")
     without_stop = documented_keys(DOC.read_text().replace("| `stop_timeout` |", "| x |"))
     assert "stop_timeout" not in without_stop["app"]
+
+
+def toml_blocks() -> list[tuple[str, str]]:
+    pages = [DOC.parent.parent / "README.md", *sorted(DOC.parent.glob("*.md"))]
+    return [(page.name, block) for page in pages
+            for block in re.findall(r"^```toml\n(.*?)^```$", page.read_text(), re.M | re.S)]
+
+
+def test_every_toml_example_uses_keys_the_code_knows() -> None:
+    """A snippet may be a part of a config; its sections and keys must still all exist."""
+    import tomllib
+
+    assert len(toml_blocks()) > 10
+    for page, block in toml_blocks():
+        data = tomllib.loads(block)
+        data.setdefault("app", {}).setdefault("command", "true")
+        try:
+            parse_config(data, "/srv/myapp/supervisor.toml", environ={"HOME": "/srv/myapp"})
+        except ConfigError as error:
+            unknown = [p for p in error.problems if "unknown" in p]
+            assert not unknown, f"{page}:\n{block}\n{unknown}"
+
+
+def test_the_readme_config_is_a_whole_valid_config() -> None:
+    import tomllib
+
+    (block,) = [b for page, b in toml_blocks() if page == "README.md"]
+    config = parse_config(tomllib.loads(block), "/srv/myapp/supervisor.toml",
+                          environ={"HOME": "/srv/myapp"})
+    assert config.build is not None and config.drain is not None and config.sockets
