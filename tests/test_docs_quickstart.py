@@ -2,8 +2,9 @@
 against a real bare remote, with `supervisor run` started in the background (and restarted the
 way the page says, with Ctrl-C) and stopped at the end. An HTML comment before a block may say
 `skip`, `wait-log "TEXT"` (before the block, until the app's output in the supervisor's log
-shows TEXT printed after the previous block began) or `expect "TEXT"` (in the block's output).
-Every wait is bounded.
+shows TEXT printed after the previous block began), `expect "TEXT"` (in the block's output) or
+`under-load` (one client asks the server again and again from the block's start to the end of
+the next block's waits: no request may fail). Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,7 @@ class Block:
     skip: bool = False
     wait_log: list[str] = field(default_factory=list)
     expect: list[str] = field(default_factory=list)
+    under_load: bool = False
 
 
 def blocks(markdown: str) -> list[Block]:
@@ -53,6 +56,8 @@ def blocks(markdown: str) -> list[Block]:
                 word, _, rest = part.partition(" ")
                 if word == "skip":
                     block.skip = True
+                elif word == "under-load":
+                    block.under_load = True
                 elif word in ("wait-log", "expect"):
                     getattr(block, word.replace("-", "_")).append(shlex.split(rest)[0])
                 else:
@@ -63,6 +68,29 @@ def blocks(markdown: str) -> list[Block]:
             directives = ""  # a directive belongs to the block right below it
         index += 1
     return found
+
+
+class Load(threading.Thread):
+    """The page's `while true; do curl ...; done`: one request after another, each counted."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.done = f"http://127.0.0.1:{port}/", threading.Event()
+        self.answers: list[str] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as answer:
+                    self.answers.append(answer.read().decode())
+            except OSError as error:
+                self.errors.append(repr(error))
+
+    def finish(self) -> None:
+        self.done.set()
+        self.join(timeout=BLOCK_WAIT)
+        assert not self.is_alive()
 
 
 class Supervisor:
@@ -118,15 +146,25 @@ def test_the_quick_start_works_as_written(tmp_path: Path) -> None:
     env = git_env(HOME=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     for name in ("STATE_DIRECTORY", "XDG_STATE_HOME", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID"):
         env.pop(name, None)
-    cwd, supervisor, mark = tmp_path, None, 0
+    cwd, supervisor, mark, load = tmp_path, None, 0, None
     ran = [b for b in blocks(page) if not b.skip]
     assert sum(b.text.startswith("supervisor run") for b in ran) == 2  # first run, and restart
+    assert sum(b.under_load for b in ran) == 1
     try:
         for block in ran:
             for text in block.wait_log:
                 assert supervisor is not None, "wait-log before any `supervisor run`"
                 supervisor.wait_for(text, mark)
+            if load is not None:
+                load.finish()
+                assert not load.errors, f"{len(load.errors)} failed: {load.errors[:5]}"
+                # The client saw both generations: its requests spanned the restart.
+                assert {a.split(" from")[0] for a in load.answers} == {"hi", "hello again"}
+                load = None
             mark = len(supervisor.lines) if supervisor else 0
+            if block.under_load:
+                load = Load(port)
+                load.start()
             if block.text.startswith("supervisor run"):
                 if supervisor is not None:
                     assert supervisor.stop() == 0, "".join(supervisor.lines[-40:])
@@ -149,5 +187,7 @@ def test_the_quick_start_works_as_written(tmp_path: Path) -> None:
         with pytest.raises(ConnectionRefusedError):  # the server went with it, and the socket
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
     finally:
+        if load is not None:
+            load.finish()
         if supervisor is not None and supervisor.process.poll() is None:
             supervisor.stop()
