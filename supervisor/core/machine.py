@@ -189,6 +189,8 @@ def _prelude(state: State, event: Event) -> Decision | None:
             return on_old_child_exited(state)
         case ChildExited(pid=pid) if pid != state.child:
             return _ignored(state, event)
+        case ChildStartFailed() if state.child is not None:
+            return _ignored(state, event)  # answers a start only while no child runs (rule 1)
         case TimerFired(timer=timer, serial=serial) if (timer, serial) not in state.timers:
             return _ignored(state, event)
         case TimerFired(timer=Timer.UPTIME):
@@ -296,7 +298,7 @@ def _while_building(state: State, event: Event) -> Decision | None:
 
 def _restarting(state: State, event: Event) -> Decision | None:
     match event:
-        case OverlapChecked(available=available, needed=needed):
+        case OverlapChecked(available=available, needed=needed) if state.old is None:
             return on_overlap_checked(state, available, needed)
         case ChildExited():
             return on_stopped_for_restart(state)
@@ -396,7 +398,7 @@ def _on_stop_requested(state: State) -> Decision:
     if state.phase == Phase.SHUTTING_DOWN:
         return state, [KillChild(pid, "second stop request")
                        for pid in (state.child, state.old_child) if pid is not None]
-    state, actions = end_drain(state)
+    state, actions = end_drain(replace(state, rollback=None))  # nothing starts after a stop
     if state.phase == Phase.PROBATION:
         state, more = end_probation(state)
         actions += more
