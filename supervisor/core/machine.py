@@ -110,6 +110,7 @@ from supervisor.core.rules_control import (
 from supervisor.core.rules_crash import (
     backoff_delay,
     on_backoff_over,
+    on_backoff_over_during_build,
     on_crash,
     on_exit_during_build,
 )
@@ -289,6 +290,8 @@ def _while_building(state: State, event: Event) -> Decision | None:
             return on_drain_timeout(state)
         case ChildExited(exit_code=code, signal=sig):
             return on_exit_during_build(without_child(state), describe_exit(code, sig))
+        case TimerFired(timer=Timer.BACKOFF):
+            return on_backoff_over_during_build(state)
         case ChildStartFailed(error=error):
             # A restart of the live release during a release-mode build failed: it waits
             # for the build, which starts the new release or, if it fails, the live one.

@@ -62,9 +62,21 @@ def on_exit_during_build(state: State, reason: str) -> Decision:
         # In place, the tree is mid-update; starting it now would run half a release. The
         # new release starts when the build ends, or the old one if the build fails.
         return state, notes
-    # The live release is untouched by a release-mode build: restart it at once, once. If it
-    # dies again it waits for the build, which starts the new release or, failing, this one.
-    state = replace(state, crashes=state.crashes + 1)
-    if state.crashes > 1:
-        return state, notes
-    return state, notes + [StartChild(state.head, StartReason.CRASH)]
+    # The live release is untouched by a release-mode build beside it: it keeps its crash
+    # rules (at once, then backing off) while the phase stays the build's. Whichever ends
+    # first, the backoff or the build, starts a child; the other finds it running.
+    crashes = state.crashes + 1
+    delay = backoff_delay(state.settings, crashes)
+    state, actions = disarm(replace(state, crashes=crashes), Timer.UPTIME)
+    if delay == 0:
+        return state, notes + actions + [StartChild(state.head, StartReason.CRASH)]
+    facts: dict[str, object] = {"reason": reason, "crashes": crashes, "delay": delay}
+    state, timer = arm(state, Timer.BACKOFF, delay)
+    return state, notes + actions + [Note(NoteName.CHILD_BACKING_OFF, facts)] + timer
+
+
+def on_backoff_over_during_build(state: State) -> Decision:
+    state, _ = disarm(state, Timer.BACKOFF, cancel=False)
+    if state.child is not None or state.head is None:
+        return state, []
+    return state, [StartChild(state.head, StartReason.CRASH)]

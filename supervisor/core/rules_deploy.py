@@ -332,9 +332,12 @@ def restart_into_target(state: State) -> Decision:
 
 
 def start_target(state: State, reason: StartReason) -> Decision:
-    """The deploy is done once its target starts; what follows (probation) is the start's."""
+    """The deploy is done once its target starts; what follows (probation) is the start's. A
+    crash restart of the live release still waiting (release mode) has nothing left to do."""
     commit = state.target
-    return start_child(replace(state, deploy=None, crashes=0), commit, reason)
+    state, cancel = disarm(replace(state, deploy=None, crashes=0), Timer.BACKOFF)
+    state, actions = start_child(state, commit, reason)
+    return state, cancel + actions
 
 
 def stop_for_restart(state: State) -> Decision:
@@ -410,8 +413,9 @@ def _carry_on_after_failure(state: State, actions: list[Action],
         state, more = begin_deploy(replace(state, queued=None), target)
         return state, actions + more
     if state.child is None:
+        state, cancel = disarm(state, Timer.BACKOFF)  # the live release starts now
         state, more = start_child(state, state.head, reason)
-        return state, actions + more
+        return state, actions + cancel + more
     return state, actions
 
 
