@@ -21,11 +21,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from supervisor.drivers.eventlog import parse_timestamp
+from supervisor.drivers.procfs import boot_id, start_ticks, stat_fields
+from supervisor.drivers.sockets import free_port
 
 EXAMPLE_APP = Path(__file__).resolve().parent.parent / "supervisor" / "example_app"
 PROJECT_ROOT = EXAMPLE_APP.parent.parent
@@ -57,20 +60,8 @@ DEFAULT_WAIT = 15.0  # generous: a loaded 2-core machine; a passing test never w
 
 def alive(pid: int) -> bool:
     """True while `pid` is a live process (a zombie counts as dead: it can serve nothing)."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return data[data.rfind(b")") + 2:].split()[0] != b"Z"
-
-
-def start_ticks(pid: int) -> int:
-    data = Path(f"/proc/{pid}/stat").read_bytes()
-    return int(data[data.rfind(b")") + 2:].split()[19])
-
-
-def boot_id() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def listens_on(pid: int, port: int) -> bool:
@@ -91,16 +82,6 @@ def listens_on(pid: int, port: int) -> bool:
             if os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes}:
                 return True
     return False
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def parse_ts(ts: str) -> float:
-    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str,
@@ -233,7 +214,7 @@ class Supervisor:
     @staticmethod
     def seconds_between(first: dict[str, Any], second: dict[str, Any]) -> float:
         """Time between two records by the supervisor's own clock (millisecond stamps)."""
-        return parse_ts(second["ts"]) - parse_ts(first["ts"])
+        return parse_timestamp(second["ts"]) - parse_timestamp(first["ts"])
 
     @staticmethod
     def _matches(record: dict[str, Any], event: str | None, where: Callable | None,
@@ -504,7 +485,7 @@ class World:
     boot_id = staticmethod(boot_id)
     wait_until = staticmethod(wait_until)
     free_port = staticmethod(free_port)
-    parse_ts = staticmethod(parse_ts)
+    parse_ts = staticmethod(parse_timestamp)
     environ_of = staticmethod(environ_of)
 
     def __init__(self, tmp: Path) -> None:
