@@ -29,6 +29,7 @@ import pytest
 from supervisor.drivers.eventlog import parse_timestamp
 from supervisor.drivers.procfs import boot_id, start_ticks, stat_fields
 from supervisor.drivers.sockets import free_port
+from tests.processes import HangingServer
 
 EXAMPLE_APP = Path(__file__).resolve().parent.parent / "supervisor" / "example_app"
 PROJECT_ROOT = EXAMPLE_APP.parent.parent
@@ -409,45 +410,6 @@ class IdleClient:
 
     def release(self) -> None:
         self.sock.close()
-
-
-class HangingServer:
-    """A TCP listener that accepts and never answers: a remote that hangs git forever."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.connections: list[socket.socket] = []
-        self.accepted = threading.Semaphore(0)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-            self.accepted.release()
-
-    def wait_closed_by_peer(self, conn: socket.socket, timeout: float) -> bool:
-        """Drain what the peer sent; True once it closed its end (EOF or reset)."""
-        conn.settimeout(timeout)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if not conn.recv(65536):
-                    return True
-            except TimeoutError:
-                return False
-            except ConnectionResetError:
-                return True
-        return False
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.connections:
-            conn.close()
 
 
 class BuildGate:

@@ -16,7 +16,8 @@ says what is checked.
 Every process started here runs in a session of its own and carries SOAK_TOKEN in its
 environment, so the soak finds what the supervisor started without looking anything up by name,
 and stops all of it on the way out, Ctrl-C and errors included. Standard library only, besides
-the project's free_port and the log's timestamp reader (one of each, shared with the tests).
+the project's free_port, the log's timestamp reader and the tests' hanging remote (one of each,
+shared with the tests).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from typing import Any
 
 from supervisor.drivers.eventlog import parse_timestamp
 from supervisor.drivers.sockets import free_port
+from tests.processes import HangingServer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_APP = PROJECT_ROOT / "supervisor" / "example_app"
@@ -768,30 +770,6 @@ class World:
         os.replace(temporary, self.stats)
 
 
-class HangingListener:
-    """Accepts and never answers: a git:// remote that hangs until git.timeout."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.connections: list[socket.socket] = []
-        threading.Thread(target=self._accept, name="hanging-remote", daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.connections:
-            with contextlib.suppress(OSError):
-                conn.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # What should be running: a model as simple as the rules
 
@@ -1430,7 +1408,7 @@ class Soak:
         self.audit = LogAudit(self)
         self.generations: list[dict[str, Any]] = []
         self.unknown_reasons: Counter[str] = Counter()
-        self._hanging: HangingListener | None = None
+        self._hanging: HangingServer | None = None
         self.steps_done = 0
         self.recoveries = 0
         self.final_converge: float | None = None
@@ -1511,9 +1489,9 @@ class Soak:
                 sock.close()
                 self.open_clients.remove(sock)
 
-    def hanging_remote(self) -> HangingListener:
+    def hanging_remote(self) -> HangingServer:
         if self._hanging is None:
-            self._hanging = HangingListener()
+            self._hanging = HangingServer()
         return self._hanging
 
     def commit_of_pid(self, pid: int) -> str | None:
