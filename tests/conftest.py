@@ -52,14 +52,15 @@ GIT_ENV = {
 }
 
 BUILD_SCRIPT = 'test -s VERSION && echo "built version $(cat VERSION)"\n'
+DEFAULT_WAIT = 15.0  # generous: a loaded 2-core machine; a passing test never waits this long
 
 
 # ---------------------------------------------------------------------------------------------
 # Test lanes. `pytest` runs everything (the README's and CI's command); `pytest -m "not slow"` is
-# the edit-test loop: the pure core, its property tests and the unit tests, in well under 30 s.
-# A file is slow when its tests wait on real time: a supervisor or the demo run end to end, the
-# soak, the fuzzers, watchers and timers (stats, sd_notify watchdog, the viewer's follow), rate
-# limits, or git and process groups at their timeouts. Marked here, by file, in one place.
+# the edit-test loop: the pure core, its property tests and the unit tests (under 30 s on 2 quiet
+# cores). A file is slow when its tests wait on real time: a supervisor or the demo run end to
+# end, the soak, the fuzzers, watchers and timers (stats, sd_notify watchdog, the viewer's
+# follow), rate limits, or git and process groups at their timeouts. Marked here, by file.
 
 SLOW_FILES = frozenset({
     "test_demo.py", "test_fuzz_short.py", "test_gitrepo.py", "test_proc.py", "test_replay.py",
@@ -69,10 +70,10 @@ SLOW_FILES = frozenset({
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """By file, so that a new test lands in its file's lane without anyone remembering a mark."""
     for item in items:
         if item.path.name.startswith("test_e2e_") or item.path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
-DEFAULT_WAIT = 15.0  # generous: a loaded 2-core machine; a passing test never waits this long
 
 
 # ---------------------------------------------------------------------------------------------
