@@ -1,21 +1,46 @@
-"""The working tree and its upstream: fetch (never pull), compare, fast-forward or reset. Git runs
-with a timeout, no terminal and no prompt; it refuses rather than discards local changes.
-It reports facts; whether to deploy them is the machine's call.
+"""The working tree and its upstream: fetch (never pull), compare, fast-forward or reset, and put
+back a tree an update left half-written. Git runs with a timeout, no prompt and no hooks; it
+refuses rather than discards local changes. It reports facts; whether to deploy is the machine's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import select
+import signal
+import subprocess
+import tempfile
+import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from supervisor.core.config import GitConfig
 from supervisor.core.events import Event, FetchFailed, FetchSucceeded, TreeUpdated, TreeUpdateFailed
-from supervisor.drivers import proc
+from supervisor.drivers import proc, procfs
+
+# No repository hook runs in any git the supervisor starts: a post-merge or post-checkout hook
+# that hangs would be killed at the timeout after moving HEAD, and one that writes files would
+# change the tree behind the build. (`-c` reaches the gits that git itself starts.)
+NO_HOOKS = ("-c", "core.hooksPath=/dev/null")
+# Written in the git directory before the supervisor's git changes the tree, removed once the
+# tree is whole at the new commit: its presence means an update was cut short (git killed at
+# the timeout, or the supervisor killed), and which git it was.
+JOURNAL = "supervisor-update"
+# Locks git takes while it changes the tree or refs; a git killed by SIGKILL leaves them behind.
+_LOCKS = ("index.lock", "HEAD.lock", "ORIG_HEAD.lock", "packed-refs.lock", "shallow.lock",
+          "config.lock")
+# The kernel's file times come from a coarse clock that can lag time.time() by a tick.
+_CLOCK_SLACK = 0.05
 
 
 class GitError(Exception):
     """A git command failed; the message is git's own last words."""
+
+
+class GitTimedOut(GitError):
+    """We killed git at git.timeout: it may have left the tree half-written."""
 
 
 def git_environment(base: Mapping[str, str], timeout: float) -> dict[str, str]:
@@ -45,7 +70,8 @@ def _first_complaint(output: str, returncode: int | None) -> str:
 
 class GitRepo:
     def __init__(self, config: GitConfig, environ: Mapping[str, str] | None = None,
-                 compare: bool = True) -> None:
+                 compare: bool = True,
+                 log: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.config = config
         # Release mode never moves this tree: what upstream is relative to its HEAD (and
         # whether it is dirty) decides nothing, so two git processes a poll are saved.
@@ -54,15 +80,24 @@ class GitRepo:
         self.env = git_environment(os.environ if environ is None else environ, config.timeout)
         self.remote = config.remote
         self.branch = config.branch
+        self.log = log or (lambda name, facts: None)
+        self.git_dir: str | None = None  # known after prepare()
         self._lock = asyncio.Lock()  # one git command at a time: index.lock would make them race
         self._wake = asyncio.Event()
 
     async def _git(self, *args: str, timeout: float | None = None,
-                   env: Mapping[str, str] | None = None) -> str:
-        result = await proc.run(("git", *args), cwd=self.path, env=env or self.env,
-                                timeout=timeout or self.config.timeout)
+                   env: Mapping[str, str] | None = None, cwd: str | None = None,
+                   on_spawn: Callable[[int], None] | None = None) -> str:
+        started = time.time()
+        result = await proc.run(("git", *NO_HOOKS, *args), cwd=cwd or self.path,
+                                env=env or self.env, timeout=timeout or self.config.timeout,
+                                on_spawn=on_spawn)
         if result.timed_out:
-            raise GitError(f"git {args[0]} timed out after {self.config.timeout:g}s")
+            # Killed by us: whatever lock it took since it started is ours to clear, or every
+            # later git in this tree would fail on it ("index.lock: File exists") for good.
+            self._clear_locks(started - _CLOCK_SLACK)
+            raise GitTimedOut(f"git {args[0]} timed out after "
+                              f"{timeout or self.config.timeout:g}s")
         if not result.ok:
             raise GitError(f"git {args[0]}: {_first_complaint(result.output, result.returncode)}")
         return result.output.strip()
@@ -73,16 +108,25 @@ class GitRepo:
         except GitError:
             return None
 
-    async def prepare(self) -> str:
-        """Check the repository and settle remote and branch; returns HEAD. Raises GitError."""
+    async def prepare(self, built: str | None = None) -> str:
+        """Check the repository and settle remote and branch; returns HEAD. Raises GitError.
+        A tree an earlier run left half-updated is put back first (to `built` if given, else
+        to where that update started), never run."""
         if not os.path.isdir(self.path):
             raise GitError(f"git.repo: {self.path} is not a directory")
         try:
             top = await self._git("rev-parse", "--show-toplevel")
-        except GitError:
+        except GitError as error:
+            if "dubious ownership" in str(error):
+                raise GitError(
+                    f"git.repo: {self.path} belongs to another user and git refuses it "
+                    "(\"dubious ownership\"): run the supervisor as the tree's owner, or name "
+                    "the tree in git's safe.directory") from None
             raise GitError(f"git.repo: {self.path} is not a git working tree") from None
         if os.path.realpath(top) != os.path.realpath(self.path):
             raise GitError(f"git.repo: {self.path} is inside {top}; name the top of the tree")
+        self.git_dir = await self._git("rev-parse", "--absolute-git-dir")
+        await self._recover(built)
         try:
             head = await self._git("rev-parse", "--verify", "HEAD^{commit}")
         except GitError:
@@ -123,7 +167,8 @@ class GitRepo:
         if head == upstream:
             return "same"
         for relation, older, newer in (("behind", head, upstream), ("ahead", upstream, head)):
-            result = await proc.run(("git", "merge-base", "--is-ancestor", older, newer),
+            result = await proc.run(("git", *NO_HOOKS, "merge-base", "--is-ancestor", older,
+                                     newer),
                                     cwd=self.path, env=self.env, timeout=self.config.timeout)
             if result.ok:
                 return relation
@@ -152,22 +197,267 @@ class GitRepo:
 
     async def update(self, commit: str, reset: bool) -> Event:
         """Move the tree to `commit`: fast-forward only, or `reset --keep` (which refuses rather
-        than overwrite local changes). A clean tree is checked first either way."""
+        than overwrite local changes), then its submodules. A clean tree is checked first
+        either way. An update that fails or is cut short is rolled back to where it started
+        before this returns, so the tree is never left half-written."""
         async with self._lock:
+            start = None
             try:
                 if await self.is_dirty():
                     return TreeUpdateFailed(commit=commit,
                                             error="local changes in the working tree")
+                start = await self.head()
+                self._write_journal({"from": start, "to": commit, "started": time.time()})
                 if reset:
-                    await self._git("reset", "--quiet", "--keep", commit)
+                    await self._git("reset", "--quiet", "--keep", commit,
+                                    on_spawn=self._journal_git)
                 else:
-                    await self._git("merge", "--ff-only", "--quiet", commit)
+                    await self._git("merge", "--ff-only", "--quiet", commit,
+                                    on_spawn=self._journal_git)
+                await self._update_submodules(self.path)
                 head = await self.head()
+                if head != commit:
+                    raise GitError(f"HEAD is {head} after the update")
             except (GitError, OSError) as error:
+                if start is not None:
+                    error = GitError(f"{error}{await self._roll_back(start)}")
                 return TreeUpdateFailed(commit=commit, error=str(error))
-            if head != commit:
-                return TreeUpdateFailed(commit=commit, error=f"HEAD is {head} after the update")
+            self._remove_journal()
             return TreeUpdated(commit=commit)
+
+    async def _roll_back(self, start: str) -> str:
+        """Put the tree back where a failed update started; the words to add to its error."""
+        try:
+            await self._restore(start, reason="update failed")
+        except (GitError, OSError) as error:
+            return f"; not rolled back: {error}"
+        return f"; rolled back to {start[:12]}"
+
+    async def _update_submodules(self, tree: str) -> None:
+        """Submodules follow their superproject, or a build sees stale content and the tree
+        looks modified after it (`git.dirty` for good). Skipped without a .gitmodules."""
+        if os.path.exists(os.path.join(tree, ".gitmodules")):
+            await self._git("submodule", "--quiet", "update", "--init", "--recursive",
+                            "--checkout", cwd=tree,
+                            on_spawn=self._journal_git if tree == str(self.path) else None)
+
+    # a tree left half-written ----------------------------------------------------------------
+
+    def tree_problem(self, built: str) -> str | None:
+        """Why the tree must not be started as the build of `built`, or None when it may.
+
+        Cheap and synchronous (it reads files in the git directory and starts no git), for the
+        loop to call just before every start of the app: an update cut short (our journal),
+        git's index.lock (a git at work, or one that was killed) or a HEAD that is not the
+        built commit."""
+        git_dir = self.git_dir
+        if git_dir is None:
+            return "the repository was not prepared"
+        journal = self._read_journal()
+        if journal is not None:
+            return f"an update to {str(journal.get('to'))[:12]} was cut short"
+        if os.path.lexists(os.path.join(git_dir, "index.lock")):
+            return "git's index.lock is there: a git is at work, or was killed"
+        head = read_head(git_dir)
+        if head != built:
+            return f"HEAD is {head[:12] if head else 'unreadable'}, not the built {built[:12]}"
+        return None
+
+    async def restore(self, commit: str) -> None:
+        """Put the tree back at `commit` (the last built one), submodules included. Raises
+        GitError, and leaves the tree alone, when a lock is not ours or when changes that no
+        update of ours made are in the way: those are never discarded."""
+        async with self._lock:
+            await self._restore(commit, reason="not the built commit")
+
+    async def _restore(self, commit: str, reason: str) -> None:
+        journal = self._read_journal()
+        try:
+            if journal is not None:
+                await self._end_earlier_git(journal)
+                started = journal.get("started")
+                self._clear_locks(started - _CLOCK_SLACK
+                                  if isinstance(started, (int, float)) else None)
+                # The tree was clean when that update began, so every change in it since is
+                # the cut-short git's own work: reset it all, and delete the files it added.
+                await self._remove_written([journal.get("to"), journal.get("from")], commit)
+                await self._git("read-tree", commit)  # what the index held is no guide now
+                await self._git("reset", "--quiet", "--hard", commit, on_spawn=self._journal_git)
+            else:
+                self._clear_locks(None)  # none of them ours: each is reported, none removed
+                if await self.is_dirty():
+                    raise GitError("local changes in the working tree (not discarded)")
+                head = await self.head()
+                self._write_journal({"from": head, "to": commit, "started": time.time()})
+                try:
+                    await self._git("reset", "--quiet", "--keep", commit,
+                                    on_spawn=self._journal_git)
+                except GitTimedOut:
+                    raise
+                except GitError:
+                    self._remove_journal()  # git refused before changing anything
+                    raise
+            await self._update_submodules(self.path)
+            head = await self.head()
+            if head != commit:
+                raise GitError(f"HEAD is {head} after putting the tree back")
+        except (GitError, OSError) as error:
+            self.log("git.restore_failed", {"commit": commit, "error": str(error)})
+            raise GitError(str(error)) from None
+        self._remove_journal()
+        self.log("git.tree_restored", {"commit": commit, "reason": reason,
+                                       "interrupted": journal is not None})
+
+    async def _recover(self, built: str | None) -> None:
+        journal = self._read_journal()
+        if journal is None:
+            git_dir = self.git_dir or ""
+            if os.path.lexists(os.path.join(git_dir, "index.lock")):
+                self._clear_locks(None)  # reports it; another git's lock stays
+            return
+        target = built or str(journal.get("from", ""))
+        self.log("git.update_interrupted", {"from": journal.get("from"), "to": journal.get("to"),
+                                            "restore": target})
+        async with self._lock:
+            await self._restore(target, reason="update cut short")
+
+    async def _remove_written(self, sides: list[Any], commit: str) -> None:
+        """Delete the files the cut-short git wrote of `sides` (where it came from, where it
+        went) that `commit` lacks, where they hold exactly what git wrote: a file of that name
+        with other content (one that made git refuse the update) is someone's, and stays."""
+        for side in dict.fromkeys(sides):
+            if not isinstance(side, str) or not side or side == commit:
+                continue
+            try:
+                raw = await self._git_output("diff", "--raw", "-z", "--no-renames", "--no-abbrev",
+                                             "--diff-filter=A", commit, side)
+            except GitTimedOut:
+                raise
+            except GitError:
+                continue  # that commit is gone: nothing of it to find
+            fields = raw.split(b"\0")
+            blobs = {}
+            for meta, name in zip(fields[0::2], fields[1::2], strict=False):
+                path = os.fsdecode(name)
+                if meta.startswith(b":") and "\n" not in path and \
+                        os.path.isfile(os.path.join(self.path, path)) and \
+                        not os.path.islink(os.path.join(self.path, path)):
+                    blobs[path] = meta.split()[3].decode()
+            if not blobs:
+                continue
+            paths = list(blobs)
+            hashes = (await self._git_output("hash-object", "--no-filters", "--stdin-paths",
+                                             stdin="\n".join(paths) + "\n")).split()
+            for path, digest in zip(paths, hashes, strict=True):
+                if blobs[path] == digest.decode():
+                    os.unlink(os.path.join(self.path, path))
+
+    async def _git_output(self, *args: str, stdin: str = "") -> bytes:
+        """Git's whole stdout (proc.run keeps a tail of lines, fine for messages but not for a
+        listing of a big tree); stdin from a string. Raises GitError, GitTimedOut."""
+        with tempfile.TemporaryFile() as source, tempfile.TemporaryFile() as output:
+            source.write(stdin.encode())
+            source.seek(0)
+            popen = subprocess.Popen(
+                ("git", *NO_HOOKS, *args), cwd=self.path, env=self.env, stdin=source,
+                stdout=output, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+            process = proc.Process(popen)
+            try:
+                async with asyncio.timeout(self.config.timeout):
+                    code = await asyncio.shield(process.exited)
+            except TimeoutError:
+                process.signal_group(signal.SIGKILL)
+                await process.exited
+                raise GitTimedOut(f"git {args[0]} timed out after "
+                                  f"{self.config.timeout:g}s") from None
+            if code != 0:
+                raise GitError(f"git {args[0]}: exit code {code}")
+            output.seek(0)
+            return output.read()
+
+    def _clear_locks(self, since: float | None) -> None:
+        """Remove the locks our killed git left (taken at `since` or later); report any other
+        (`git.lock_foreign`): a person's git, or one we cannot prove was ours, keeps its lock."""
+        git_dir = self.git_dir
+        if git_dir is None:
+            return
+        for path in _lock_files(git_dir):
+            try:
+                taken = os.lstat(path).st_mtime
+            except OSError:
+                continue
+            if since is not None and taken >= since:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                self.log("git.lock_cleared", {"path": path})
+            else:
+                self.log("git.lock_foreign", {"path": path,
+                                              "age": round(time.time() - taken, 1)})
+
+    async def _end_earlier_git(self, journal: dict[str, Any]) -> None:
+        """A git of an earlier run may still write the tree (the supervisor was killed, not it):
+        wait for it up to git.timeout, then kill it. It is that git, proven by its start time,
+        or it is left alone."""
+        pid, ticks = journal.get("pid"), journal.get("ticks")
+        if not isinstance(pid, int) or not isinstance(ticks, int) or \
+                procfs.start_ticks(pid) != ticks:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return
+        try:
+            if procfs.start_ticks(pid) != ticks:  # the pid was reused before the pidfd
+                return
+            if not await _exited(fd, self.config.timeout):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                await _exited(fd, 5.0)
+            self.log("git.earlier_git_ended", {"pid": pid})
+        finally:
+            os.close(fd)
+
+    # the journal -----------------------------------------------------------------------------
+
+    def _journal_path(self) -> str:
+        return os.path.join(self.git_dir or os.path.join(self.path, ".git"), JOURNAL)
+
+    def _write_journal(self, facts: dict[str, Any]) -> None:
+        """Durably, before git touches the tree: a power cut mid-update must find it."""
+        path = self._journal_path()
+        temporary = path + ".tmp"
+        with open(temporary, "w") as file:
+            json.dump(facts, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+
+    def _journal_git(self, pid: int) -> None:
+        """Which git is changing the tree, for a later run that finds it still at work."""
+        journal = self._read_journal()
+        if journal:
+            journal.update(pid=pid, ticks=procfs.start_ticks(pid))
+            try:
+                self._write_journal(journal)
+            except OSError:
+                pass
+
+    def _read_journal(self) -> dict[str, Any] | None:
+        try:
+            with open(self._journal_path()) as file:
+                facts = json.load(file)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable, but there: an update was under way
+        return facts if isinstance(facts, dict) else {}
+
+    def _remove_journal(self) -> None:
+        try:
+            os.unlink(self._journal_path())
+        except FileNotFoundError:
+            pass
 
     async def export(self, commit: str, directory: str) -> None:
         """Write the files of `commit` into a new plain directory (no .git inside), through a
@@ -199,3 +489,68 @@ class GitRepo:
             except TimeoutError:
                 pass
 
+
+async def _exited(pidfd: int, limit: float) -> bool:
+    """Whether the process of `pidfd` ends within `limit` seconds. Not our child, so its exit
+    is a pidfd turning readable; on some kernels epoll hears of that only once its parent reaps
+    it, so the pidfd is also asked directly every 50 ms."""
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+    loop.add_reader(pidfd, lambda: ended.done() or ended.set_result(None))
+    try:
+        async with asyncio.timeout(limit):
+            while not select.select([pidfd], [], [], 0)[0]:
+                try:
+                    async with asyncio.timeout(0.05):
+                        await asyncio.shield(ended)
+                except TimeoutError:
+                    pass
+                if ended.done():
+                    break
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(pidfd)
+
+
+def read_head(git_dir: str) -> str | None:
+    """The commit HEAD names, from the files alone (HEAD, a loose ref, packed-refs)."""
+    try:
+        with open(os.path.join(git_dir, "HEAD")) as file:
+            head = file.read().strip()
+    except OSError:
+        return None
+    if not head.startswith("ref: "):
+        return head or None
+    ref = head[5:].strip()
+    common = git_dir
+    try:  # a linked worktree keeps its branches in the main repository
+        with open(os.path.join(git_dir, "commondir")) as file:
+            common = os.path.normpath(os.path.join(git_dir, file.read().strip()))
+    except OSError:
+        pass
+    for directory in (git_dir, common):
+        try:
+            with open(os.path.join(directory, ref)) as file:
+                return file.read().strip() or None
+        except OSError:
+            pass
+    try:
+        with open(os.path.join(common, "packed-refs")) as file:
+            for line in file:
+                sha, _, name = line.strip().partition(" ")
+                if name == ref:
+                    return sha
+    except OSError:
+        pass
+    return None
+
+
+def _lock_files(git_dir: str) -> list[str]:
+    """The lock files git may have left in this git directory and its refs."""
+    found = [os.path.join(git_dir, name) for name in _LOCKS
+             if os.path.lexists(os.path.join(git_dir, name))]
+    for top, _directories, files in os.walk(os.path.join(git_dir, "refs")):
+        found.extend(os.path.join(top, name) for name in files if name.endswith(".lock"))
+    return found
