@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -233,13 +234,14 @@ class GitRepo:
             return f"; not rolled back: {error}"
         return f"; rolled back to {start[:12]}"
 
-    async def _update_submodules(self, tree: str) -> None:
+    async def _update_submodules(self, tree: str | os.PathLike[str]) -> None:
         """Submodules follow their superproject, or a build sees stale content and the tree
         looks modified after it (`git.dirty` for good). Skipped without a .gitmodules."""
         if os.path.exists(os.path.join(tree, ".gitmodules")):
             await self._git("submodule", "--quiet", "update", "--init", "--recursive",
-                            "--checkout", cwd=tree,
-                            on_spawn=self._journal_git if tree == str(self.path) else None)
+                            "--checkout", cwd=os.fspath(tree),
+                            on_spawn=self._journal_git
+                            if os.fspath(tree) == os.fspath(self.path) else None)
 
     # a tree left half-written ----------------------------------------------------------------
 
@@ -352,14 +354,14 @@ class GitRepo:
                 if blobs[path] == digest.decode():
                     os.unlink(os.path.join(self.path, path))
 
-    async def _git_output(self, *args: str, stdin: str = "") -> bytes:
+    async def _git_output(self, *args: str, stdin: str = "", cwd: str | None = None) -> bytes:
         """Git's whole stdout (proc.run keeps a tail of lines, fine for messages but not for a
         listing of a big tree); stdin from a string. Raises GitError, GitTimedOut."""
         with tempfile.TemporaryFile() as source, tempfile.TemporaryFile() as output:
             source.write(stdin.encode())
             source.seek(0)
             popen = subprocess.Popen(
-                ("git", *NO_HOOKS, *args), cwd=self.path, env=self.env, stdin=source,
+                ("git", *NO_HOOKS, *args), cwd=cwd or self.path, env=self.env, stdin=source,
                 stdout=output, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
             process = proc.Process(popen)
             try:
@@ -459,21 +461,77 @@ class GitRepo:
         except FileNotFoundError:
             pass
 
-    async def export(self, commit: str, directory: str) -> None:
-        """Write the files of `commit` into a new plain directory (no .git inside), through a
-        throwaway index: this tree, its index and its HEAD are never touched. Raises GitError."""
-        index = directory + ".index"
-        env = {**self.env, "GIT_INDEX_FILE": index}
+    async def add_worktree(self, commit: str, directory: str) -> None:
+        """Check `commit` out at `directory` (new) as a detached `git worktree`, submodules
+        included: a real checkout sharing this repository's objects, so `git describe` and
+        `git rev-parse HEAD` work in a build there. This tree, its index and HEAD are never
+        touched. Raises GitError."""
         async with self._lock:
+            await self._git("worktree", "add", "--detach", "--force", "--quiet", directory,
+                            commit)
+            await self._update_submodules(directory)
+
+    async def moved_worktree(self, directory: str) -> None:
+        """A worktree was renamed to `directory`: point its entry in .git at the new place
+        (else a `git worktree prune` would drop it and break git in there), and each of its
+        submodules' repositories at the submodule's new place. Raises GitError."""
+        async with self._lock:
+            await self._git("worktree", "repair", directory)
+            await self._point_submodules_at(directory)
+
+    async def _point_submodules_at(self, tree: str) -> None:
+        """A submodule's repository names its checkout in core.worktree, by a path relative to
+        itself that a rename of the superproject's checkout breaks ("cannot chdir")."""
+        gitmodules = os.path.join(tree, ".gitmodules")
+        if not os.path.isfile(gitmodules):
+            return
+        try:
+            listing = await self._git_output("config", "--file", gitmodules, "--null",
+                                             "--get-regexp", r"^submodule\..*\.path$")
+        except GitTimedOut:
+            raise
+        except GitError:
+            return  # no submodule paths in it
+        for record in listing.split(b"\0"):
+            _key, _, name = record.partition(b"\n")
+            checkout = os.path.join(tree, os.fsdecode(name))
+            if not name or not os.path.isfile(os.path.join(checkout, ".git")):
+                continue  # not checked out
+            with open(os.path.join(checkout, ".git")) as file:
+                text = file.read().strip()
+            if not text.startswith("gitdir: "):
+                continue
+            git_dir = os.path.normpath(os.path.join(checkout, text[8:]))
+            await self._git("config", "--file", os.path.join(git_dir, "config"),
+                            "core.worktree", os.path.relpath(checkout, git_dir))
+            await self._point_submodules_at(checkout)
+
+    def forget_worktrees(self, under: str) -> list[str]:
+        """Drop git's entries for worktrees that were under `under` and are gone (a release
+        deleted): git's own `worktree prune` would also drop other worktrees of the repository
+        that merely are not there now (an unmounted disk), which are not ours to forget."""
+        admin = os.path.join(_common_dir(self.git_dir or os.path.join(self.path, ".git")),
+                             "worktrees")
+        root = os.path.realpath(under) + os.sep
+        forgotten = []
+        try:
+            entries = list(os.scandir(admin))
+        except OSError:
+            return forgotten
+        for entry in entries:
             try:
-                await self._git("read-tree", commit + "^{tree}", env=env)
-                await self._git("checkout-index", "--all", "--force",
-                                "--prefix=" + directory.rstrip("/") + "/", env=env)
-            finally:
-                try:
-                    os.unlink(index)
-                except FileNotFoundError:
-                    pass
+                with open(os.path.join(entry.path, "gitdir")) as file:
+                    pointer = file.read().strip()
+            except OSError:
+                continue
+            checkout = os.path.dirname(pointer)  # it names the checkout's .git file
+            if not os.path.realpath(checkout).startswith(root) or os.path.lexists(pointer):
+                continue
+            if entry.is_symlink() or not entry.is_dir():
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            forgotten.append(entry.name)
+        return forgotten
 
     def check_now(self) -> None:
         self._wake.set()
@@ -512,6 +570,23 @@ async def _exited(pidfd: int, limit: float) -> bool:
         return False
     finally:
         loop.remove_reader(pidfd)
+
+
+def _common_dir(git_dir: str) -> str:
+    """The repository's own git directory, also when `git_dir` is a worktree's or a .git file."""
+    if os.path.isfile(git_dir):
+        try:
+            with open(git_dir) as file:
+                text = file.read().strip()
+        except OSError:
+            return git_dir
+        if text.startswith("gitdir: "):
+            git_dir = os.path.join(os.path.dirname(git_dir), text[8:])
+    try:
+        with open(os.path.join(git_dir, "commondir")) as file:
+            return os.path.normpath(os.path.join(git_dir, file.read().strip()))
+    except OSError:
+        return git_dir
 
 
 def read_head(git_dir: str) -> str | None:
