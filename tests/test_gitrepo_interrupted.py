@@ -320,3 +320,45 @@ def test_prepare_reports_a_lock_left_by_another_git_and_keeps_it(repos: Repos) -
     log: Log = []
     assert run(driver(repos.work, log).prepare()) == repos.first
     assert lock.exists() and names(log) == ["git.lock_foreign"]
+
+
+def test_the_rollback_rewrites_only_what_the_cut_short_git_wrote(
+        repos: Repos, tmp_path: Path) -> None:
+    """Found by the soak: the tree already holds a file of the gated kind (checked out while
+    the gate was open); the rollback of the next, cut-short update must not write it again, or
+    its own checkout hangs on the same filter and times out too."""
+    gate = tmp_path / "gate"
+    quoted = str(gate)
+    git(repos.work, "config", "filter.gate.smudge",
+        f"test -p {quoted} && cat {quoted} >/dev/null; exec cat")
+    git(repos.work, "config", "filter.gate.clean", "cat")
+    (repos.dev / ".gitattributes").write_text("zz-slow-* filter=gate\n")
+    (repos.dev / "zz-slow-a").write_text("a\n")
+    git(repos.dev, "add", "-A")
+    git(repos.dev, "commit", "-q", "-m", "first gated file")
+    gated = head(repos.dev)
+    for index in range(50):
+        (repos.dev / f"many-{index}.txt").write_text(f"{index}\n")
+    (repos.dev / "zz-slow-b").write_text("b\n")
+    git(repos.dev, "add", "-A")
+    git(repos.dev, "commit", "-q", "-m", "second gated file")
+    stuck = head(repos.dev)
+    repos.push()
+    log: Log = []
+
+    async def scenario() -> object:
+        repo = driver(repos.work, log, timeout=1.5)
+        await repo.prepare()
+        await repo.fetch()
+        assert await repo.update(gated, reset=False) == TreeUpdated(commit=gated)
+        os.mkfifo(gate)
+        try:
+            return await repo.update(stuck, reset=False)
+        finally:
+            open_gate(fifo=gate)
+
+    failed = run(scenario())
+    assert isinstance(failed, TreeUpdateFailed)
+    assert f"rolled back to {gated[:12]}" in failed.error, failed.error
+    assert head(repos.work) == gated and status(repos.work) == ""
+    assert (repos.work / "zz-slow-a").read_text() == "a\n"

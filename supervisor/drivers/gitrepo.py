@@ -283,7 +283,19 @@ class GitRepo:
                 # The tree was clean when that update began, so every change in it since is
                 # the cut-short git's own work: reset it all, and delete the files it added.
                 await self._remove_written([journal.get("to"), journal.get("from")], commit)
-                await self._git("read-tree", commit)  # what the index held is no guide now
+                if self._index_written_since(started):
+                    # The cut-short git got as far as writing the index: it lists the new
+                    # commit's files, which a reset would delete whoever wrote them. Start the
+                    # index from `commit` instead, with the stat data of the files that match
+                    # it, so the reset rewrites only what differs (a smudge filter, git-lfs,
+                    # runs for those alone).
+                    await self._git("read-tree", commit)
+                    try:
+                        await self._git("update-index", "-q", "--refresh")
+                    except GitTimedOut:
+                        raise
+                    except GitError:
+                        pass  # it exits 1 when files differ: those the reset rewrites
                 await self._git("reset", "--quiet", "--hard", commit, on_spawn=self._journal_git)
             else:
                 self._clear_locks(None)  # none of them ours: each is reported, none removed
@@ -309,6 +321,17 @@ class GitRepo:
         self._remove_journal()
         self.log("git.tree_restored", {"commit": commit, "reason": reason,
                                        "interrupted": journal is not None})
+
+    def _index_written_since(self, started: Any) -> bool:
+        """Whether git replaced the index after the update began (else it is the old one, whose
+        stat data says which files the cut-short git wrote)."""
+        if not isinstance(started, (int, float)):
+            return True  # unknown: assume the worst
+        try:
+            return os.stat(os.path.join(self.git_dir or "", "index")).st_mtime >= \
+                started - _CLOCK_SLACK
+        except OSError:
+            return True
 
     async def _recover(self, built: str | None) -> None:
         journal = self._read_journal()
