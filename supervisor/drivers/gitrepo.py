@@ -9,10 +9,8 @@ import asyncio
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -380,6 +378,8 @@ class GitRepo:
     async def _git_output(self, *args: str, stdin: str = "", cwd: str | None = None) -> bytes:
         """Git's whole stdout (proc.run keeps a tail of lines, fine for messages but not for a
         listing of a big tree); stdin from a string. Raises GitError, GitTimedOut."""
+        import tempfile  # only a rollback or a release with submodules pays for it (~0.3 MB)
+
         with tempfile.TemporaryFile() as source, tempfile.TemporaryFile() as output:
             source.write(stdin.encode())
             source.seek(0)
@@ -533,6 +533,8 @@ class GitRepo:
         """Drop git's entries for worktrees that were under `under` and are gone (a release
         deleted): git's own `worktree prune` would also drop other worktrees of the repository
         that merely are not there now (an unmounted disk), which are not ours to forget."""
+        import shutil  # release mode only
+
         admin = os.path.join(_common_dir(self.git_dir or os.path.join(self.path, ".git")),
                              "worktrees")
         root = os.path.realpath(under) + os.sep
