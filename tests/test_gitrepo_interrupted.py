@@ -362,3 +362,33 @@ def test_the_rollback_rewrites_only_what_the_cut_short_git_wrote(
     assert f"rolled back to {gated[:12]}" in failed.error, failed.error
     assert head(repos.work) == gated and status(repos.work) == ""
     assert (repos.work / "zz-slow-a").read_text() == "a\n"
+
+
+def test_a_big_checkout_killed_at_the_timeout_leaves_the_old_tree_whole(
+        repos: Repos, tmp_path: Path) -> None:
+    """The issue's case, smaller: git killed by the clock itself half-way through writing
+    thousands of files (one maybe half-written), in directories it made for them."""
+    for index in range(4000):
+        directory = repos.dev / f"d{index % 50}"
+        directory.mkdir(exist_ok=True)
+        (directory / f"f{index}.txt").write_text(f"file {index}\n" * 40)
+    git(repos.dev, "add", "-A")
+    git(repos.dev, "commit", "-q", "-m", "big")
+    big = head(repos.dev)
+    repos.push()
+    log: Log = []
+
+    async def scenario() -> object:
+        repo = driver(repos.work, log, timeout=10)
+        await repo.prepare()
+        await repo.fetch()
+        repo.config = GitConfig(repo=repos.work, timeout=0.15)  # type: ignore[arg-type]
+        return await repo.update(big, reset=False)
+
+    event = run(scenario())
+    if isinstance(event, TreeUpdated):
+        pytest.skip("git wrote 4,000 files within 0.15 s here: nothing was cut short")
+    assert isinstance(event, TreeUpdateFailed) and "timed out" in event.error, event
+    assert "rolled back" in event.error, event.error
+    assert head(repos.work) == repos.first and status(repos.work) == ""
+    assert sorted(p.name for p in repos.work.iterdir()) == [".git", "app.txt"]

@@ -10,6 +10,7 @@ import json
 import os
 import select
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -207,18 +208,26 @@ class GitRepo:
                                             error="local changes in the working tree")
                 start = await self.head()
                 self._write_journal({"from": start, "to": commit, "started": time.time()})
-                if reset:
-                    await self._git("reset", "--quiet", "--keep", commit,
-                                    on_spawn=self._journal_git)
-                else:
-                    await self._git("merge", "--ff-only", "--quiet", commit,
-                                    on_spawn=self._journal_git)
+                try:
+                    if reset:
+                        await self._git("reset", "--quiet", "--keep", commit,
+                                        on_spawn=self._journal_git)
+                    else:
+                        await self._git("merge", "--ff-only", "--quiet", commit,
+                                        on_spawn=self._journal_git)
+                except GitTimedOut:
+                    raise
+                except GitError:
+                    # git refused (an untracked file in the way, not a fast-forward): it checks
+                    # everything before it writes anything, so the tree is as it was.
+                    self._remove_journal()
+                    raise
                 await self._update_submodules(self.path)
                 head = await self.head()
                 if head != commit:
                     raise GitError(f"HEAD is {head} after the update")
             except (GitError, OSError) as error:
-                if start is not None:
+                if start is not None and self._read_journal() is not None:
                     error = GitError(f"{error}{await self._roll_back(start)}")
                 return TreeUpdateFailed(commit=commit, error=str(error))
             self._remove_journal()
@@ -280,7 +289,9 @@ class GitRepo:
                                   if isinstance(started, (int, float)) else None)
                 # The tree was clean when that update began, so every change in it since is
                 # the cut-short git's own work: reset it all, and delete the files it added.
-                await self._remove_written([journal.get("to"), journal.get("from")], commit)
+                await self._remove_written(
+                    [journal.get("to"), journal.get("from")], commit,
+                    started - _CLOCK_SLACK if isinstance(started, (int, float)) else None)
                 if self._index_written_since(started):
                     # The cut-short git got as far as writing the index: it lists the new
                     # commit's files, which a reset would delete whoever wrote them. Start the
@@ -344,10 +355,12 @@ class GitRepo:
         async with self._lock:
             await self._restore(target, reason="update cut short")
 
-    async def _remove_written(self, sides: list[Any], commit: str) -> None:
+    async def _remove_written(self, sides: list[Any], commit: str, since: float | None) -> None:
         """Delete the files the cut-short git wrote of `sides` (where it came from, where it
-        went) that `commit` lacks, where they hold exactly what git wrote: a file of that name
-        with other content (one that made git refuse the update) is someone's, and stays."""
+        went) that `commit` lacks: those written since the update began (`since`; a file git
+        was killed writing is one of them), and older ones that hold exactly a side's content
+        (the tracked files of where it came from). A file there from before, with other content,
+        is someone's, and stays."""
         for side in dict.fromkeys(sides):
             if not isinstance(side, str) or not side or side == commit:
                 continue
@@ -361,10 +374,16 @@ class GitRepo:
             fields = raw.split(b"\0")
             blobs = {}
             for meta, name in zip(fields[0::2], fields[1::2], strict=False):
-                path = os.fsdecode(name)
-                if meta.startswith(b":") and "\n" not in path and \
-                        os.path.isfile(os.path.join(self.path, path)) and \
-                        not os.path.islink(os.path.join(self.path, path)):
+                path = os.path.join(self.path, os.fsdecode(name))
+                try:
+                    status = os.lstat(path)
+                except OSError:
+                    continue
+                if not meta.startswith(b":") or stat.S_ISDIR(status.st_mode):
+                    continue
+                if since is not None and status.st_mtime >= since:
+                    self._unlink(path)
+                elif stat.S_ISREG(status.st_mode) and "\n" not in path:
                     blobs[path] = meta.split()[3].decode()
             if not blobs:
                 continue
@@ -373,7 +392,19 @@ class GitRepo:
                                              stdin="\n".join(paths) + "\n")).split()
             for path, digest in zip(paths, hashes, strict=True):
                 if blobs[path] == digest.decode():
-                    os.unlink(os.path.join(self.path, path))
+                    self._unlink(path)
+
+    def _unlink(self, path: str) -> None:
+        """Remove a file git wrote, and the directories it made for it that are empty now."""
+        os.unlink(path)
+        top = os.path.realpath(self.path)
+        parent = os.path.dirname(path)
+        while os.path.realpath(parent).startswith(top + os.sep):
+            try:
+                os.rmdir(parent)
+            except OSError:
+                return
+            parent = os.path.dirname(parent)
 
     async def _git_output(self, *args: str, stdin: str = "", cwd: str | None = None) -> bytes:
         """Git's whole stdout (proc.run keeps a tail of lines, fine for messages but not for a
