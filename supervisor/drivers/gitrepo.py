@@ -95,7 +95,8 @@ class GitRepo:
         if result.timed_out:
             # Killed by us: whatever lock it took since it started is ours to clear, or every
             # later git in this tree would fail on it ("index.lock: File exists") for good.
-            self._clear_locks(started - _CLOCK_SLACK)
+            # A fetch takes only ref locks: an index.lock then is someone else's.
+            self._clear_locks(started - _CLOCK_SLACK, refs_only=args[0] == "fetch")
             raise GitTimedOut(f"git {args[0]} timed out after "
                               f"{timeout or self.config.timeout:g}s")
         if not result.ok:
@@ -431,13 +432,16 @@ class GitRepo:
             output.seek(0)
             return output.read()
 
-    def _clear_locks(self, since: float | None) -> None:
+    def _clear_locks(self, since: float | None, refs_only: bool = False) -> None:
         """Remove the locks our killed git left (taken at `since` or later); report any other
         (`git.lock_foreign`): a person's git, or one we cannot prove was ours, keeps its lock."""
         git_dir = self.git_dir
         if git_dir is None:
             return
         for path in _lock_files(git_dir):
+            if refs_only and not path.startswith(os.path.join(git_dir, "refs") + os.sep) and \
+                    os.path.basename(path) not in ("packed-refs.lock", "shallow.lock"):
+                continue
             try:
                 taken = os.lstat(path).st_mtime
             except OSError:
