@@ -90,7 +90,7 @@ class Service:
             os.environ.pop(name, None)
         self.inbox: asyncio.Queue[Event] = asyncio.Queue()
         self.store = StateStore(config.app.state_dir, report=self.log.write)
-        self.repo = GitRepo(config.git, compare=not config.releases)
+        self.repo = GitRepo(config.git, compare=not config.releases, log=self.log.write)
         self.releases = None
         if config.releases:
             from supervisor.drivers.releases import Releases  # only release mode pays for it
@@ -169,7 +169,9 @@ class Service:
                 raise StartupError(f"health.notify: cannot listen on {path}: "
                                    f"{error.strerror or error}") from None
         try:
-            head = await self.repo.prepare()
+            # A tree an earlier run left half-updated goes back to its last build first.
+            head = await self.repo.prepare(
+                built=self.store.load().built if self.config.build and not self.releases else None)
         except GitError as error:
             raise StartupError(str(error)) from None
         persisted = self.store.load()
