@@ -114,6 +114,7 @@ class Service:
         self.watcher = StatsWatcher(stats_file, self._on_stats) if stats_file else None
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.tree_update: asyncio.Task[None] | None = None
+        self.tree_restore: asyncio.Task[None] | None = None
         self.state: State = initial_state(settings_from(config))
         self.status = StatusBoard(config.app.name, config.git.poll_interval,
                                   tuple(c.key for c in config.drain.until.comparisons)
@@ -395,6 +396,14 @@ class Service:
             except OSError as error:
                 return ChildStartFailed(error=f"cannot point current at {commit[:12]}: "
                                               f"{error.strerror or error}")
+        elif commit is not None:
+            # In place, the app runs only from a tree whose HEAD is the commit built there:
+            # never from one a git cut short, one a git is still writing, or one moved by hand.
+            problem = self.repo.tree_problem(commit)
+            if problem is not None:
+                self._restore_tree(commit)
+                return ChildStartFailed(error=f"the tree is not {commit[:12]} as built: "
+                                              f"{problem}; putting it back first")
         extra = {}
         if self.prober is not None and self.prober.notify is not None:
             extra["NOTIFY_SOCKET"] = self.prober.notify.path
@@ -450,6 +459,20 @@ class Service:
                 pass  # the loop ends once the machine reaches STOPPED
         return []
 
+    def _restore_tree(self, commit: str) -> None:
+        """Put the tree back at `commit` in the background; the crash rules retry the start,
+        which finds the tree whole by then (or still refuses, and says why)."""
+        if self.tree_restore is not None and not self.tree_restore.done():
+            return
+
+        async def restore() -> None:
+            try:
+                await self.repo.restore(commit)
+            except GitError:
+                pass  # restore() logged git.restore_failed: the next start says why again
+
+        self.tree_restore = asyncio.get_running_loop().create_task(restore())
+
     async def _update_tree(self, commit: str, reset: bool, reuse: bool) -> None:
         if self.releases is not None:
             self.inbox.put_nowait(await self.releases.prepare(commit, (commit,) if reuse else ()))
@@ -494,6 +517,7 @@ class Service:
                 waiting.append(chore)
         if self.builder is not None and self.builder.task is not None:
             waiting.append(self.builder.task)
-        if self.tree_update is not None:
-            waiting.append(self.tree_update)
+        for chore in (self.tree_update, self.tree_restore):  # a tree cut in half is worse
+            if chore is not None:
+                waiting.append(chore)
         await asyncio.gather(*waiting, return_exceptions=True)
