@@ -170,6 +170,7 @@ class BuildCgroup:
     def __init__(self, hierarchy: Hierarchy, memory_max: int) -> None:
         self.hierarchy = hierarchy
         self.path = os.path.join(hierarchy.path, f"{BUILD_PREFIX}{os.getpid()}")
+        self.removed_with: int | None = None  # its OOM kill count, read before it went
         _remove_leftovers(hierarchy.path)
         try:
             os.mkdir(self.path, 0o755)
@@ -203,6 +204,8 @@ class BuildCgroup:
         return os.path.join(self.path, "cgroup.procs")
 
     def oom_kills(self) -> int:
+        if self.removed_with is not None:
+            return self.removed_with
         return oom_kills(self.path, self.hierarchy.version)
 
     def out_of_memory(self) -> bool:
@@ -229,8 +232,10 @@ class BuildCgroup:
         return killed
 
     def remove(self) -> bool:
+        kills = self.oom_kills()
         try:
             os.rmdir(self.path)
+            self.removed_with = kills
         except FileNotFoundError:
             return True
         except OSError:
