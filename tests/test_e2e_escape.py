@@ -75,7 +75,13 @@ def test_five_crash_restarts_leave_no_escaped_grandchild(world):
                              restart={"backoff_min": "50ms", "backoff_max": "100ms"})
     pids_file = world.app / "escaped.pids"
     world.wait_until(lambda: len(pids_in(pids_file)) >= 6, 30, "six generations' grandchildren")
+    mark = supervisor.mark()
     assert supervisor.stop() == 0
+
+    # Reaping the orphans never took a generation's own exit status: each crash is exit code 1.
+    crashes = supervisor.select("child.exited", where=lambda r: r["_i"] < mark)
+    assert len(crashes) >= 5
+    assert {r["exit_code"] for r in crashes} == {1}
 
     grandchildren = pids_in(pids_file)
     assert not (world.app / "escaped.failed").exists(), \

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -19,7 +20,8 @@ PR_SET_CHILD_SUBREAPER = 36
 KILL_WAIT = 5.0  # seconds for SIGKILLed orphans to be gone (a port they hold is free then)
 
 _subreaper: bool | None = None
-_reaping: set[int] = set()  # ids of the event loops that reap our orphans on SIGCHLD
+# The event loops that reap our orphans on SIGCHLD (a closed loop drops its handlers).
+_reaping: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +71,9 @@ def _reap_on_sigchld() -> None:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return
-    if id(loop) not in _reaping:
+    if loop not in _reaping:
         loop.add_signal_handler(signal.SIGCHLD, reap)
-        _reaping.add(id(loop))
+        _reaping.add(loop)
 
 
 def processes() -> dict[int, Found]:
