@@ -54,7 +54,6 @@ class Builder:
         self.post, self.log = post, log
         self.cwd_for = cwd_for  # release mode: each commit builds in its own release
         self.task: asyncio.Task[None] | None = None
-        self.owner: orphans.Owner | None = None
         orphans.become_subreaper()
         self.hierarchy: cgroup.Hierarchy | None = None
         self.cgroup_problem: str | None = None
@@ -79,6 +78,7 @@ class Builder:
         cwd = self.cwd_for(commit) if self.cwd_for is not None else self.repo
         capped = self._cgroup(commit)
         kills_before = _oom_kills()
+        owner: list[orphans.Owner] = []  # this build's, whatever the next build does meanwhile
         command = cgroup.join_command(capped.procs if capped else None, BUILD_OOM_SCORE_ADJ,
                                       lowered_priority(self.config.command, self.config.nice))
         try:
@@ -86,14 +86,14 @@ class Builder:
                                     env={**os.environ, **self.app_env,
                                          "SUPERVISOR_COMMIT": commit},
                                     timeout=self.config.timeout, on_line=output,
-                                    on_spawn=lambda pid: self._remember(pid, commit))
+                                    on_spawn=lambda pid: self._remember(pid, commit, owner))
         except OSError as error:
             self.post(BuildFailed(commit=commit, reason=f"cannot start: {error}"))
             return
         finally:
             if self.store.current.build is not None:
                 self.store.save(build=None)
-            await self._clean_up(commit, capped)
+            await self._clean_up(commit, owner[0] if owner else None, capped)
         duration = round(result.duration, 3)
         if result.ok:
             self.store.save(built=commit)
@@ -114,23 +114,23 @@ class Builder:
         self.post(BuildFailed(commit=commit, reason=reason, exit_code=exit_code,
                               duration=duration, tail=result.output))
 
-    def _remember(self, pid: int, commit: str) -> None:
+    def _remember(self, pid: int, commit: str, owner: list[orphans.Owner]) -> None:
         """A supervisor killed mid-build must not leave the build running into the next one
         (which may build the same release in the same directory): the next start stops it."""
         ticks = start_ticks(pid)
         if ticks is not None:
             self.store.save(build=ChildRecord(pid, ticks, boot_id(), commit))
-            self.owner = orphans.Owner(pid, ticks, BUILD_OOM_SCORE_ADJ)
-            orphans.started(self.owner)
+            owner.append(orphans.Owner(pid, ticks, BUILD_OOM_SCORE_ADJ))
+            orphans.started(owner[0])
 
-    async def _clean_up(self, commit: str, capped: cgroup.BuildCgroup | None) -> None:
+    async def _clean_up(self, commit: str, owner: orphans.Owner | None,
+                        capped: cgroup.BuildCgroup | None) -> None:
         """The build has ended: what it started and left behind (a daemon it put in a session
         of its own, a worker still in its cgroup) is killed, named in the log, and waited for;
         its cgroup is removed."""
-        owner, self.owner = self.owner, None
         found = orphans.ended(owner) if owner is not None else []
         pidfds = orphans.kill(found)
-        escaped = [f for f in found if owner is None or f.pgid != owner.pid]
+        escaped = [f for f in found if f.pid in pidfds and (owner is None or f.pgid != owner.pid)]
         if capped is not None:
             known = {f.pid for f in escaped}
             for pid in capped.kill():

@@ -58,7 +58,8 @@ class Child:
         self.processes: dict[int, proc.Process] = {}
         self.owners: dict[int, orphans.Owner] = {}
         self.report: Report | None = None  # the event log, once the service has one
-        self.refused: set[int] = set()  # oom_score_adj values the kernel refused us, said once
+        self.refused: set[int] = set()  # app.oom_score_adj values refused us, said once each
+        self.protection_refused = False  # the supervisor's own -900, said once
         self.sweeps: set[asyncio.Task[None]] = set()
         orphans.become_subreaper()
 
@@ -107,10 +108,9 @@ class Child:
         self.processes[process.pid] = process
         ticks = start_ticks(process.pid)
         if ticks is not None:
-            tag = self._set_oom_score_adj(process.pid)
-            orphans.started(orphans.Owner(process.pid, ticks, tag))
-            self.owners[process.pid] = orphans.Owner(process.pid, ticks, tag)
-        if ticks is not None:
+            owner = orphans.Owner(process.pid, ticks, self._set_oom_score_adj(process.pid))
+            self.owners[process.pid] = owner
+            orphans.started(owner)
             older = self.store.current.child if len(self.processes) > 1 else None
             self.store.save(child=ChildRecord(process.pid, ticks, boot_id(), commit),
                             old_child=older)
@@ -176,14 +176,14 @@ class Child:
         return orphans.oom_score_adj(pid)
 
     def _protect_supervisor(self) -> None:
-        if SUPERVISOR_OOM_SCORE_ADJ in self.refused:
+        if self.protection_refused:
             return
         current = orphans.oom_score_adj(os.getpid())
         if current is not None and current <= SUPERVISOR_OOM_SCORE_ADJ:
             return
         error = _write_oom_score_adj(os.getpid(), SUPERVISOR_OOM_SCORE_ADJ)
         if error:
-            self.refused.add(SUPERVISOR_OOM_SCORE_ADJ)  # said once: lowering needs privilege
+            self.protection_refused = True  # said once: lowering needs privilege
             if self.report is not None:
                 self.report("supervisor.oom_protection_refused", {
                     "wanted": SUPERVISOR_OOM_SCORE_ADJ, "kept": current, "error": error})
