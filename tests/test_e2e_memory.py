@@ -178,3 +178,19 @@ def test_available_memory_is_the_lower_of_the_host_and_the_cgroup(box, tmp_path:
     available, host = int(output[0]), int(output[1])
     assert available < 128 * MiB < host
     assert available > 64 * MiB  # an interpreter and its imports use the rest
+
+
+def test_the_build_is_first_for_the_oom_killer_and_the_app_gets_its_own_score(world):
+    # The supervisor may not lower its own score here (no CAP_SYS_RESOURCE); either way the
+    # build runs at 1000 (its workers inherit it) and the app at app.oom_score_adj.
+    supervisor = world.start(app={"oom_score_adj": 300}, drain=None,
+                             build={"command": "cat /proc/self/oom_score_adj; "
+                                               "sh -c 'cat /proc/self/oom_score_adj'"})
+    started = supervisor.wait_for("child.started")
+    lines = [r["line"] for r in supervisor.select("build.output")]
+    assert lines == ["1000", "1000"]
+    assert Path(f"/proc/{started['pid']}/oom_score_adj").read_text().strip() == "300"
+    supervisor_score = int(Path(f"/proc/{supervisor.pid}/oom_score_adj").read_text())
+    refused = supervisor.select("supervisor.oom_protection_refused")
+    assert supervisor_score == -900 or (refused and refused[0]["kept"] == supervisor_score)
+    assert supervisor.stop() == 0
