@@ -37,6 +37,7 @@ class AppConfig:
     stop_signal: signal.Signals = signal.SIGTERM
     stop_timeout: float = 10.0
     state_dir: str = "."
+    oom_score_adj: int = 0  # the app's; the kernel's OOM killer spares lower values first
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,7 @@ class BuildConfig:
     timeout: float = 600.0
     min_free: int = 0  # bytes of MemAvailable a build waits for; 0: never waits
     nice: int = 10  # CPU niceness of the build; with it, the lowest best-effort IO priority
+    memory_max: int = 0  # bytes: a hard cap, in a cgroup of the build's own; 0: no cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +338,7 @@ def parse_config(data: Mapping[str, Any], path: str,
         stop_signal=app.get("stop_signal", _signal, signal.SIGTERM),
         stop_timeout=app.get("stop_timeout", parse_duration, 10.0),
         state_dir=app.get("state_dir", path_reader, None) or default_state_dir(name, environ),
+        oom_score_adj=app.get("oom_score_adj", _oom_score_adj, 0),
     )
     app.finish()
 
@@ -347,6 +350,7 @@ def parse_config(data: Mapping[str, Any], path: str,
             timeout=build.get("timeout", _positive_duration, 600.0),
             min_free=build.get("min_free", _free_memory, 0),
             nice=build.get("nice", _nice, 10),
+            memory_max=build.get("memory_max", _memory_max, 0),
         )
         build.finish()
 
@@ -429,6 +433,27 @@ def _nice(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 19:
         raise _Bad("a niceness from 0 (as the supervisor) to 19 (lowest priority)")
     return value
+
+
+def _oom_score_adj(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not -1000 <= value <= 1000:
+        raise _Bad("a whole number from -1000 (never killed for lack of memory) to 1000 "
+                   "(killed first)")
+    return value
+
+
+def _memory_max(value: object) -> int:
+    """A build's hard memory cap: 0 for none, else at least 16 MiB (an interpreter and git)."""
+    if value == 0 or value == "0":
+        return 0
+    hint = 'a size such as "300MiB" (at least 16MiB), or 0 for no cap'
+    try:
+        size = _size(value)
+    except _Bad:
+        raise _Bad(hint) from None
+    if size < 16 << 20:
+        raise _Bad(hint)
+    return size
 
 
 def _free_memory(value: object) -> int:

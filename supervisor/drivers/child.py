@@ -1,6 +1,7 @@
 """The one child process: start it in its own group, report its exit at once, stop it with the
-configured signal or SIGKILL. It also recognises a child left behind by a supervisor that was
-killed, by pid *and* start time *and* boot, so it never signals a process it did not start.
+configured signal or SIGKILL, and kill what it started that escaped its group (we are their
+subreaper). It also recognises a child left behind by a supervisor that was killed, by pid
+*and* start time *and* boot, so it never signals a process it did not start.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ from collections.abc import Callable, Mapping, Sequence
 
 from supervisor.core.config import AppConfig, SocketConfig
 from supervisor.core.events import ChildExited, ChildStarted, ChildStartFailed, Event
-from supervisor.drivers import proc
+from supervisor.drivers import orphans, proc
 from supervisor.drivers.childlog import ChildPipes, Sink
 from supervisor.drivers.procfs import boot_id, group_members, start_ticks, stat_fields
 from supervisor.drivers.sockets import child_environment, passed_fds, wrap
 from supervisor.drivers.statefile import ChildRecord, StateStore
 
 TAIL_LINES = 10  # of the app's output, carried by child.exited: why a release failed
+# The supervisor's own oom_score_adj, where it may lower it (root, CAP_SYS_RESOURCE): it is
+# small, and without it nothing restarts the app the OOM killer took.
+SUPERVISOR_OOM_SCORE_ADJ = -900
+
+Report = Callable[[str, dict[str, object]], None]
 
 
 class _Tail:
@@ -50,6 +56,12 @@ class Child:
         self.environ = dict(os.environ if environ is None else environ)
         # Oldest first. Two only while an overlap runs the next generation beside this one.
         self.processes: dict[int, proc.Process] = {}
+        self.owners: dict[int, orphans.Owner] = {}
+        self.report: Report | None = None  # the event log, once the service has one
+        self.refused: set[int] = set()  # app.oom_score_adj values refused us, said once each
+        self.protection_refused = False  # the supervisor's own -900, said once
+        self.sweeps: set[asyncio.Task[None]] = set()
+        orphans.become_subreaper()
 
     @property
     def process(self) -> proc.Process | None:
@@ -96,6 +108,9 @@ class Child:
         self.processes[process.pid] = process
         ticks = start_ticks(process.pid)
         if ticks is not None:
+            owner = orphans.Owner(process.pid, ticks, self._set_oom_score_adj(process.pid))
+            self.owners[process.pid] = owner
+            orphans.started(owner)
             older = self.store.current.child if len(self.processes) > 1 else None
             self.store.save(child=ChildRecord(process.pid, ticks, boot_id(), commit),
                             old_child=older)
@@ -123,8 +138,55 @@ class Child:
             except OSError:
                 pass
         exit_code, signal_name = proc.describe_returncode(future.result())
-        self.post(ChildExited(pid=process.pid, exit_code=exit_code, signal=signal_name,
-                              tail="\n".join(tail.lines) if tail is not None else ""))
+        exited = ChildExited(pid=process.pid, exit_code=exit_code, signal=signal_name,
+                             tail="\n".join(tail.lines) if tail is not None else "")
+        owner = self.owners.pop(process.pid, None)
+        found = orphans.ended(owner) if owner is not None else []
+        if not found:
+            self.post(exited)
+            return
+        # What the generation started is gone before anyone hears that it ended: the next one
+        # must not meet a port or a lock still held by the last one's escaped daemon.
+        pidfds = orphans.kill(found)
+        escaped = [f for f in found if f.pgid != process.pid and f.pid in pidfds]
+        if escaped and self.report is not None:
+            self.report("child.escaped_killed", {"pid": process.pid,
+                                                 **orphans.describe(escaped)})
+        sweep = asyncio.get_running_loop().create_task(self._post_when_gone(pidfds, exited))
+        self.sweeps.add(sweep)
+        sweep.add_done_callback(self.sweeps.discard)
+
+    async def _post_when_gone(self, pidfds: dict[int, int], exited: ChildExited) -> None:
+        try:
+            await orphans.gone(pidfds)
+        finally:
+            self.post(exited)
+
+    def _set_oom_score_adj(self, pid: int) -> int | None:
+        """app.oom_score_adj, written as soon as the app exists (an app forks its workers after
+        it has started up, by then they inherit it); the supervisor protects itself first, so
+        the app never keeps the supervisor's protection by mistake."""
+        self._protect_supervisor()
+        wanted = self.config.oom_score_adj
+        error = _write_oom_score_adj(pid, wanted)
+        if error and wanted not in self.refused and self.report is not None:
+            self.refused.add(wanted)
+            self.report("child.oom_score_adj_refused", {"pid": pid, "wanted": wanted,
+                                                        "error": error})
+        return orphans.oom_score_adj(pid)
+
+    def _protect_supervisor(self) -> None:
+        if self.protection_refused:
+            return
+        current = orphans.oom_score_adj(os.getpid())
+        if current is not None and current <= SUPERVISOR_OOM_SCORE_ADJ:
+            return
+        error = _write_oom_score_adj(os.getpid(), SUPERVISOR_OOM_SCORE_ADJ)
+        if error:
+            self.protection_refused = True  # said once: lowering needs privilege
+            if self.report is not None:
+                self.report("supervisor.oom_protection_refused", {
+                    "wanted": SUPERVISOR_OOM_SCORE_ADJ, "kept": current, "error": error})
 
     def signal(self, pid: int, sig: int) -> bool:
         process = self.processes.get(pid)
@@ -153,6 +215,18 @@ class Child:
 
     def kill(self, pid: int) -> bool:
         return self.signal(pid, signal.SIGKILL)
+
+
+def _write_oom_score_adj(pid: int, value: int) -> str | None:
+    """None once `pid` has `value`; else why not (lowering needs CAP_SYS_RESOURCE)."""
+    if orphans.oom_score_adj(pid) == value:
+        return None
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as file:
+            file.write(str(value))
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
 
 
 def _claim(record: ChildRecord) -> int | None:

@@ -14,6 +14,10 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+# Children a Process will reap. Any other child of ours is an orphan that came back to us as
+# its subreaper (drivers/orphans.py), which reaps it: never one of these.
+WAITED: set[int] = set()
+
 
 class Process:
     """A started process whose exit is a future of its returncode (negative: killed by signal)."""
@@ -25,6 +29,7 @@ class Process:
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[int] = loop.create_future()
         self._pidfd = os.pidfd_open(self.pid)
+        WAITED.add(self.pid)
         loop.add_reader(self._pidfd, self._on_exit, loop)
 
     @property
@@ -51,6 +56,7 @@ class Process:
         except (ProcessLookupError, PermissionError):
             pass
         code = self._popen.wait()
+        WAITED.discard(self.pid)
         if not self.exited.done():
             self.exited.set_result(code)
 

@@ -1,6 +1,6 @@
 """What the kernel says about processes and memory, read from /proc: who a pid is (start time,
-boot), who is in a process group, how much memory is left. Plain reads, no decisions; the
-tests and the benchmarks use these too, so there is one reader of each /proc file.
+boot), who is in a process group, how much memory is left (the cgroup's limits counted).
+Plain reads, no decisions; tests and benchmarks use these too: one reader of each file.
 """
 
 from __future__ import annotations
@@ -47,6 +47,19 @@ def group_members(pgid: int, not_before: int) -> list[int]:
 
 
 def available_memory(meminfo: str = MEMINFO) -> int | None:
+    """What can still be used without swapping or meeting the OOM killer: the lower of the
+    host's MemAvailable and what our memory cgroup and its parents still allow (in a 128 MB
+    container on a big host, MemAvailable alone would promise gigabytes)."""
+    from supervisor.drivers.cgroup import memory_headroom
+
+    host = host_available_memory(meminfo)
+    allowed = memory_headroom()
+    if host is None or allowed is None:
+        return allowed if host is None else host
+    return min(host, allowed)
+
+
+def host_available_memory(meminfo: str = MEMINFO) -> int | None:
     """MemAvailable in bytes: the kernel's estimate of what can be used without swapping."""
     try:
         with open(meminfo, "rb") as file:

@@ -102,6 +102,7 @@ class Service:
                                 config.log.max_bytes, config.log.keep)
         self.child = Child(config.app, self.store, self.inbox.put_nowait, stats_file,
                            output=self.output, sockets=config.sockets)
+        self.child.report = self.log.write  # escaped processes killed, OOM protection refused
         self.builder = (Builder(config.build, config.git.repo, config.app.env,
                                 self.store, self.inbox.put_nowait, self.log.write,
                                 cwd_for=self.releases.path if self.releases else None)

@@ -546,6 +546,19 @@ GIT_ENV = _git_env()
 CRASH_PREFIX = ('import sys\nprint("soak: this release crashes at start", file=sys.stderr, '
                 'flush=True)\nsys.exit(3)\n\n')
 BUILD_FAILS = 'echo "soak: this build fails on purpose" >&2\nexit 1\n'
+# An app that leaves a grandchild in a session of its own before it serves (setsid, then its
+# parent exits): killing the app's process group does not reach it. Its argv names the app.
+ESCAPED = "soak-escaped"
+ESCAPE_PREFIX = (
+    "import os, sys\n"
+    # posix_spawn, not fork: no second process that looks like the app, even for a moment.
+    "os.waitpid(os.posix_spawn(sys.executable, [sys.executable, '-c', 'import os, time\\n"
+    "os.setsid()\\nif os.fork(): os._exit(0)\\ntime.sleep(100000)', '" + ESCAPED + "', "
+    "str(os.getpid())], os.environ), 0)\n\n")
+# A build that wants far more than build.memory_max: the OOM killer ends it in its cgroup.
+BUILD_MEMORY_MAX = "64MiB"
+HUNGRY_BUILD = (f'{shlex.quote(sys.executable)} -c "b = b\'\\\\1\' * (256 << 20)"\n'
+                'echo "soak: this build got its memory" >&2\nexit 1\n')
 
 
 class World:
@@ -577,6 +590,8 @@ class World:
             directory.mkdir()
         self.tmpfs = tmpfs and self._mount()
         self.had_tmpfs = self.tmpfs
+        self.cgroup = self._make_cgroup()  # the supervisors run in it; builds get one each
+        self.had_cgroup = self.cgroup is not None
         try:
             # The log in the state directory, as the README suggests; both on the small disk.
             on_tmpfs = self.tmpfs and state_on_tmpfs
@@ -594,6 +609,7 @@ class World:
             self.git(root, "clone", "-q", str(self.remote), str(self.app))
         except BaseException:
             self.unmount()
+            self.remove_cgroup()
             raise
 
     # -- the small disk -------------------------------------------------------------------
@@ -611,6 +627,55 @@ class World:
                   flush=True)
             return False
         return True
+
+    def _make_cgroup(self) -> Path | None:
+        """A memory cgroup of the run's own, under ours (v1's memory hierarchy, or v2's with the
+        memory controller), where the supervisor may make build cgroups; None where we may not."""
+        try:
+            lines = Path("/proc/self/cgroup").read_text().splitlines()
+        except OSError:
+            return None
+        own = {number_and_names.partition(":")[2]: path for number_and_names, _, path
+               in (line.rpartition(":") for line in lines)}
+        candidates = [Path("/sys/fs/cgroup/memory") / own[names].lstrip("/")
+                      for names in own if "memory" in names.split(",")]
+        with contextlib.suppress(OSError):
+            if "" in own and "memory" in Path("/sys/fs/cgroup/cgroup.controllers").read_text():
+                candidates.append(Path("/sys/fs/cgroup") / own[""].lstrip("/"))
+        for parent in candidates:
+            group = parent / f"soak-{self.token}"
+            try:
+                group.mkdir()
+            except OSError:
+                continue
+            print(f"soak: supervisors run in the memory cgroup {group}", flush=True)
+            return group
+        print("soak: no memory cgroup of our own; the hungry build fault is left out", flush=True)
+        return None
+
+    def remove_cgroup(self) -> None:
+        """Everything in the run's cgroup is ours: killed; then it and the build cgroups the
+        supervisors made in it are removed."""
+        if self.cgroup is None:
+            return
+        for _ in range(50):
+            groups = [g for g in self.cgroup.iterdir() if g.is_dir()] + [self.cgroup]
+            pids = []
+            for group in groups:
+                with contextlib.suppress(OSError):
+                    pids += [int(p) for p in (group / "cgroup.procs").read_text().split()]
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        for group in [g for g in self.cgroup.iterdir() if g.is_dir()] + [self.cgroup]:
+            try:
+                group.rmdir()
+            except OSError as error:
+                print(f"soak: cannot remove cgroup {group}: {error.strerror}", flush=True)
+        self.cgroup = None
 
     def unmount(self) -> None:
         if not self.tmpfs:
@@ -651,7 +716,8 @@ class World:
             f'stop_timeout = "{STOP_TIMEOUT:g}s"', f"state_dir = {q(str(self.state_dir))}", "",
             "[git]", f"repo = {q(str(self.app))}", f'poll_interval = "{POLL_INTERVAL * 1000:g}ms"',
             f'timeout = "{GIT_TIMEOUT:g}s"', 'on_diverge = "reset"', "",
-            "[build]", 'command = "sh build.sh"', 'timeout = "20s"', "",
+            "[build]", 'command = "sh build.sh"', 'timeout = "20s"',
+            *([f'memory_max = "{BUILD_MEMORY_MAX}"'] if self.cgroup is not None else []), "",
             "[drain]", f"stats_file = {q(str(self.stats))}", 'until = "n_clients == 0"',
             f'timeout = "{DRAIN_TIMEOUT:g}s"', "",
             "[restart]", 'backoff_min = "200ms"', 'backoff_max = "1s"', 'reset_after = "2s"', "",
@@ -686,14 +752,19 @@ class World:
             raise SoakError(f"git {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout.strip()
 
-    def commit(self, kind: str, build_delay: float) -> Commit:
-        """A new commit in the dev clone, of `kind`; its VERSION names it uniquely."""
+    def commit(self, kind: str, build_delay: float, *, escape: bool = False,
+               hungry: bool = False) -> Commit:
+        """A new commit in the dev clone, of `kind`; its VERSION names it uniquely. With
+        `escape` its app leaves an escaped grandchild; with `hungry` (kind "buildfail") its
+        build runs out of memory."""
         version = f"{kind[0]}{self.counter}"
         self.counter += 1
         server = self.server_source if kind != "crash" else CRASH_PREFIX + self.server_source
+        if escape:
+            server = ESCAPE_PREFIX + server
         check = (f'{shlex.quote(sys.executable)} -c "import ast; '
                  "ast.parse(open('server.py').read())\"")
-        build = (BUILD_FAILS if kind == "buildfail" else
+        build = (HUNGRY_BUILD if hungry else BUILD_FAILS if kind == "buildfail" else
                  f'sleep {build_delay:.2f}\ntest -s VERSION && {check} && '
                  'echo "built version $(cat VERSION)"\n')
         for name, text in (("server.py", server), ("build.sh", build), ("VERSION", version + "\n")):
@@ -897,9 +968,13 @@ class SupervisorRun:
     def __init__(self, world: World, number: int) -> None:
         self.number = number
         self.output = world.root / f"supervisor-{number}.out"
+        argv = [sys.executable, "-m", "supervisor", "run", "-c", str(world.config)]
+        if world.cgroup is not None:  # joined before exec: everything it starts is in it too
+            argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"',
+                    str(world.cgroup / "cgroup.procs"), *argv]
         with open(self.output, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "supervisor", "run", "-c", str(world.config)],
+                argv,
                 cwd=world.root, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, env=world.supervisor_env())
         self.pid = self.proc.pid
@@ -1327,6 +1402,34 @@ def rollback_request(soak: Soak) -> str:
     return what
 
 
+@fault("push_escaping_app", 3)
+def push_escaping_app(soak: Soak) -> str:
+    """A good commit whose app leaves a grandchild in a session of its own (setsid), which a
+    signal to the app's group does not reach: it must be gone when its generation ends (a crash
+    restart, a deploy, a stop), and never make the next one fail."""
+    commit = soak.world.commit("good", soak.rng.uniform(0, 0.3), escape=True)
+    soak.world.push()
+    soak.model.pushed(commit)
+    return f"pushed {commit}, whose app leaves an escaped grandchild"
+
+
+@fault("push_hungry_build", 2, needs=lambda soak: soak.world.cgroup is not None)
+def push_hungry_build(soak: Soak) -> str:
+    """A commit whose build wants 256 MiB, beyond build.memory_max: the OOM killer ends it in
+    its own cgroup, build.failed says "out of memory", and the app serves on."""
+    mark = soak.log.mark()
+    commit = soak.world.commit("buildfail", soak.rng.uniform(0, 0.3), hungry=True)
+    soak.world.push()
+    soak.model.pushed(commit)
+    failed = soak.wait_log(lambda r: r["event"] == "build.failed"
+                           and r.get("commit") == commit.sha, mark, SETTLE_BOUND)
+    if failed is not None:
+        soak.checker.check("build_out_of_memory", failed.get("reason") == "out of memory",
+                           lambda: f"build.failed for a build beyond build.memory_max: "
+                                   f"reason {failed.get('reason')!r}")
+    return f"pushed {commit}, whose build runs out of memory"
+
+
 @fault("stop_and_start_child", 2, needs=serving)
 def stop_and_start_child(soak: Soak) -> str:
     pause = soak.rng.uniform(0.3, 1.5)
@@ -1526,6 +1629,7 @@ class Soak:
         self._hanging: HangingServer | None = None
         self.steps_done = 0
         self.recoveries = 0
+        self.escaped_after_kill = 0  # grandchildren a killed supervisor could no longer reach
         self.final_converge: float | None = None
         self.aborted: str | None = None
 
@@ -1642,6 +1746,7 @@ class Soak:
         for app in (p for p in self.sampler.scan() if p.kind == "app"):
             stale.append(Stale(app.pid, app.ticks, self.kind_of_pid(app.pid),
                                stopping=app.pid in stops))
+        self.kill_escaped(before=None)
         time.sleep(down_for)
         self.start_supervisor(stale)
         left = ", ".join(str(s.pid) for s in stale) or "none"
@@ -1820,6 +1925,7 @@ class Soak:
         assert run is not None
         self.sampler.report(self.overlap_started(mark))
         self.check_stale()
+        self.check_escaped(run)
         self.check_orphans(run)
         if converged and self.model.releases:
             self.check_release()
@@ -1891,6 +1997,31 @@ class Soak:
                 f"app {left.pid} outlived a killed supervisor, but supervisor "
                 f"{left.next_run[0]} never logged child.stale_found for it")
         self.stale = []
+
+    def check_escaped(self, run: SupervisorRun) -> None:
+        """Converged: a grandchild that escaped its app's group (ESCAPE_PREFIX) lives only as
+        long as the app that started it. One that a killed supervisor's app left is beyond any
+        supervisor's reach (it lost the subreaper that held it): the soak kills it, as systemd
+        does with what is left in a unit's cgroup, and counts it."""
+        self.kill_escaped(before=run.ticks)
+        apps = {p.pid for p in self.app_processes()}
+        for process in token_processes(self.world.marker):
+            if ESCAPED not in process.argv:
+                continue
+            app = int(process.argv[-1])
+            self.checker.check("no_escaped", app in apps,
+                               lambda process=process, app=app:
+                               f"{process} escaped from app {app}, which is gone, and still runs")
+
+    def kill_escaped(self, before: int | None) -> None:
+        """Escaped grandchildren a killed supervisor held (all, or those older than the start
+        time `before`): no supervisor can reach them any more, and one may hold the socket the
+        next supervisor binds. Killed, as systemd does with what is left in a unit's cgroup
+        before it starts the unit again, and counted."""
+        for process in token_processes(self.world.marker):
+            if (ESCAPED in process.argv and (before is None or process.ticks < before)
+                    and signal_verified(process.pid, process.ticks, signal.SIGKILL)):
+                self.escaped_after_kill += 1
 
     def check_orphans(self, run: SupervisorRun) -> None:
         """Nothing started by an earlier, killed supervisor may linger (its git or build may
@@ -2243,6 +2374,8 @@ def summarize(soak: Soak, seed: int, seconds: float) -> dict[str, Any]:
         "rolled_back_elsewhere": soak.model.elsewhere,
         "aborted": soak.aborted,
         "recoveries": soak.recoveries,
+        "escaped_after_kill": soak.escaped_after_kill,
+        "cgroup": soak.world.cgroup is not None or soak.world.had_cgroup,
         "supervisor_processes": len(soak.runs),
     }
     return summary
@@ -2286,6 +2419,9 @@ def print_report(soak: Soak, summary: dict[str, Any]) -> None:
         print(f"start reasons not in docs/events.md: {dict(soak.unknown_reasons)}")
     for line in soak.model.elsewhere:
         print(f"rolled back to the newest good release, not to the one that served: {line}")
+    if soak.escaped_after_kill:
+        print(f"escaped grandchildren of apps whose supervisor was killed, killed by the soak: "
+              f"{soak.escaped_after_kill}")
     if soak.recoveries:
         print(f"supervisors restarted by the soak after a step did not converge: "
               f"{soak.recoveries}")
@@ -2436,6 +2572,7 @@ def main(argv: list[str] | None = None) -> int:
     if keep:
         keep_logs(soak, root)
     soak.world.unmount()
+    soak.world.remove_cgroup()
     if not keep:
         shutil.rmtree(root, ignore_errors=True)
     summary = summarize(soak, options.seed, time.monotonic() - started)
