@@ -115,7 +115,7 @@ def test_sd_notify_datagrams_on_a_real_socket(world, manager):
                              build={"command": gate.command(f"sh build.sh && env > {build_env}")})
 
     building = manager.wait("STATUS", lambda v: v.startswith("building "))
-    assert manager.received[building].get("STATUS") == f"building {world.first[:7]}"
+    assert manager.received[building].get("STATUS") == f"building {world.first[:12]}"
     supervisor.wait_for("build.started")
     manager.wait("WATCHDOG", after=building + 1)  # time passes with the build still blocked
     assert not manager.select("READY"), "READY=1 before the first child is up"
@@ -127,7 +127,7 @@ def test_sd_notify_datagrams_on_a_real_socket(world, manager):
     assert manager.received[ready].at >= world.parse_ts(started["ts"]), "READY before the child"
     running = manager.wait("STATUS", lambda v: v.startswith("running "), after=building)
     assert running > ready
-    assert manager.received[running].get("STATUS").startswith(f"running {world.first[:7]}")
+    assert manager.received[running].get("STATUS").startswith(f"running {world.first[:12]}")
 
     # The watchdog: WATCHDOG=1 every WATCHDOG_USEC/2 = 100 ms, from the supervisor's loop.
     first_ping = manager.wait("WATCHDOG", after=ready)
@@ -155,15 +155,15 @@ def test_sd_notify_datagrams_on_a_real_socket(world, manager):
     commit = world.release("2")
     mark = len(manager.received)
     supervisor.send(signal.SIGUSR1)
-    draining = manager.wait("STATUS", lambda v: v.startswith(f"draining for {commit[:7]}: "
+    draining = manager.wait("STATUS", lambda v: v.startswith(f"draining for {commit[:12]}: "
                                                              "n_clients=1"), after=mark)
     client.release()
     supervisor.wait_for("child.started", commit=commit)
-    back = manager.wait("STATUS", lambda v: v.startswith(f"running {commit[:7]}"),
+    back = manager.wait("STATUS", lambda v: v.startswith(f"running {commit[:12]}"),
                         after=draining)
     statuses = [manager.received[i].get("STATUS") for i in manager.select("STATUS", after=mark)
                 if i <= back]
-    assert any(s.startswith(f"building {commit[:7]}") for s in statuses), statuses
+    assert any(s.startswith(f"building {commit[:12]}") for s in statuses), statuses
     assert all(a != b for a, b in itertools.pairwise(statuses)), statuses
 
     # SIGHUP: RELOADING=1 (with MONOTONIC_USEC), then READY=1 once the config is read.

@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import IO, Any
 
+from supervisor.core.display import short_commit
+
 POLL_INTERVAL = 0.25  # seconds between looks at a followed file: a person is watching, not a test
 MAX_PARTIAL = 1 << 20  # an unfinished last line is held up to this size, then shown as it is
 
@@ -73,7 +75,7 @@ def escape_controls(text: str) -> str:
 def short(value: Any) -> Any:
     """Commits shortened to 12 characters, in nested values too: people compare prefixes."""
     if isinstance(value, str) and _COMMIT.fullmatch(value):
-        return value[:12]
+        return short_commit(value)
     if isinstance(value, dict):
         return {key: short(item) for key, item in value.items()}
     if isinstance(value, list):

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from supervisor.core.config import Config
+from supervisor.core.display import short_commit
 from supervisor.core.events import (
     Action,
     CancelTimer,
@@ -408,7 +409,7 @@ class Service:
             try:
                 self.releases.switch(commit)
             except OSError as error:
-                return ChildStartFailed(error=f"cannot point current at {commit[:12]}: "
+                return ChildStartFailed(error=f"cannot point current at {short_commit(commit)}: "
                                               f"{error.strerror or error}")
         extra = {}
         if self.prober is not None and self.prober.notify is not None:
