@@ -191,3 +191,27 @@ def test_sd_notify_datagrams_on_a_real_socket(world, manager):
     senders = {d.pid for d in manager.received}
     assert senders == {supervisor.pid}, senders
     assert len(manager.select("READY")) == 2  # at start-up and after the reload
+
+
+def test_the_drain_status_counts_the_seconds_it_waits(world, manager):
+    """While a client holds the deploy back nothing else happens (no fetch for an hour), yet
+    `systemctl status` must not say "for 0s" all along: the line is refreshed each second."""
+    supervisor, _ = world.start_serving(env={"NOTIFY_SOCKET": str(manager.path)},
+                                        git={"poll_interval": "1h"})
+    client = world.idle_client()
+    world.wait_stats('n_clients="1"')
+    commit = world.release("2")
+    mark = len(manager.received)
+    supervisor.send(signal.SIGUSR1)
+    prefix = f"draining for {commit[:12]}: n_clients=1 for "
+
+    def waited(value: str) -> float:
+        return float(value.removeprefix(prefix).split(",")[0].removesuffix("s"))
+
+    first = manager.wait("STATUS", lambda v: v.startswith(prefix), after=mark)
+    assert waited(manager.received[first].get("STATUS")) < 1
+    later = manager.wait("STATUS", lambda v: v.startswith(prefix) and waited(v) >= 2,
+                         after=first + 1, timeout=6)
+    assert manager.received[later].at - manager.received[first].at < 4
+    client.release()
+    supervisor.wait_for("child.started", commit=commit)
