@@ -41,7 +41,7 @@ def test_on_diverge_reset_deploys_a_force_pushed_history(world):
     fetched = supervisor.wait_for("git.fetched", relation="diverged", upstream=rewritten)
     update = supervisor.wait_for(action="update_tree", after=fetched)
     assert supervisor.action(update, "update_tree") == {
-        "action": "update_tree", "commit": rewritten, "reset": True}
+        "action": "update_tree", "commit": rewritten, "reset": True, "reuse": False}
     supervisor.wait_for("child.exited", pid=old_pid, after=update)
     supervisor.wait_for("child.started", commit=rewritten, after=update)
     world.wait_http("hello from 1-rewritten", supervisor)

@@ -84,6 +84,28 @@ def test_a_good_commit_is_built_beside_the_live_release_then_switched(world):
     assert state["good"] == [world.first, commit]
 
 
+def test_the_live_release_is_restarted_each_time_it_dies_during_a_build(world):
+    """Issue 12, section 8: its release is untouched by the build beside it, so it never
+    waits for the build (it once stayed down after a second death until the build ended)."""
+    gate = world.build_gate()
+    supervisor, pid = serving(world, build={"command": gate.command()},
+                              restart={"backoff_min": "200ms", "backoff_max": "1s"})
+    gate.shut()
+    commit = world.release("2")
+    building = supervisor.wait_for("build.started", commit=commit)
+    for _ in range(3):
+        os.kill(pid, signal.SIGKILL)
+        exited = supervisor.wait_for("child.exited", pid=pid, after=building)
+        restarted = supervisor.wait_for("child.started", commit=world.first, after=exited)
+        pid = restarted["pid"]
+        world.wait_http("hello from 1", supervisor)
+    assert not supervisor.select("build.succeeded", after=building), "the build still runs"
+    gate.open()
+    started = supervisor.wait_for("child.started", commit=commit, after=restarted)
+    supervisor.wait_for("health.passed", commit=commit, after=started)
+    world.wait_http("hello from 2", supervisor)
+
+
 def test_a_release_that_crashes_at_start_is_rolled_back_and_not_retried(world):
     supervisor, _ = serving(world)
 

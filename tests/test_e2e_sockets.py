@@ -178,8 +178,10 @@ def test_an_overlap_serves_from_both_generations_and_stops_the_old_one_last(worl
     supervisor, old_pid = serve_with_overlap(world)
     commit = world.release("2")
 
-    checked = supervisor.wait_for("restart.overlap_checked", fits=True)
+    checked = supervisor.wait_for("restart.overlap_checked")
     assert checked["needed"] > 0 and checked["available"] > checked["needed"]
+    assert supervisor.action(checked, "start_child") == {
+        "action": "start_child", "commit": commit, "reason": "deploy (overlap)"}
     started = supervisor.wait_for("child.started", commit=commit, after=checked)
     # The new generation sleeps before it accepts; the old one still answers meanwhile.
     assert world.alive(old_pid)
@@ -193,6 +195,10 @@ def test_an_overlap_serves_from_both_generations_and_stops_the_old_one_last(worl
         "action": "stop_child", "pid": old_pid, "reason": f"replaced by {commit}"}
     supervisor.wait_for("child.exited", pid=old_pid, after=passed)
     world.wait_http("hello from 2", supervisor)
+    # `supervisor status` names the overlap deploy as the last one (it once kept the first).
+    world.wait_status(lambda s: (s["last_deploy"] or {}).get("commit") == commit
+                      and s["last_deploy"]["result"] == "succeeded",
+                      "the overlap deploy as the last deploy", supervisor)
 
 
 def test_a_failed_overlap_leaves_the_old_generation_serving_without_a_restart(world):
@@ -214,7 +220,7 @@ def test_a_failed_overlap_leaves_the_old_generation_serving_without_a_restart(wo
 def test_an_overlap_falls_back_to_stop_start_when_memory_is_short(world):
     supervisor, old_pid = serve_with_overlap(world, restart={"overlap_reserve": "1000GiB"})
     commit = world.release("2")
-    checked = supervisor.wait_for("restart.overlap_checked", fits=False)
+    checked = supervisor.wait_for("restart.overlap_checked")
     fallback = supervisor.wait_for("restart.overlap_fallback", after=checked)
     assert fallback["needed"] > 0
     assert supervisor.action(checked, "stop_child")["pid"] == old_pid

@@ -41,8 +41,11 @@ def _is_writer(module: str, func: ast.expr) -> bool:
 
 
 def _literal_name(node: ast.expr | None) -> str | None:
+    """A name written out ("x.y") or a member of the machine's NoteName (NoteName.X_Y)."""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value if EVENT_NAME.fullmatch(node.value) else None
+    if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "NoteName":
+        return events.NoteName[node.attr].value
     return None
 
 

@@ -254,7 +254,7 @@ def test_a_failed_build_leaves_the_child_alone_and_is_not_retried_until_a_newer_
     harness.feed(IDLE)
     harness.feed(TreeUpdated(commit=B))
     actions = harness.feed(BuildFailed(commit=B, reason="exit code 2", exit_code=2))
-    assert kinds(actions) == ["deploy.failed", "unwatch_stats", "cancel_timer",
+    assert kinds(actions) == ["save_state", "deploy.failed", "unwatch_stats", "cancel_timer",
                               "deploy.reverting", "update_tree"]
     assert of_type(actions, Note)[0].facts["commit"] == B
     assert of_type(actions, UpdateTree) == [UpdateTree(A, True)]  # back to the last good build
@@ -322,7 +322,7 @@ def test_a_failed_tree_update_is_a_failed_deploy_too():
     harness.feed(behind(B))
     harness.feed(IDLE)
     actions = harness.feed(TreeUpdateFailed(commit=B, error="untracked file would be overwritten"))
-    assert kinds(actions)[0] == "deploy.failed" and harness.state.failed == B
+    assert kinds(actions)[:2] == ["save_state", "deploy.failed"] and harness.state.failed == B
     assert of_type(actions, StopChild) == [] and harness.state.child == 101
 
 

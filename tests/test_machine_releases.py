@@ -207,7 +207,9 @@ def test_a_fetch_failure_at_the_first_start_builds_the_repository_head():
     assert of_type(actions, UpdateTree) == [UpdateTree(C, False)]
 
 
-def test_the_live_release_is_restarted_once_if_it_dies_during_a_build():
+def test_the_live_release_keeps_its_crash_rules_during_a_build():
+    """Its release is untouched by the build beside it: a death restarts it at once, a quick
+    second one after the backoff, never waiting for the build (issue 12, section 8)."""
     harness = live()
     harness.feed(upstream(B))
     harness.feed(TreeUpdated(commit=B))
@@ -215,9 +217,38 @@ def test_the_live_release_is_restarted_once_if_it_dies_during_a_build():
     assert of_type(actions, StartChild) == [StartChild(A, "crash restart")]
     assert harness.state.phase == Phase.BUILDING and harness.state.child == 102
     actions = harness.feed(ChildExited(pid=102, exit_code=1))
-    assert of_type(actions, StartChild) == [], "a second death waits for the build"
+    assert of_type(actions, StartChild) == [] and "child.backing_off" in kinds(actions)
+    assert harness.state.phase == Phase.BUILDING and "backoff" in harness.armed()
+    actions = harness.fire("backoff")
+    assert of_type(actions, StartChild) == [StartChild(A, "crash restart")]
+    assert harness.state.phase == Phase.BUILDING and harness.state.child == 103
+    harness.feed(BuildSucceeded(commit=B))
+    assert harness.state.phase == Phase.DRAINING, "the restarted release is drained as usual"
+    actions = harness.feed(IDLE)
+    assert of_type(actions, StopChild) == [StopChild(103, f"deploy {B}")]
+
+
+def test_a_build_that_ends_during_the_backoff_starts_the_new_release():
+    harness = live()
+    harness.feed(upstream(B))
+    harness.feed(TreeUpdated(commit=B))
+    harness.feed(ChildExited(pid=101, exit_code=1))
+    harness.feed(ChildExited(pid=102, exit_code=1))
     actions = harness.feed(BuildSucceeded(commit=B))
+    assert CancelTimer("backoff") in actions
     assert of_type(actions, StartChild) == [StartChild(B, "deploy")]
+
+
+def test_a_build_that_fails_during_the_backoff_starts_the_live_release_at_once():
+    harness = live()
+    harness.feed(upstream(B))
+    harness.feed(TreeUpdated(commit=B))
+    harness.feed(ChildExited(pid=101, exit_code=1))
+    harness.feed(ChildExited(pid=102, exit_code=1))
+    actions = harness.feed(BuildFailed(commit=B, reason="exit code 1"))
+    assert CancelTimer("backoff") in actions
+    assert of_type(actions, StartChild)[-1].commit == A
+    assert "backoff" not in harness.armed()
 
 
 def test_a_failed_build_is_set_aside_and_the_live_release_untouched():
@@ -233,7 +264,7 @@ def test_a_failed_build_is_set_aside_and_the_live_release_untouched():
 def test_the_rollback_request_deploys_the_previous_good_release_without_a_build():
     harness = live(good=(A, B), commit=B)
     actions = harness.feed(RollbackRequested())
-    assert kinds(actions)[0] == "release.rollback_requested"
+    assert kinds(actions)[:3] == ["save_state", "prune_releases", "release.rollback_requested"]
     assert harness.state.failed == B and harness.state.good == (A,)
     actions = harness.feed(TreeUpdated(commit=A))
     assert of_type(actions, StartBuild) == [], "a proven release is not built again"
@@ -261,7 +292,7 @@ def test_a_force_pushed_older_commit_is_deployed_in_release_mode():
     """Release mode has no local work to lose: whatever upstream names, it deploys."""
     harness = live(good=(C, A))
     actions = harness.feed(upstream(C))
-    assert of_type(actions, UpdateTree) == [UpdateTree(C, False)]
+    assert of_type(actions, UpdateTree) == [UpdateTree(C, False, reuse=True)]
     actions = harness.feed(TreeUpdated(commit=C))
     assert of_type(actions, StartBuild) == [], "a release proven before is reused"
 
@@ -289,7 +320,7 @@ def overlapping(fits: bool = True) -> Harness:
     actions = harness.feed(IDLE)
     assert of_type(actions, CheckOverlap) == [CheckOverlap(101)]
     assert of_type(actions, StopChild) == [], "stopped before asking"
-    harness.feed(OverlapChecked(fits=fits, available=100, needed=50 if fits else 200))
+    harness.feed(OverlapChecked(available=100, needed=50 if fits else 200))
     return harness
 
 
@@ -355,7 +386,7 @@ def test_a_rollback_by_hand_does_not_free_a_commit_that_failed_on_its_own():
     prove(harness)
     assert harness.state.failed == B
     harness.feed(RollbackRequested())  # A is left by hand for C; upstream still names B
-    assert harness.state.failed == A and harness.state.held == (B,)
+    assert harness.state.failed == A and harness.state.refused == (B, A)
     assert kinds(harness.feed(upstream(B))) == ["deploy.skipped"]
 
 

@@ -56,6 +56,8 @@ def _parse(argv: list[str] | None) -> dict[str, object]:
     asks = [commands.add_parser(name, help=text) for name, text in CONTROL_HELP.items()]
     commands.add_parser("events", help="print the event log for people (see: events --help)",
                         add_help=False)
+    commands.add_parser("init", help="write a commented supervisor.toml for this clone "
+                        "(see: init --help)", add_help=False)
     for command in (run, check, status, *asks):
         command.add_argument("-c", "--config", default="supervisor.toml",
                              metavar="PATH", help="config file (default: ./supervisor.toml)")
@@ -87,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         from supervisor.cli.viewer import main as events
 
         return events(argv[1:])
+    if argv[:1] == ["init"]:
+        from supervisor.cli.init import main as init
+
+        return init(argv[1:])
     args = _parse(argv)
     if args["command"] == "demo":
         from supervisor.cli.demo import run_demo

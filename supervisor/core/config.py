@@ -610,6 +610,11 @@ MAX_CONFIG_BYTES = 256 * 1024
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file; every failure becomes a ConfigError."""
+    return parse_config(read_toml(path), os.path.abspath(path), environ)
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """A config file's tables; every failure to read or parse it becomes a ConfigError."""
     import tomllib  # start-up only: `supervisor run` drops it before the loop starts
 
     path = os.fspath(path)
@@ -635,7 +640,7 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
                           ) from None
     except RecursionError:
         raise ConfigError([f"{path}: not valid TOML: nested too deeply"]) from None
-    return parse_config(data, os.path.abspath(path), environ)
+    return data
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ def duration(seconds: float) -> str:
     if seconds < 10:
         return f"{seconds:.1f}".rstrip("0").rstrip(".") + "s"
     if seconds < 60:
-        return f"{round(seconds)}s"
+        return f"{int(seconds)}s"
     if seconds < 3600:
         return f"{int(seconds // 60)}m"
     if seconds < 86400:

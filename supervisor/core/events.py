@@ -6,10 +6,85 @@ equality and repr come free, and `name` is the dotted name the event log uses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from typing import ClassVar, Literal
+
+from supervisor.core.settings import Settings
 
 # "unknown": release mode does not compare upstream with the repository's own HEAD.
 Relation = Literal["same", "behind", "ahead", "diverged", "unknown"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Names with meaning. Each is a StrEnum, so the log shows the plain string and code compares
+# members, never literals.
+
+
+class Timer(StrEnum):
+    """The machine's timers; each is armed with a serial so a late fire is recognised."""
+
+    __hash__ = str.__hash__  # ("stop", 3) and (Timer.STOP, 3) are the same armed timer
+
+    BACKOFF = "backoff"  # the wait before a crash restart
+    UPTIME = "uptime"  # a child up this long has stopped crash-looping
+    STOP = "stop"  # the stop timeout of the child
+    DRAIN = "drain"  # the drain timeout of a deploy
+    HEALTH = "health"  # the deadline for proving health
+    GRACE = "grace"  # how long a new child must stay up
+    STOP_OLD = "stop_old"  # the previous generation's stop timeout, after an overlap
+
+
+class StartReason(StrEnum):
+    """Why a child is started: the log shows it, and the status counts some as deploys."""
+
+    STARTUP = "startup"
+    DEPLOY = "deploy"
+    DEPLOY_OVERLAP = "deploy (overlap)"
+    RESTART = "restart requested"
+    RESTART_OVERLAP = "restart requested (overlap)"
+    CRASH = "crash restart"
+    START_REQUESTED = "start requested"
+    ROLLBACK = "rollback"
+    BACK_ON_GOOD = "deploy failed; back on the last good build"
+    AS_IT_IS = "deploy failed; starting the tree as it is"
+
+    @property
+    def deploys(self) -> bool:
+        """A new release starts: `supervisor status` records it as the last deploy."""
+        return self in (StartReason.STARTUP, StartReason.DEPLOY, StartReason.DEPLOY_OVERLAP)
+
+
+class NoteName(StrEnum):
+    """Decisions the machine reports with a line of their own (docs/events.md has each)."""
+
+    CHILD_BACKING_OFF = "child.backing_off"
+    CHILD_CRASH_LOOPING = "child.crash_looping"
+    CHILD_EXITED_DURING_DEPLOY = "child.exited_during_deploy"
+    CHILD_NOTHING_TO_RUN = "child.nothing_to_run"
+    CHILD_RESTARTING = "child.restarting"
+    CHILD_START_FAILED_DURING_DEPLOY = "child.start_failed_during_deploy"
+    CONTROL_IGNORED = "control.ignored"
+    DEPLOY_CANCELLED = "deploy.cancelled"
+    DEPLOY_FAILED = "deploy.failed"
+    DEPLOY_REVERT_FAILED = "deploy.revert_failed"
+    DEPLOY_REVERTED = "deploy.reverted"
+    DEPLOY_REVERTING = "deploy.reverting"
+    DEPLOY_SKIPPED = "deploy.skipped"
+    DEPLOY_STARTED = "deploy.started"
+    DEPLOY_SUPERSEDED = "deploy.superseded"
+    DEPLOY_WAITING_FOR_DRAIN = "deploy.waiting_for_drain"
+    DRAIN_CHILD_EXITED = "drain.child_exited"
+    DRAIN_SATISFIED = "drain.satisfied"
+    DRAIN_TIMED_OUT = "drain.timed_out"
+    EVENT_IGNORED = "event.ignored"
+    GIT_DIRTY = "git.dirty"
+    GIT_DIVERGED = "git.diverged"
+    HEALTH_FAILED = "health.failed"
+    HEALTH_PASSED = "health.passed"
+    RELEASE_ROLLBACK_REQUESTED = "release.rollback_requested"
+    RELEASE_ROLLBACK_RESUMED = "release.rollback_resumed"
+    RELEASE_ROLLING_BACK = "release.rolling_back"
+    RESTART_OVERLAP_FALLBACK = "restart.overlap_fallback"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +199,7 @@ class StatsRead(Event):
 @dataclass(frozen=True, slots=True)
 class TimerFired(Event):
     name: ClassVar[str] = "timer.fired"
-    timer: str
+    timer: Timer
     serial: int
 
 
@@ -155,11 +230,10 @@ class StartChildRequested(Event):
 
 @dataclass(frozen=True, slots=True)
 class OverlapChecked(Event):
-    """Whether a second generation of the app fits in memory beside the first: MemAvailable
-    against the running one's resident memory (bytes; None where unknown)."""
+    """What the box has for a second generation beside the first: the memory available and
+    the running one's resident memory (bytes; None where unknown). The machine decides."""
 
     name: ClassVar[str] = "restart.overlap_checked"
-    fits: bool
     available: int | None = None
     needed: int | None = None
 
@@ -176,7 +250,7 @@ class SettingsChanged(Event):
     """SIGHUP re-read the config; `settings` are the machine's new Settings."""
 
     name: ClassVar[str] = "config.reloaded"
-    settings: object
+    settings: Settings
     applied: tuple[str, ...] = ()  # keys whose new values are in use from now on
     not_applied: tuple[str, ...] = ()  # keys that only a restart of the supervisor changes
 
@@ -208,9 +282,13 @@ class Fetch(Action):
 
 @dataclass(frozen=True, slots=True)
 class UpdateTree(Action):
+    """Bring the tree (in place) or releases/<commit> (release mode) to `commit`. `reuse`: a
+    release of it already on disk is whole and proven or live, so it is used as it is."""
+
     name: ClassVar[str] = "update_tree"
     commit: str
     reset: bool = False
+    reuse: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +301,7 @@ class StartBuild(Action):
 class StartChild(Action):
     name: ClassVar[str] = "start_child"
     commit: str | None
-    reason: str
+    reason: StartReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +369,7 @@ class UnwatchStats(Action):
 @dataclass(frozen=True, slots=True)
 class StartTimer(Action):
     name: ClassVar[str] = "start_timer"
-    timer: str
+    timer: Timer
     seconds: float
     serial: int
 
@@ -299,7 +377,7 @@ class StartTimer(Action):
 @dataclass(frozen=True, slots=True)
 class CancelTimer(Action):
     name: ClassVar[str] = "cancel_timer"
-    timer: str
+    timer: Timer
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,8 +385,27 @@ class Note(Action):
     """A decision worth its own line in the event log (e.g. `drain.timed_out`)."""
 
     name: ClassVar[str] = "note"
-    event: str
+    event: NoteName
     facts: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SaveState(Action):
+    """Make the commits not to deploy again (`failed`, the newest; `held`, older ones) and the
+    good releases durable, so a restarted supervisor decides as this one would have."""
+
+    name: ClassVar[str] = "save_state"
+    failed: str | None
+    held: tuple[str, ...]
+    good: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PruneReleases(Action):
+    """Release mode: delete kept releases other than these (the good ones and those in use)."""
+
+    name: ClassVar[str] = "prune_releases"
+    keep: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ class Settings:
     probe: bool = False  # ... and pass a probe (HealthPassed)
     health_timeout: float = 60.0  # the deadline for both
     overlap: bool = False  # restart.style = "overlap"
+    overlap_reserve: int = 0  # bytes that must stay free with both generations running
 
 
 def settings_from(config: Config) -> Settings:
@@ -50,4 +51,5 @@ def settings_from(config: Config) -> Settings:
         probe=config.health is not None and config.health.probe is not None,
         health_timeout=config.health.timeout if config.health else 0.0,  # no gate, no deadline
         overlap=config.restart.style == "overlap",
+        overlap_reserve=config.restart.overlap_reserve,
     )

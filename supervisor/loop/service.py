@@ -27,8 +27,10 @@ from supervisor.core.events import (
     Note,
     OverlapChecked,
     ProbeHealth,
+    PruneReleases,
     RestartRequested,
     RollbackRequested,
+    SaveState,
     SetAside,
     SettingsChanged,
     StartBuild,
@@ -46,7 +48,7 @@ from supervisor.core.events import (
     UpdateTree,
     WatchStats,
 )
-from supervisor.core.machine import Phase, State, decide, initial_state
+from supervisor.core.machine import DEPLOYING, Phase, State, decide, initial_state
 from supervisor.core.settings import settings_from
 from supervisor.drivers.build import Builder
 from supervisor.drivers.child import Child
@@ -65,8 +67,6 @@ from supervisor.loop.tasks import DriverTasks
 # systemd's variables are for us alone: an app or a build that inherited NOTIFY_SOCKET could
 # report READY=1 or STOPPING=1 in our name.
 SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-DEPLOY_PHASES = (Phase.DRAINING, Phase.UPDATING, Phase.BUILDING, Phase.RESTARTING,
-                 Phase.PROBATION, Phase.ROLLING_BACK)
 REQUEST_EVENTS = {"deploy": CheckRequested, "restart": RestartRequested,
                   "stop-child": StopChildRequested, "start-child": StartChildRequested,
                   "rollback": RollbackRequested}
@@ -329,11 +329,7 @@ class Service:
             event = queue.popleft()
             before = self.state
             self.state, actions = decide(before, event)
-            if self.state.failed != before.failed or self.state.held != before.held:
-                self.store.save(failed=self.state.failed, held=self.state.held)
-            if self.state.good != before.good:
-                self._keep_releases()
-            if before.phase in DEPLOY_PHASES or self.state.phase in DEPLOY_PHASES:
+            if before.phase in DEPLOYING or self.state.phase in DEPLOYING:
                 # Every line of one deploy attempt carries its id, build output included.
                 self.log.context = {"deploy": f"{self.run_id}.{self.state.deploys}"}
             self.log.transition(event, before.phase, self.state.phase, actions)
@@ -343,7 +339,7 @@ class Service:
                 self.notifier.stopping()
             for action in actions:
                 queue.extend(self._perform(action))
-        if self.state.phase not in DEPLOY_PHASES:
+        if self.state.phase not in DEPLOYING:
             self.log.context = {}
         self._publish()
 
@@ -385,25 +381,12 @@ class Service:
                 self._status_phase = self.state.phase
                 self._status_wake.set()
 
-    def _keep_releases(self) -> None:
-        """Durably record the good releases, then delete those no longer worth keeping."""
-        self.store.save(good=self.state.good)
-        if self.releases is None:
-            return
-        state = self.state
-        keep = {*state.good, state.head, state.target, state.pending}
-        self.releases.prune(c for c in keep if c is not None)
-
     def _check_overlap(self, pid: int) -> Event:
-        """A second generation fits if MemAvailable covers what the running one holds, with
-        restart.overlap_reserve to spare (a tiny box must not swap or OOM for a restart)."""
+        """The facts the machine weighs before starting a second generation beside `pid`."""
         from supervisor.drivers.procfs import available_memory
 
-        needed = self.child.resident_bytes(pid)
-        available = available_memory()
-        fits = (needed is not None and available is not None
-                and available - needed >= self.config.restart.overlap_reserve)
-        return OverlapChecked(fits=fits, available=available, needed=needed)
+        return OverlapChecked(available=available_memory(),
+                              needed=self.child.resident_bytes(pid))
 
     def _child_directory(self) -> str:
         """Release mode runs the app from `current` (app.cwd's place inside the release)."""
@@ -438,6 +421,10 @@ class Service:
                 self.prober.stop()
             case SetAside(commit=commit) if self.releases is not None:
                 self.releases.set_aside(commit)
+            case SaveState(failed=failed, held=held, good=good):
+                self.store.save(failed=failed, held=held, good=good)
+            case PruneReleases(keep=keep) if self.releases is not None:
+                self.releases.prune(keep)
             case CheckOverlap(pid=pid):
                 return [self._check_overlap(pid)]
             case SwitchRelease(commit=commit) if self.releases is not None:
@@ -452,9 +439,9 @@ class Service:
                 self.child.kill(pid)
             case Fetch():
                 self.repo.check_now()
-            case UpdateTree(commit=commit, reset=reset):
+            case UpdateTree(commit=commit, reset=reset, reuse=reuse):
                 self.tree_update = asyncio.get_running_loop().create_task(
-                    self._update_tree(commit, reset))
+                    self._update_tree(commit, reset, reuse))
             case StartBuild(commit=commit) if self.builder is not None:
                 self.builder.start(commit)
             case WatchStats() if self.watcher is not None:
@@ -473,10 +460,9 @@ class Service:
                 pass  # the loop ends once the machine reaches STOPPED
         return []
 
-    async def _update_tree(self, commit: str, reset: bool) -> None:
+    async def _update_tree(self, commit: str, reset: bool, reuse: bool) -> None:
         if self.releases is not None:
-            keep = (*self.state.good, self.state.head)
-            self.inbox.put_nowait(await self.releases.prepare(commit, (c for c in keep if c)))
+            self.inbox.put_nowait(await self.releases.prepare(commit, (commit,) if reuse else ()))
             return
         self.inbox.put_nowait(await self.repo.update(commit, reset))
 

@@ -18,18 +18,26 @@ from supervisor.core.events import (
     FetchFailed,
     FetchSucceeded,
     Note,
+    NoteName,
     StartChild,
+    StartReason,
     StartTimer,
     StatsRead,
+    Timer,
     TreeUpdateFailed,
     WatchStats,
 )
-from supervisor.core.machine import Phase, State
+from supervisor.core.machine import DEPLOYING, Phase, State
 from supervisor.drivers.eventlog import timestamp
 from supervisor.drivers.sdnotify import status_line
 
-DEPLOYING = (Phase.DRAINING, Phase.UPDATING, Phase.BUILDING, Phase.RESTARTING,
-             Phase.PROBATION, Phase.ROLLING_BACK)
+
+def deploying(state: State) -> str | None:
+    """The commit a deploy under way is after: its target until it starts, then the
+    generation proving itself (or being rolled back)."""
+    if state.phase not in DEPLOYING:
+        return None
+    return state.target or state.child_commit
 
 
 def facts(snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -50,7 +58,7 @@ class StatusBoard:
         self.app, self.poll_interval, self.drain_keys = app, poll_interval, drain_keys
         self.health_gate = health_gate  # a deploy succeeds when healthy, not when started
         self.child_since: float | None = None
-        self.start_reason: str | None = None
+        self.start_reason: StartReason | None = None
         self.drain_since: float | None = None
         self.stats: dict[str, str] | None = None
         self.next_fetch: float | None = None
@@ -71,7 +79,7 @@ class StatusBoard:
                     self._error(event.name, event.error, now)  # type: ignore[union-attr]
             case ChildStarted(commit=commit):
                 self.child_since = now
-                if self.start_reason in ("deploy", "startup"):
+                if self.start_reason is not None and self.start_reason.deploys:
                     self.last_deploy = {"commit": commit, "at": timestamp(now),
                                         "result": "proving healthy" if self.health_gate
                                         else "succeeded"}
@@ -87,23 +95,24 @@ class StatusBoard:
                     self.start_reason = reason
                 case WatchStats():
                     self.drain_since, self.stats = now, None
-                case StartTimer(timer="backoff", seconds=seconds):
+                case StartTimer(timer=Timer.BACKOFF, seconds=seconds):
                     self.backoff, self.backoff_until = seconds, now + seconds
-                case Note(event="deploy.failed", facts=facts):
+                case Note(event=NoteName.DEPLOY_FAILED, facts=facts):
                     self.last_deploy = {"commit": facts.get("commit"), "result": "failed",
                                         "reason": facts.get("reason"), "at": timestamp(now)}
-                case Note(event="health.passed", facts=facts) if (
+                case Note(event=NoteName.HEALTH_PASSED, facts=facts) if (
                         self.last_deploy and self.last_deploy["result"] == "proving healthy"):
                     self.last_deploy = self.last_deploy | {"result": "succeeded",
                                                            "at": timestamp(now)}
-                case Note(event="health.failed", facts=facts):
-                    self._error("health.failed", str(facts.get("reason")), now)
+                case Note(event=NoteName.HEALTH_FAILED, facts=facts):
+                    self._error(NoteName.HEALTH_FAILED, str(facts.get("reason")), now)
                     if facts.get("rollback_to"):
                         self.last_deploy = {"commit": facts.get("commit"),
                                             "result": "rolled back",
                                             "reason": facts.get("reason"),
                                             "at": timestamp(now)}
-                case Note(event="child.crash_looping" | "child.backing_off", facts=facts):
+                case Note(event=NoteName.CHILD_CRASH_LOOPING | NoteName.CHILD_BACKING_OFF,
+                          facts=facts):
                     self._error("child.exited", str(facts.get("reason")), now)
 
     def _error(self, event: str, message: str, now: float) -> None:
@@ -132,7 +141,7 @@ class StatusBoard:
                 "since": timestamp(self.child_since or now),
                 "uptime": round(now - (self.child_since or now), 1)},
             "head": state.head, "built": state.built,
-            "target": state.target if state.phase in DEPLOYING else None,
+            "target": deploying(state),
             "pending": state.pending, "failed": state.failed, "waiting": waiting,
             "good": list(state.good) if state.settings.releases else None,
             "last_deploy": self.last_deploy, "last_fetch": self.last_fetch,
@@ -149,6 +158,6 @@ class StatusBoard:
             str(state.phase), commit=state.child_commit, pid=state.child,
             stats=self._drain_stats(),
             next_fetch=None if self.next_fetch is None else self.next_fetch - now,
-            target=state.target, pending=state.pending,
+            target=deploying(state), pending=state.pending,
             waiting=None if self.drain_since is None else now - self.drain_since,
             crashes=state.crashes, backoff=self.backoff, failed=state.failed)
