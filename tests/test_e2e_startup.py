@@ -43,3 +43,22 @@ def test_a_stop_asked_for_while_the_stale_app_is_stopped_ends_the_run_cleanly(wo
     assert requested["_i"] > found[0]["_i"]
     assert not second.select("child.started"), "a stop before the first start starts nothing"
     second.wait_for("supervisor.stopped")
+
+
+def test_a_run_that_cannot_start_leaves_the_stale_app_serving(world):
+    socket = [{"listen": f"127.0.0.1:{world.port}", "name": "web"}]
+    first, stale = world.start_serving(socket=socket)
+    first.send(signal.SIGKILL)
+    first.wait_exit()
+
+    broken = world.write_config("broken.toml", socket=socket,
+                                app={"cwd": str(world.tmp / "gone")})
+    second = world.start(config=broken)
+    assert second.wait_exit() == 2
+    assert f"app.cwd: {world.tmp / 'gone'} is not a directory" in "\n".join(second.lines)
+    assert world.alive(stale), "nothing could replace it, so it was left serving"
+    assert world.http() == "hello from 1"
+
+    again = world.start(config=first.config)  # fixed: now it is replaced
+    again.wait_for("child.stale_stopped", pid=stale)
+    world.wait_http("hello from 1", again)

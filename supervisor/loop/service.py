@@ -153,6 +153,7 @@ class Service:
             await self._start_trigger()
 
     def _check_paths(self) -> None:
+        """The directories the app needs were checked by startup.claim already."""
         config = self.config
         if config.log.child == "file":
             try:
@@ -160,11 +161,6 @@ class Service:
             except OSError as error:
                 raise StartupError(f"log.child_file: cannot open {config.log.child_file}: "
                                    f"{error.strerror}") from None
-        stats_directory = os.path.dirname(config.drain.stats_file) if config.drain else ""
-        if config.drain and not os.path.isdir(stats_directory):
-            raise StartupError(f"drain.stats_file: directory {stats_directory} does not exist")
-        if not os.path.isdir(config.app.cwd):
-            raise StartupError(f"app.cwd: {config.app.cwd} is not a directory")
 
     def _set_up_releases(self) -> str | None:
         """The live release in release mode (None in place)."""

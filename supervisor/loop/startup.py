@@ -35,11 +35,13 @@ class Claim:
 
 def claim(config: Config, environ: MutableMapping[str, str]) -> Claim:
     """Take everything this run needs to itself, or raise StartupError. The lock comes first, so
-    nothing a running supervisor owns is ever touched; the sockets come last, once the app a
-    killed run left behind no longer holds their ports."""
+    nothing a running supervisor owns is ever touched; then the directories the app needs, so a
+    run that cannot start leaves the app a killed run left serving; the sockets come last, once
+    that app no longer holds their ports."""
     fd = _lock(config.app.state_dir, above=3 + len(config.sockets))
     taken = Claim(lock_fd=fd)
     try:
+        _check_directories(config)  # a run that cannot start leaves a stale app serving
         with _stops_held(taken.stop_signals):
             stop_left_behind(config, taken.notes)
         if config.sockets:
@@ -77,6 +79,14 @@ def _lock(state_dir: str, above: int) -> int:
     finally:
         os.close(fd)
     return moved
+
+
+def _check_directories(config: Config) -> None:
+    stats_directory = os.path.dirname(config.drain.stats_file) if config.drain else ""
+    if config.drain and not os.path.isdir(stats_directory):
+        raise StartupError(f"drain.stats_file: directory {stats_directory} does not exist")
+    if not os.path.isdir(config.app.cwd):
+        raise StartupError(f"app.cwd: {config.app.cwd} is not a directory")
 
 
 def stop_left_behind(config: Config, notes: Notes) -> bool:
