@@ -25,7 +25,7 @@ MAX_PARTIAL = 1 << 20  # an unfinished last line is held up to this size, then s
 # The colour of an event's name, by the last part of the name (ANSI SGR codes).
 RED, YELLOW, GREEN, CYAN, DIM = "31", "33", "32", "36", "2"
 _KINDS = {
-    RED: {"crash_looping", "diverged", "dirty", "timed_out", "output_dropped"},
+    RED: {"crash_looping", "crashed", "diverged", "dirty", "timed_out", "output_dropped"},
     YELLOW: {"restarting", "backing_off", "ignored", "lines_ignored",
              "stale_found", "stale_stopped", "stop_requested", "reverting", "waiting_for_drain"},
     GREEN: {"started", "succeeded", "satisfied", "tree_updated", "stopped"},
