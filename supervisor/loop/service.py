@@ -73,6 +73,9 @@ REQUEST_EVENTS = {"deploy": CheckRequested, "restart": RestartRequested,
 
 
 class Service:
+    """One app's loop: the drivers post events to `inbox`, `_handle` decides and acts. What it
+    must own before it runs (the lock, the sockets) is given to it, already claimed."""
+
     STATUS_REFRESH = 30.0  # seconds; only under systemd, which shows the line on request
     DRAIN_REFRESH = 1.0  # while draining the line counts the seconds waited: keep it true
 
