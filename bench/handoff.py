@@ -26,161 +26,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-EXAMPLE_APP = REPO / "supervisor" / "example_app"
+from harness import (
+    BENCH,
+    BenchError,
+    DeployWorld,
+    Owned,
+    Supervisor,
+    log,
+    machine,
+    run_benchmark,
+    wait_answer,
+    write_config,
+)
+
 RESULTS = BENCH / "results" / "handoff.md"
-GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost",
-           "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1",
-           "GIT_CONFIG_GLOBAL": "/dev/null"}
 KINDS = ("refused", "reset", "timeout", "EOF", "other")
 WAYS = ("no-handoff", "stop-start", "overlap")
-
-
-class BenchError(Exception):
-    """A step did not happen within its bound."""
-
-
-# --- processes -----------------------------------------------------------------------------------
-
-def start_ticks(pid: int) -> int | None:
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2:].split()
-    return None if fields[0] == b"Z" else int(fields[19])
-
-
-class Owned:
-    """Every process we started or that the supervisor started for us: pid and start time, so
-    that a signal never reaches a reused pid."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.pids: dict[int, int] = {}
-
-    def adopt(self, pid: int) -> None:
-        ticks = start_ticks(pid)
-        if ticks is not None:
-            with self.lock:
-                self.pids[pid] = ticks
-
-    def signal(self, pid: int, sig: int) -> bool:
-        with self.lock:
-            ticks = self.pids.get(pid)
-        if ticks is None or start_ticks(pid) != ticks:
-            return False
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-            return True
-        return False
-
-    def kill_leftovers(self) -> list[int]:
-        killed = [pid for pid in list(self.pids) if self.signal(pid, signal.SIGKILL)]
-        with self.lock:
-            self.pids.clear()
-        return killed
-
-
-def run(argv: list[str], cwd: Path, timeout: float = 60) -> str:
-    result = subprocess.run(argv, cwd=cwd, env={**os.environ, **GIT_ENV}, capture_output=True,
-                            text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise BenchError(f"{' '.join(argv)}: {result.stderr.strip()}")
-    return result.stdout.strip()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http_get(port: int, timeout: float = 1.0) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=timeout) as response:
-            return response.read().decode().strip()
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-# --- the supervisor ------------------------------------------------------------------------------
-
-class Supervisor:
-    """`python -m supervisor run -c CONFIG`, its JSON log (stderr) read line by line."""
-
-    def __init__(self, config: Path, cwd: Path, owned: Owned) -> None:
-        self.owned = owned
-        self.records: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "run", "-c", str(config)], cwd=cwd,
-            env={**os.environ, **GIT_ENV, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        owned.adopt(self.proc.pid)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode("utf-8", "replace").strip()
-            record = None
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-            if not isinstance(record, dict) or "event" not in record:
-                continue
-            record["_t"] = time.monotonic()
-            if record["event"] == "child.started":
-                self.owned.adopt(record["pid"])
-            with self.cond:
-                self.records.append(record)
-                self.cond.notify_all()
-
-    def wait_for(self, event: str, timeout: float, after: int = 0,
-                 where: Callable[[dict[str, Any]], bool] = lambda r: True) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for record in self.records[after:]:
-                    if record["event"] == event and where(record):
-                        return record
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    tail = "\n".join(json.dumps(r) for r in self.records[-8:])
-                    raise BenchError(f"no {event} within {timeout}s\n{tail}")
-                self.cond.wait(left)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.owned.signal(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.owned.signal(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
 
 
 # --- hey -----------------------------------------------------------------------------------------
@@ -291,76 +165,32 @@ class Result:
     error: str | None = None
 
 
-def toml(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, list):
-        return "[" + ", ".join(toml(v) for v in value) + "]"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(str(value))
-
-
-def write_config(tmp: Path, way: str, port: int, start_delay: float) -> Path:
+def config(world: DeployWorld, way: str, start_delay: float) -> Path:
     env = {"START_DELAY": str(start_delay)}
     if way == "no-handoff":
-        env["PORT"] = str(port)
+        env["PORT"] = str(world.port)
     sections: list[tuple[str, dict[str, Any]]] = [
         ("[app]", {"name": "handoff", "command": [sys.executable, "server.py"], "env": env,
-                   "stop_timeout": "5s", "state_dir": str(tmp / "state")}),
-        ("[git]", {"repo": str(tmp / "app"), "poll_interval": "1h", "timeout": "20s"}),
+                   "stop_timeout": "5s", "state_dir": str(world.tmp / "state")}),
+        ("[git]", {"repo": str(world.app), "poll_interval": "1h", "timeout": "20s"}),
         ("[build]", {"command": "true", "timeout": "20s"}),
         ("[log]", {"format": "json"}),
     ]
     if way in ("stop-start", "overlap"):
-        sections.append(("[[socket]]", {"listen": f"127.0.0.1:{port}", "name": "http"}))
+        sections.append(("[[socket]]", {"listen": f"127.0.0.1:{world.port}", "name": "http"}))
     if way == "overlap":
-        sections += [("[deploy]", {"mode": "releases", "dir": str(tmp / "deploy")}),
+        sections += [("[deploy]", {"mode": "releases", "dir": str(world.tmp / "deploy")}),
                      ("[restart]", {"style": "overlap"}),
                      ("[health]", {"notify": True, "timeout": "20s"})]
-    lines = []
-    for header, values in sections:
-        lines.append(header)
-        lines += [f"{key} = {toml(value)}" for key, value in values.items()]
-        lines.append("")
-    path = tmp / "supervisor.toml"
-    path.write_text("\n".join(lines))
-    return path
+    return write_config(world.tmp / "supervisor.toml", sections)
 
 
-def make_world(tmp: Path) -> None:
-    remote, dev = tmp / "remote.git", tmp / "dev"
-    run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], tmp)
-    run(["git", "init", "-q", "-b", "main", str(dev)], tmp)
-    shutil.copy(EXAMPLE_APP / "server.py", dev / "server.py")
-    (dev / "VERSION").write_text("1\n")
-    run(["git", "add", "-A"], dev)
-    run(["git", "commit", "-q", "-m", "release 1"], dev)
-    run(["git", "remote", "add", "origin", str(remote)], dev)
-    run(["git", "push", "-q", "-u", "origin", "main"], dev)
-    run(["git", "clone", "-q", str(remote), str(tmp / "app")], tmp)
-
-
-def wait_answer(port: int, body: str, timeout: float) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if http_get(port) == body:
-            return time.monotonic()
-        time.sleep(0.01)
-    raise BenchError(f"GET / did not answer {body!r} within {timeout}s")
-
-
-def deploy(sup: Supervisor, tmp: Path, port: int, version: int, result: Result) -> None:
-    dev = tmp / "dev"
-    (dev / "VERSION").write_text(f"{version}\n")
-    run(["git", "commit", "-q", "-am", f"release {version}"], dev)
-    commit = run(["git", "rev-parse", "HEAD"], dev)
-    run(["git", "push", "-q", "origin", "main"], dev)
-    mark = len(sup.records)
-    signalled = time.monotonic()
-    sup.owned.signal(sup.proc.pid, signal.SIGUSR1)
+def deploy(sup: Supervisor, world: DeployWorld, result: Result) -> None:
+    version, commit = world.release()
+    mark = sup.mark()
+    signalled = world.push(sup)
     started = sup.wait_for("child.started", 30, mark, lambda r: r.get("commit") == commit)
-    answered = wait_answer(port, f"hello from {version}", 30)
+    answered = wait_answer(world.port, f"hello from {version}", 30)
     exited = sup.wait_for("child.exited", 30, mark, lambda r: r.get("pid") != started["pid"])
     result.deploy_seconds.append(answered - signalled)
     if exited["_t"] <= answered:  # overlap: the old one exits only after the new one serves
@@ -372,9 +202,9 @@ def measure(way: str, args: argparse.Namespace, owned: Owned) -> Result:
     tmp = Path(tempfile.mkdtemp(prefix=f"handoff-{way}-"))
     sup = None
     try:
-        make_world(tmp)
-        port = free_port()
-        sup = Supervisor(write_config(tmp, way, port, args.start_delay), tmp, owned)
+        world = DeployWorld(tmp)
+        port = world.port
+        sup = Supervisor(config(world, way, args.start_delay), tmp, owned)
         sup.wait_for("child.started", 30)
         wait_answer(port, "hello from 1", 30)
         log(f"{way}: serving on 127.0.0.1:{port}; steady load for {args.steady:g}s")
@@ -385,8 +215,8 @@ def measure(way: str, args: argparse.Namespace, owned: Owned) -> Result:
         hey = Hey(args, port, limit, tmp / "hey-deploys.txt", owned)
         try:
             time.sleep(1.0)  # the load settles before the first deploy
-            for version in range(2, args.deploys + 2):
-                deploy(sup, tmp, port, version, result)
+            for _ in range(args.deploys):
+                deploy(sup, world, result)
                 result.done += 1
                 time.sleep(args.gap)
             time.sleep(1.0)
@@ -411,23 +241,12 @@ def ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory = ""
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        kib = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
-        memory = f", {kib / 1024 / 1024:.1f} GiB RAM"
+def versions() -> str:
     hey = "hey"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         hey = "hey " + subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "hey"],
                                       capture_output=True, text=True, timeout=10).stdout
-    return (f"{cpu}, {os.cpu_count()} cores{memory}; Linux {platform.release()}; "
-            f"Python {platform.python_version()} ({sys.executable}); {hey}")
+    return f"Python {platform.python_version()} ({sys.executable}); {hey}"
 
 
 def report(results: list[Result], args: argparse.Namespace, elapsed: float) -> str:
@@ -437,7 +256,7 @@ def report(results: list[Result], args: argparse.Namespace, elapsed: float) -> s
         f"`python3 bench/handoff.py --deploys {args.deploys}` · {time.strftime('%Y-%m-%d %H:%M')}"
         f" · run time {elapsed:.0f} s",
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {machine()}; {versions()}.",
         "",
         f"Load: `hey -q {args.rate} -c {args.conc} -t {args.timeout}`"
         f"{' -disable-keepalive' if args.disable_keepalive else ''} (≈{args.rate * args.conc}"
@@ -495,10 +314,6 @@ def report(results: list[Result], args: argparse.Namespace, elapsed: float) -> s
     return "\n".join(lines)
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--deploys", type=int, default=50, help="deploys per way (default 50)")
@@ -526,33 +341,7 @@ def main() -> int:
         print("handoff.py: --deploys 1..1000 and --rate * --conc 1..2000", file=sys.stderr)
         return 2
 
-    owned = Owned()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    watchdog = threading.Timer(args.max_minutes * 60, os.kill, (os.getpid(), signal.SIGTERM))
-    watchdog.daemon = True
-    watchdog.start()
-    began = time.monotonic()
-    chosen = [way.strip() for way in args.ways.split(",") if way.strip()]
-    results = []
-    try:
-        for way in WAYS:
-            if way in chosen:
-                results.append(measure(way, args, owned))
-    except KeyboardInterrupt:
-        log("interrupted")
-        owned.kill_leftovers()
-        return 130
-    finally:
-        watchdog.cancel()
-    text = report(results, args, time.monotonic() - began)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
-    return 1 if any(r.error for r in results) else 0
+    return run_benchmark(WAYS, args.ways, args, measure, report)
 
 
 if __name__ == "__main__":

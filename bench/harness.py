@@ -1,9 +1,11 @@
-"""What bench/run.py measures with: /proc readings, HTTP probes on 127.0.0.1, a git world per
-system, and the three supervisors under test (ours, the seed's loop, supervisord).
+"""What the benchmarks measure with: /proc readings, HTTP probes on 127.0.0.1, a git world per
+system, the three supervisors of bench/run.py (ours, the seed's loop, supervisord), and for
+bench/handoff.py and bench/releases.py one supervisor of this tree with its JSON log read live.
 
 Every process started here is tracked: it runs in a session we created, and it is stopped by pid
 (checked against its start time, so a reused pid is never hit). Nothing is looked up or killed by
-name. Standard library only; it runs with any python3.
+name. Standard library and this tree's own /proc, port and timestamp helpers (the ones the
+supervisor and the tests use); it runs with any python3 >= 3.11.
 """
 
 from __future__ import annotations
@@ -11,26 +13,39 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import random
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# One reader each of /proc, free ports and the log's timestamps, shared with the supervisor and
+# the tests; re-exported for the benchmark scripts.
+from supervisor.drivers.eventlog import parse_timestamp as parse_timestamp  # noqa: E402
+from supervisor.drivers.procfs import start_ticks as start_ticks  # noqa: E402
+from supervisor.drivers.procfs import stat_fields as stat_fields  # noqa: E402
+from supervisor.drivers.sockets import free_port as free_port  # noqa: E402
+
 EXAMPLE_APP = REPO / "supervisor" / "example_app"
 DEBIAN_PYTHON = "/usr/bin/python3"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost",
-           "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1"}
+           "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1",
+           "GIT_CONFIG_GLOBAL": "/dev/null"}
 
 
 class BenchError(Exception):
@@ -39,18 +54,10 @@ class BenchError(Exception):
 
 # --- /proc ---------------------------------------------------------------------------------------
 
-def stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name; index 0 is the state (field 3)."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return data[data.rfind(b")") + 2:].decode().split()
-
-
-def start_ticks(pid: int) -> int | None:
+def live_start_ticks(pid: int) -> int | None:
+    """start_ticks of a live process; None for a zombie too: signalling it would do nothing."""
     fields = stat_fields(pid)
-    return int(fields[19]) if fields else None
+    return None if fields is None or fields[0] == "Z" else start_ticks(pid)
 
 
 def cpu_seconds(pid: int, children: bool = True) -> float:
@@ -154,12 +161,6 @@ def cmdline(pid: int) -> list[str]:
 
 # --- HTTP on 127.0.0.1 ---------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def http_get(port: int, path: str = "/", timeout: float = 2.0) -> str | None:
     """The body of one GET with Connection: close, or None if nothing answered properly."""
     try:
@@ -188,6 +189,22 @@ def wait_http(port: int, timeout: float, expect: str | None = None,
         if time.monotonic() > deadline:
             raise BenchError(f"port {port} did not answer {expect or ''} within {timeout}s")
         time.sleep(interval)
+
+
+def answer(port: int, timeout: float = 1.0) -> str | None:
+    """`GET /` of the example app, stripped ("hello from 2"), or None."""
+    body = http_get(port, timeout=timeout)
+    return None if body is None else body.strip()
+
+
+def wait_answer(port: int, body: str, timeout: float) -> float:
+    """Wall time at which `GET /` first answered exactly `body`; BenchError at the bound."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if answer(port) == body:
+            return time.time()
+        time.sleep(0.01)
+    raise BenchError(f"GET / did not answer {body!r} within {timeout}s")
 
 
 class HoldClient:
@@ -221,10 +238,6 @@ def wait_file_value(path: Path, text: str, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise BenchError(f"{path} never said {text}")
         time.sleep(0.005)
-
-
-def parse_ts(ts: str) -> float:
-    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
 # --- output of a process, line by line with arrival times ----------------------------------------
@@ -393,9 +406,17 @@ clean:
 """
 
 
+def run(argv: list[str], cwd: Path, timeout: float = 60) -> str:
+    """A short command (git, mostly): its output, or BenchError with what it said."""
+    result = subprocess.run(argv, cwd=cwd, env={**os.environ, **GIT_ENV}, capture_output=True,
+                            text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise BenchError(f"{' '.join(argv)}: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
 def git(*args: str, cwd: Path) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **GIT_ENV}, check=True,
-                          capture_output=True, text=True, timeout=60).stdout.strip()
+    return run(["git", *args], cwd)
 
 
 class World:
@@ -568,3 +589,261 @@ killasgroup=true
         self.process = Started([str(self.venv / "bin" / "supervisord"), "-n", "-c",
                                 str(self.config)], cwd=self.world.root, env=dict(os.environ),
                                name="supervisord")
+
+
+# --- one supervisor of this tree, for bench/handoff.py and bench/releases.py ---------------------
+
+STEP_WAIT = 40.0  # the bound on one step of a deploy; a passing run never comes near it
+BUILD_SCRIPT = 'test -s VERSION && echo "built version $(cat VERSION)"\n'
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def watchdog(minutes: float) -> Iterator[None]:
+    """SIGTERM, and running over `minutes`, raise KeyboardInterrupt in the main thread, so the
+    run stops what it started on the way out instead of leaving it behind."""
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    timer = threading.Timer(minutes * 60, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def cpu_model(unknown: str = "unknown CPU") -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return unknown
+
+
+def machine() -> str:
+    """The CPU, cores, memory and kernel, for a report's "Machine:" line."""
+    cpu = cpu_model()
+    memory = ""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        kib = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
+        memory = f", {kib / 1024 / 1024:.1f} GiB RAM"
+    return f"{cpu}, {os.cpu_count()} cores{memory}; Linux {platform.release()}"
+
+
+class Owned:
+    """Every process we started or that the supervisor started for us: pid and start time, so
+    that a signal never reaches a reused pid."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pids: dict[int, int] = {}
+
+    def adopt(self, pid: int) -> None:
+        ticks = live_start_ticks(pid)
+        if ticks is not None:
+            with self.lock:
+                self.pids[pid] = ticks
+
+    def signal(self, pid: int, sig: int, group: bool = False) -> bool:
+        """`group`: the process group it leads, if it leads one (the app, a supervisor)."""
+        with self.lock:
+            ticks = self.pids.get(pid)
+        if ticks is None or live_start_ticks(pid) != ticks:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            if group and os.getpgid(pid) == pid:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+            return True
+        return False
+
+    def kill_leftovers(self) -> list[int]:
+        killed = [pid for pid in list(self.pids) if self.signal(pid, signal.SIGKILL, True)]
+        with self.lock:
+            self.pids.clear()
+        return killed
+
+
+class Supervisor:
+    """`python -m supervisor run -c CONFIG` from this tree, its JSON log (stderr) read line by
+    line; each record gets `_i` (its index), `_t` (when it arrived here) and `_ts` (its own
+    `ts`), both wall clock, seconds since the epoch."""
+
+    def __init__(self, config: Path, cwd: Path, owned: Owned,
+                 python: str = sys.executable) -> None:
+        self.owned = owned
+        self.records: list[dict[str, Any]] = []
+        self.cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            [python, "-m", "supervisor", "run", "-c", str(config)], cwd=cwd,
+            env={**os.environ, **GIT_ENV, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        owned.adopt(self.proc.pid)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").strip()
+            record = None
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+            if not isinstance(record, dict) or "event" not in record:
+                continue
+            record["_t"] = time.time()
+            record["_ts"] = parse_timestamp(record.get("ts"))
+            if record["event"] in ("child.started", "child.stale_found"):
+                self.owned.adopt(record["pid"])
+            with self.cond:
+                record["_i"] = len(self.records)
+                self.records.append(record)
+                self.cond.notify_all()
+
+    def mark(self) -> int:
+        with self.cond:
+            return len(self.records)
+
+    def wait_for(self, event: str, timeout: float = STEP_WAIT, after: int = 0,
+                 where: Callable[[dict[str, Any]], bool] = lambda r: True) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for record in self.records[after:]:
+                    if record["event"] == event and where(record):
+                        return record
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    tail = "\n".join(json.dumps({k: v for k, v in r.items() if k[0] != "_"})
+                                     for r in self.records[-8:])
+                    raise BenchError(f"no {event} within {timeout}s\n{tail}")
+                self.cond.wait(left)
+
+    def first(self, after: int, where: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+        with self.cond:
+            return next((r for r in self.records[after:] if where(r)), None)
+
+    def phases(self, start: int, end: int) -> tuple[str, ...]:
+        """The phases records[start..end] went through, from their before/after."""
+        path: list[str] = []
+        with self.cond:
+            for record in self.records[start:end + 1]:
+                for phase in (record.get("before"), record.get("after")):
+                    if isinstance(phase, str) and (not path or path[-1] != phase):
+                        path.append(phase)
+        return tuple(path)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.owned.signal(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.owned.signal(self.proc.pid, signal.SIGKILL, True)
+                self.proc.wait(5)
+
+
+class DeployWorld:
+    """A bare remote, a dev clone that commits the example app and pushes, the clone the
+    supervisor deploys from, a stats file path and a port, in `tmp`."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.remote = tmp, tmp / "remote.git"
+        self.dev, self.app = tmp / "dev", tmp / "app"
+        self.stats = tmp / "run" / "stats"
+        self.stats.parent.mkdir()
+        self.port = free_port()
+        self.version = 1
+        run(["git", "init", "-q", "--bare", "-b", "main", str(self.remote)], tmp)
+        run(["git", "init", "-q", "-b", "main", str(self.dev)], tmp)
+        shutil.copy(EXAMPLE_APP / "server.py", self.dev / "server.py")
+        (self.dev / "VERSION").write_text("1\n")
+        (self.dev / "build.sh").write_text(BUILD_SCRIPT)
+        self.first = self.commit({}, "release 1")
+        run(["git", "remote", "add", "origin", str(self.remote)], self.dev)
+        run(["git", "push", "-q", "-u", "origin", "main"], self.dev)
+        run(["git", "clone", "-q", str(self.remote), str(self.app)], tmp)
+
+    def commit(self, files: dict[str, str | None], message: str) -> str:
+        """Write (or, for None, remove) files in the dev clone and commit them all."""
+        for name, text in files.items():
+            if text is None:
+                (self.dev / name).unlink(missing_ok=True)
+            else:
+                (self.dev / name).write_text(text)
+        run(["git", "add", "-A"], self.dev)
+        run(["git", "commit", "-q", "-m", message], self.dev)
+        return run(["git", "rev-parse", "HEAD"], self.dev)
+
+    def release(self, extra: dict[str, str | None] | None = None) -> tuple[str, str]:
+        """Commit a new VERSION (and `extra`); returns (version, commit). Not pushed yet."""
+        self.version += 1
+        version = str(self.version)
+        commit = self.commit({**(extra or {}), "VERSION": version + "\n"}, f"release {version}")
+        return version, commit
+
+    def push(self, sup: Supervisor) -> float:
+        """Push, then ask the supervisor to fetch now (its poll_interval is long); returns when
+        it was asked (wall clock)."""
+        run(["git", "push", "-q", "origin", "main"], self.dev)
+        asked = time.time()
+        sup.owned.signal(sup.proc.pid, signal.SIGUSR1)
+        return asked
+
+
+def toml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(str(value))
+
+
+def write_config(path: Path, sections: list[tuple[str, dict[str, Any]]]) -> Path:
+    """`sections` as (header, values), e.g. ("[app]", {...}) or ("[[socket]]", {...})."""
+    lines = []
+    for header, values in sections:
+        lines.append(header)
+        lines += [f"{key} = {toml(value)}" for key, value in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def run_benchmark(names: tuple[str, ...], chosen: str, args: Any,
+                  measure: Callable[[str, Any, Owned], Any],
+                  report: Callable[[list[Any], Any, float], str]) -> int:
+    """`measure(name, args, owned)` for each of `names` that the comma-separated `chosen`
+    lists, in order, under a watchdog of `args.max_minutes`; then the report, written to
+    `args.output` and printed. Exit 1 when a part failed, 130 when interrupted; what was
+    started is stopped either way."""
+    owned = Owned()
+    began = time.monotonic()
+    wanted = {name.strip() for name in chosen.split(",") if name.strip()}
+    results = []
+    try:
+        with watchdog(args.max_minutes):
+            for name in names:
+                if name in wanted:
+                    results.append(measure(name, args, owned))
+    except KeyboardInterrupt as stop:
+        log(f"interrupted ({stop or 'SIGINT'}); stopping what was started")
+        return 130
+    finally:
+        owned.kill_leftovers()
+    text = report(results, args, time.monotonic() - began)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    print(text)
+    return 1 if any(result.error for result in results) else 0

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import os
 import platform
 import selectors
@@ -54,30 +53,34 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from harness import BenchError, free_port, parse_ts
+from harness import (
+    BENCH,
+    REPO,
+    STEP_WAIT,
+    BenchError,
+    DeployWorld,
+    Owned,
+    Supervisor,
+    log,
+    machine,
+    run,
+    run_benchmark,
+    wait_answer,
+    write_config,
+)
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-EXAMPLE_APP = REPO / "supervisor" / "example_app"
 RESULTS = BENCH / "results" / "releases.md"
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
-GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost",
-           "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1",
-           "GIT_CONFIG_GLOBAL": "/dev/null"}
-BUILD_SCRIPT = 'test -s VERSION && echo "built version $(cat VERSION)"\n'
 KINDS = ("refused", "reset", "timeout", "EOF", "http", "other")
 MODES = ("in-place", "releases")
 BAD_KINDS = ("crash", "unhealthy")
-WAIT = 40.0  # the bound on any one step of a deploy; a passing run never comes near it
+WAIT = STEP_WAIT
 
 
 # --- the load client (runs in its own process: --client) -----------------------------------------
@@ -216,150 +219,9 @@ def client_main(port: int, interval: float, timeout: float) -> int:
     return 0
 
 
-# --- processes -----------------------------------------------------------------------------------
-
-def start_ticks(pid: int) -> int | None:
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2:].split()
-    return None if fields[0] == b"Z" else int(fields[19])
-
-
-class Owned:
-    """Every process we started or that the supervisor started for us: pid and start time, so
-    that a signal never reaches a reused pid."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.pids: dict[int, int] = {}
-
-    def adopt(self, pid: int) -> None:
-        ticks = start_ticks(pid)
-        if ticks is not None:
-            with self.lock:
-                self.pids[pid] = ticks
-
-    def signal(self, pid: int, sig: int, group: bool = False) -> bool:
-        """`group`: the process group it leads, if it leads one (the app, a supervisor)."""
-        with self.lock:
-            ticks = self.pids.get(pid)
-        if ticks is None or start_ticks(pid) != ticks:
-            return False
-        with contextlib.suppress(ProcessLookupError):
-            if group and os.getpgid(pid) == pid:
-                os.killpg(pid, sig)
-            else:
-                os.kill(pid, sig)
-            return True
-        return False
-
-    def kill_leftovers(self) -> list[int]:
-        killed = [pid for pid in list(self.pids) if self.signal(pid, signal.SIGKILL, True)]
-        with self.lock:
-            self.pids.clear()
-        return killed
-
-
-def run(argv: list[str], cwd: Path, timeout: float = 60) -> str:
-    result = subprocess.run(argv, cwd=cwd, env={**os.environ, **GIT_ENV}, capture_output=True,
-                            text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise BenchError(f"{' '.join(argv)}: {result.stderr.strip()}")
-    return result.stdout.strip()
-
-
-def http_get(port: int, timeout: float = 1.0) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=timeout) as response:
-            return response.read().decode().strip()
-    except (urllib.error.URLError, OSError):
-        return None
-
-
 def supervisor_python() -> str:
     """The project's venv if there is one (it has watchfiles, the stats watcher's fallback)."""
     return str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
-
-
-# --- the supervisor ------------------------------------------------------------------------------
-
-class Supervisor:
-    """`python -m supervisor run -c CONFIG`, its JSON log (stderr) read line by line; each record
-    gets `_i` (its index) and `_ts` (its `ts` as seconds since the epoch)."""
-
-    def __init__(self, config: Path, cwd: Path, owned: Owned) -> None:
-        self.owned = owned
-        self.records: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        self.proc = subprocess.Popen(
-            [supervisor_python(), "-m", "supervisor", "run", "-c", str(config)], cwd=cwd,
-            env={**os.environ, **GIT_ENV, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        owned.adopt(self.proc.pid)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode("utf-8", "replace").strip()
-            record = None
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-            if not isinstance(record, dict) or "event" not in record:
-                continue
-            with contextlib.suppress(KeyError, ValueError, TypeError):
-                record["_ts"] = parse_ts(record["ts"])
-            if record["event"] in ("child.started", "child.stale_found"):
-                self.owned.adopt(record["pid"])
-            with self.cond:
-                record["_i"] = len(self.records)
-                self.records.append(record)
-                self.cond.notify_all()
-
-    def mark(self) -> int:
-        with self.cond:
-            return len(self.records)
-
-    def wait_for(self, event: str, timeout: float = WAIT, after: int = 0,
-                 where: Callable[[dict[str, Any]], bool] = lambda r: True) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for record in self.records[after:]:
-                    if record["event"] == event and where(record):
-                        return record
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    tail = "\n".join(json.dumps({k: v for k, v in r.items() if k[0] != "_"})
-                                     for r in self.records[-8:])
-                    raise BenchError(f"no {event} within {timeout}s\n{tail}")
-                self.cond.wait(left)
-
-    def first(self, after: int, where: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
-        with self.cond:
-            return next((r for r in self.records[after:] if where(r)), None)
-
-    def phases(self, start: int, end: int) -> tuple[str, ...]:
-        """The phases records[start..end] went through, from their before/after."""
-        path: list[str] = []
-        with self.cond:
-            for record in self.records[start:end + 1]:
-                for phase in (record.get("before"), record.get("after")):
-                    if isinstance(phase, str) and (not path or path[-1] != phase):
-                        path.append(phase)
-        return tuple(path)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.owned.signal(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.owned.signal(self.proc.pid, signal.SIGKILL, True)
-                self.proc.wait(5)
 
 
 def stops(record: dict[str, Any]) -> bool:
@@ -441,65 +303,9 @@ class LoadClient:
             return sorted(self.samples)
 
 
-# --- one world: a bare remote, a dev clone, the supervisor's clone -------------------------------
+# --- the config --------------------------------------------------------------------------------
 
-class World:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp, self.remote = tmp, tmp / "remote.git"
-        self.dev, self.app = tmp / "dev", tmp / "app"
-        self.stats = tmp / "run" / "stats"
-        self.stats.parent.mkdir()
-        self.port = free_port()
-        self.version = 1
-        run(["git", "init", "-q", "--bare", "-b", "main", str(self.remote)], tmp)
-        run(["git", "init", "-q", "-b", "main", str(self.dev)], tmp)
-        shutil.copy(EXAMPLE_APP / "server.py", self.dev / "server.py")
-        (self.dev / "VERSION").write_text("1\n")
-        (self.dev / "build.sh").write_text(BUILD_SCRIPT)
-        self.first = self.commit({}, "release 1")
-        run(["git", "remote", "add", "origin", str(self.remote)], self.dev)
-        run(["git", "push", "-q", "-u", "origin", "main"], self.dev)
-        run(["git", "clone", "-q", str(self.remote), str(self.app)], tmp)
-
-    def commit(self, files: dict[str, str | None], message: str) -> str:
-        """Write (or, for None, remove) files in the dev clone and commit them all."""
-        for name, text in files.items():
-            if text is None:
-                (self.dev / name).unlink(missing_ok=True)
-            else:
-                (self.dev / name).write_text(text)
-        run(["git", "add", "-A"], self.dev)
-        run(["git", "commit", "-q", "-m", message], self.dev)
-        return run(["git", "rev-parse", "HEAD"], self.dev)
-
-    def release(self, extra: dict[str, str | None] | None = None) -> tuple[str, str]:
-        """Commit a new VERSION (and `extra`); returns (version, commit). Not pushed yet."""
-        self.version += 1
-        version = str(self.version)
-        commit = self.commit({**(extra or {}), "VERSION": version + "\n"}, f"release {version}")
-        return version, commit
-
-    def push(self, sup: Supervisor) -> float:
-        """Push, then ask the supervisor to fetch now; returns when it was asked (wall clock)."""
-        run(["git", "push", "-q", "origin", "main"], self.dev)
-        asked = time.time()
-        sup.owned.signal(sup.proc.pid, signal.SIGUSR1)
-        return asked
-
-
-def toml(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, list):
-        return "[" + ", ".join(toml(v) for v in value) + "]"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    return json.dumps(str(value))
-
-
-def write_config(world: World, mode: str, args: argparse.Namespace) -> Path:
+def config(world: DeployWorld, mode: str, args: argparse.Namespace) -> Path:
     tmp = world.tmp
     sections: list[tuple[str, dict[str, Any]]] = [
         ("[app]", {"name": "releases-bench", "command": [sys.executable, "server.py"],
@@ -518,14 +324,7 @@ def write_config(world: World, mode: str, args: argparse.Namespace) -> Path:
             ("[health]", {"http": f"http://127.0.0.1:{world.port}/up", "interval": "50ms",
                           "grace": args.grace, "timeout": args.health_timeout}),
         ]
-    lines = []
-    for header, values in sections:
-        lines.append(header)
-        lines += [f"{key} = {toml(value)}" for key, value in values.items()]
-        lines.append("")
-    path = tmp / "supervisor.toml"
-    path.write_text("\n".join(lines))
-    return path
+    return write_config(tmp / "supervisor.toml", sections)
 
 
 def build_command(args: argparse.Namespace) -> str:
@@ -577,7 +376,7 @@ class Result:
     error: str | None = None
 
 
-def good_deploy(mode: str, world: World, sup: Supervisor, client: LoadClient,
+def good_deploy(mode: str, world: DeployWorld, sup: Supervisor, client: LoadClient,
                 extra: dict[str, str | None] | None = None) -> Deploy:
     version, commit = world.release(extra)
     mark, seen = sup.mark(), client.mark()
@@ -605,7 +404,7 @@ def good_deploy(mode: str, world: World, sup: Supervisor, client: LoadClient,
     return deploy
 
 
-def bad_deploy(kind: str, world: World, sup: Supervisor, client: LoadClient,
+def bad_deploy(kind: str, world: DeployWorld, sup: Supervisor, client: LoadClient,
                old: tuple[str, str]) -> BadDeploy:
     old_version, old_commit = old
     marker = "CRASH" if kind == "crash" else "UNHEALTHY"
@@ -630,16 +429,12 @@ def measure(mode: str, args: argparse.Namespace, owned: Owned) -> Result:
     tmp = Path(tempfile.mkdtemp(prefix=f"releases-{mode}-"))
     sup = client = None
     try:
-        world = World(tmp)
-        sup = Supervisor(write_config(world, mode, args), tmp, owned)
+        world = DeployWorld(tmp)
+        sup = Supervisor(config(world, mode, args), tmp, owned, python=supervisor_python())
         started = sup.wait_for("child.started", WAIT)
         if mode == "releases":
             sup.wait_for("health.passed", WAIT, started["_i"])
-        deadline = time.monotonic() + WAIT
-        while http_get(world.port) != "hello from 1":
-            if time.monotonic() > deadline:
-                raise BenchError("version 1 never answered")
-            time.sleep(0.02)
+        wait_answer(world.port, "hello from 1", WAIT)
         client = LoadClient(world.port, args, owned, tmp)
         result.began = client.wait_ok("1", 0, 0, 10).sent
         time.sleep(1.0)  # the load settles before the first deploy
@@ -782,17 +577,8 @@ def served_by(samples: list[Sample], version: str) -> tuple[int, float | None]:
 
 # --- the report ----------------------------------------------------------------------------------
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory = ""
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        kib = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
-        memory = f", {kib / 1024 / 1024:.1f} GiB RAM"
+def versions() -> str:
+    """The Pythons, git, the load and the tree measured, after the machine()."""
     load = ""
     with contextlib.suppress(OSError):
         load = f"; load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
@@ -808,8 +594,7 @@ def machine() -> str:
                                  cwd=REPO, capture_output=True, text=True, timeout=10).stdout
         if commit and changed.strip():
             commit += f" with uncommitted changes to {len(changed.splitlines())} files"
-    return (f"{cpu}, {os.cpu_count()} cores{memory}; Linux {platform.release()}; "
-            f"Python {platform.python_version()} (the app and the load client: "
+    return (f"Python {platform.python_version()} (the app and the load client: "
             f"{sys.executable}; the supervisor: {supervisor_python()}){git}{load}; "
             f"this tree at {commit or 'unknown commit'}")
 
@@ -823,7 +608,7 @@ def report(results: list[Result], args: argparse.Namespace, elapsed: float) -> s
         "",
         f"`{command}` · {time.strftime('%Y-%m-%d %H:%M')} · run time {elapsed:.0f} s",
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {machine()}; {versions()}.",
         "",
         f"Load: a separate process opens a new connection every {args.interval * 1000:g} ms"
         f" (≈{rate:.0f} requests/s offered, each on its own connection, `Connection: close`,"
@@ -983,10 +768,6 @@ def notes(results: list[Result], args: argparse.Namespace) -> list[str]:
     return out
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--deploys", type=int, default=10, help="good deploys per mode")
@@ -1017,33 +798,7 @@ def main() -> int:
         print("releases.py: needs git", file=sys.stderr)
         return 2
 
-    owned = Owned()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    watchdog = threading.Timer(args.max_minutes * 60, os.kill, (os.getpid(), signal.SIGTERM))
-    watchdog.daemon = True
-    watchdog.start()
-    began = time.monotonic()
-    chosen = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
-    results = []
-    try:
-        for mode in MODES:
-            if mode in chosen:
-                results.append(measure(mode, args, owned))
-    except KeyboardInterrupt as stop:
-        log(f"interrupted ({stop or 'SIGINT'}); stopping what was started")
-        return 130
-    finally:
-        watchdog.cancel()
-        owned.kill_leftovers()
-    text = report(results, args, time.monotonic() - began)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
-    return 1 if any(r.error for r in results) else 0
+    return run_benchmark(MODES, args.modes, args, measure, report)
 
 
 if __name__ == "__main__":

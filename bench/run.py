@@ -49,10 +49,11 @@ from harness import (
     Supervisord,
     System,
     World,
+    cpu_model,
     cpu_precise,
     cpu_seconds,
     memory_kb,
-    parse_ts,
+    parse_timestamp,
     running_executable,
     stat_fields,
     thread_cpu,
@@ -123,11 +124,7 @@ def output_of(*argv: str) -> str:
 
 
 def machine() -> dict[str, str]:
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    cpu = cpu_model("?")
     os_name = "?"
     for line in Path("/etc/os-release").read_text().splitlines():
         if line.startswith("PRETTY_NAME="):
@@ -301,8 +298,8 @@ class Bench:
             if started.event["pid"] == app:
                 raise BenchError("the answer came from the killed pid")
             raw["crash"].append({"seconds": answered - killed,
-                                 "exit_seen": parse_ts(exited.event["ts"]) - killed,
-                                 "child_started": parse_ts(started.event["ts"]) - killed})
+                                 "exit_seen": parse_timestamp(exited.event["ts"]) - killed,
+                                 "child_started": parse_timestamp(started.event["ts"]) - killed})
         # 5. Deploy overhead, no client connected.
         for _ in range(self.args.reps):
             wait_http(port, 30, f"hello from {world.version}")
@@ -319,12 +316,14 @@ class Bench:
             for name in ("drain.satisfied", "git.tree_updated", "build.started",
                          "child.exited", "child.started"):
                 _, line = log.event(name, 5, mark)
-                steps[name] = parse_ts(line.event["ts"]) - parse_ts(fetched.event["ts"])
-            steps["build.succeeded"] = parse_ts(built.event["ts"]) - parse_ts(fetched.event["ts"])
+                steps[name] = (parse_timestamp(line.event["ts"])
+                               - parse_timestamp(fetched.event["ts"]))
+            steps["build.succeeded"] = (parse_timestamp(built.event["ts"])
+                                        - parse_timestamp(fetched.event["ts"]))
             if not raw["deploy"]:
                 time.sleep(0.5)
                 raw["memory_after_first_deploy"] = memory_kb(system.pid)
-            raw["deploy"].append({"seconds": answered - parse_ts(fetched.event["ts"]),
+            raw["deploy"].append({"seconds": answered - parse_timestamp(fetched.event["ts"]),
                                   "build": built.event["duration"], "startup": startup,
                                   "steps": steps})
         # 4. Stats change to decision: a client holds on, a deploy waits, the client leaves.
@@ -340,8 +339,8 @@ class Bench:
             _, satisfied = log.event("drain.satisfied", 30, mark)
             _, built = log.event("build.succeeded", 60, mark)
             wait_http(port, 30, expect)
-            raw["drain"].append({"read": parse_ts(satisfied.event["ts"]) - left,
-                                 "restart": parse_ts(built.event["ts"]) - left,
+            raw["drain"].append({"read": parse_timestamp(satisfied.event["ts"]) - left,
+                                 "restart": parse_timestamp(built.event["ts"]) - left,
                                  "build": built.event["duration"]})
         # 6. The storm, while a deploy waits on the drain.
         for _ in range(self.args.storm_reps):
@@ -360,8 +359,8 @@ class Bench:
                         if line.event and line.event.get("event") == "stats.read")
             wait_http(port, 30, expect)
             raw["storm"].append({**result, "stats_read_lines": reads,
-                                 "read": parse_ts(satisfied.event["ts"]) - result["final"],
-                                 "restart": parse_ts(built.event["ts"]) - result["final"]})
+                                 "read": parse_timestamp(satisfied.event["ts"]) - result["final"],
+                                 "restart": parse_timestamp(built.event["ts"]) - result["final"]})
         raw["memory_after_deploys"] = memory_kb(system.pid)
         system.stop()
 
@@ -542,12 +541,16 @@ def main() -> int:
                         help="use the virtual environments as they are")
     parser.add_argument("--report-only", action="store_true",
                         help="measure nothing: redo results.md and chart.png from results.json")
+    parser.add_argument("--output", type=Path, default=RESULTS, metavar="DIR",
+                        help="where results.json, results.md and chart.png go (default"
+                             " bench/results; give another for a --quick run)")
     args = parser.parse_args()
+    output = args.output
     if args.report_only:
         from report import write_report
 
-        results = json.loads((RESULTS / "results.json").read_text())
-        print(write_report(results, RESULTS, VENV_TOOLS / "bin" / "python"))
+        results = json.loads((output / "results.json").read_text())
+        print(write_report(results, output, VENV_TOOLS / "bin" / "python"))
         return 0
     args.idle, args.idle_reps = (10.0, 1) if args.quick else (60.0, 3)
     args.reps = 3 if args.quick else 9
@@ -588,14 +591,15 @@ def main() -> int:
     elapsed = time.monotonic() - began
     from report import write_report
 
-    RESULTS.mkdir(exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
+    args.output = str(output)  # recorded in results.json's settings
     results = {"machine": facts, "settings": vars(args), "raw": bench.raw,
                "failures": bench.failures, "seconds": round(elapsed, 1),
                "budget_kb": {"pss": BUDGET_PSS_KB, "rss": BUDGET_RSS_KB},
                "real_settings": {"long": REAL_LONG, "short": REAL_SHORT}}
-    table = write_report(results, RESULTS, VENV_TOOLS / "bin" / "python")
+    table = write_report(results, output, VENV_TOOLS / "bin" / "python")
     print(table)
-    say(f"total {elapsed:.0f} s; results in {RESULTS}")
+    say(f"total {elapsed:.0f} s; results in {output}")
     return 1 if bench.failures else 0
 
 

@@ -21,11 +21,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from supervisor.drivers.eventlog import parse_timestamp
+from supervisor.drivers.procfs import boot_id, start_ticks, stat_fields
+from supervisor.drivers.sockets import free_port
+from tests.processes import HangingServer
 
 EXAMPLE_APP = Path(__file__).resolve().parent.parent / "supervisor" / "example_app"
 PROJECT_ROOT = EXAMPLE_APP.parent.parent
@@ -52,25 +56,34 @@ DEFAULT_WAIT = 15.0  # generous: a loaded 2-core machine; a passing test never w
 
 
 # ---------------------------------------------------------------------------------------------
+# Test lanes. `pytest` runs everything (the README's and CI's command); `pytest -m "not slow"` is
+# the edit-test loop: the pure core, its property tests and the unit tests (under 30 s on 2 quiet
+# cores). A file is slow when its tests wait on real time: a supervisor or the demo run end to
+# end, the soak, the fuzzers, watchers and timers (stats, sd_notify watchdog, the viewer's
+# follow), rate limits, or git and process groups at their timeouts. Marked here, by file.
+
+SLOW_FILES = frozenset({
+    "test_demo.py", "test_fuzz_short.py", "test_gitrepo.py", "test_proc.py", "test_replay.py",
+    "test_sdnotify.py", "test_soak_short.py", "test_statsfile.py", "test_trigger.py",
+    "test_viewer.py", "test_docs_quickstart.py", "test_docs_init.py", "test_docs_rough_edges.py",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """By file, so that a new test lands in its file's lane without anyone remembering a mark."""
+    for item in items:
+        if item.path.name.startswith("test_e2e_") or item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
+
+# ---------------------------------------------------------------------------------------------
 # Small facts about processes, sockets and time
 
 
 def alive(pid: int) -> bool:
     """True while `pid` is a live process (a zombie counts as dead: it can serve nothing)."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return data[data.rfind(b")") + 2:].split()[0] != b"Z"
-
-
-def start_ticks(pid: int) -> int:
-    data = Path(f"/proc/{pid}/stat").read_bytes()
-    return int(data[data.rfind(b")") + 2:].split()[19])
-
-
-def boot_id() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def listens_on(pid: int, port: int) -> bool:
@@ -91,16 +104,6 @@ def listens_on(pid: int, port: int) -> bool:
             if os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes}:
                 return True
     return False
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def parse_ts(ts: str) -> float:
-    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str,
@@ -233,7 +236,7 @@ class Supervisor:
     @staticmethod
     def seconds_between(first: dict[str, Any], second: dict[str, Any]) -> float:
         """Time between two records by the supervisor's own clock (millisecond stamps)."""
-        return parse_ts(second["ts"]) - parse_ts(first["ts"])
+        return parse_timestamp(second["ts"]) - parse_timestamp(first["ts"])
 
     @staticmethod
     def _matches(record: dict[str, Any], event: str | None, where: Callable | None,
@@ -410,45 +413,6 @@ class IdleClient:
         self.sock.close()
 
 
-class HangingServer:
-    """A TCP listener that accepts and never answers: a remote that hangs git forever."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.connections: list[socket.socket] = []
-        self.accepted = threading.Semaphore(0)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-            self.accepted.release()
-
-    def wait_closed_by_peer(self, conn: socket.socket, timeout: float) -> bool:
-        """Drain what the peer sent; True once it closed its end (EOF or reset)."""
-        conn.settimeout(timeout)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if not conn.recv(65536):
-                    return True
-            except TimeoutError:
-                return False
-            except ConnectionResetError:
-                return True
-        return False
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.connections:
-            conn.close()
-
-
 class BuildGate:
     """A FIFO that a build command reads one line from while it exists: `shut()` makes the next
     build wait for the test, `open()` lets it go on. Nothing polls, nothing sleeps."""
@@ -504,7 +468,7 @@ class World:
     boot_id = staticmethod(boot_id)
     wait_until = staticmethod(wait_until)
     free_port = staticmethod(free_port)
-    parse_ts = staticmethod(parse_ts)
+    parse_ts = staticmethod(parse_timestamp)
     environ_of = staticmethod(environ_of)
 
     def __init__(self, tmp: Path) -> None:

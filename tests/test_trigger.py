@@ -341,9 +341,11 @@ def test_a_body_that_trickles_in_is_cut_off_at_the_timeout_of_the_whole_request(
         for byte in range(len(data)):
             writer.write(data[byte:byte + 1])
             await asyncio.sleep(0.02)
-            if reader.at_eof() or time.monotonic() - started > 2.0:
+            if reader.at_eof() or reader.exception() or time.monotonic() - started > 2.0:
                 break
-        assert await reader.read() == b""
+        # Cut off: EOF, or a reset when the trigger closed with a byte of ours still unread.
+        with contextlib.suppress(ConnectionResetError):
+            assert await reader.read() == b""
         assert time.monotonic() - started < 1.0
         writer.close()
 

@@ -29,6 +29,7 @@ from supervisor.cli.viewer import (
     use_colour,
 )
 from supervisor.drivers.eventlog import EventLog, timestamp
+from supervisor.drivers.procfs import stat_fields
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 C1 = "603184d3f2b0bf2e4c6435f6d30b066e3a7b3e92"
@@ -238,7 +239,8 @@ class Viewer:
             pytest.fail(f"the viewer printed nothing within {timeout}s")
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat_fields(self.proc.pid)
+        assert fields is not None, "the viewer is gone"
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from supervisor.drivers.sockets import free_port
 from supervisor.drivers.statsfile import read_stats
 
 EXAMPLE_APP = Path(os.path.abspath(__file__)).parent.parent / "example_app"
@@ -66,12 +66,6 @@ class DemoFailed(Exception):
 
 def say(text: str) -> None:
     print(f"demo: {text}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 # Local requests must not go through an http_proxy the user may have set.

@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 from typing import IO, Any
 
 from supervisor.core.display import short_commit
+from supervisor.drivers.eventlog import parse_timestamp
 
 POLL_INTERVAL = 0.25  # seconds between looks at a followed file: a person is watching, not a test
 MAX_PARTIAL = 1 << 20  # an unfinished last line is held up to this size, then shown as it is
@@ -46,19 +47,6 @@ def colour_of(event: str) -> str:
     if name.endswith("failed"):
         return RED
     return next((code for code, names in _KINDS.items() if name in names), CYAN)
-
-
-def parse_ts(value: object) -> float | None:
-    """Seconds since the epoch of a log line's `ts`, or None."""
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)  # the log writes UTC
-    return moment.timestamp()
 
 
 def format_time(seconds: float, utc: bool) -> str:
@@ -101,7 +89,7 @@ def format_action(action: dict[str, Any]) -> str:
 def format_record(record: dict[str, Any], *, utc: bool = False, colour: bool = False) -> str:
     """One event as one line for people: time, name, phases, facts, `=>` actions."""
     record = dict(record)
-    seconds = parse_ts(record.pop("ts", None))
+    seconds = parse_timestamp(record.pop("ts", None))
     event = str(record.pop("event"))
     parts = [format_time(seconds, utc) if seconds is not None else "-"]
     parts.append(f"\x1b[{colour_of(event)}m{event}\x1b[0m" if colour else event)
@@ -166,7 +154,7 @@ class Printer:
                 return
             self.out.write(escape_controls(text) + "\n")
             return
-        seconds = parse_ts(record.get("ts"))
+        seconds = parse_timestamp(record.get("ts"))
         if seconds is not None:
             self.last_seen = seconds
         if self.since is not None and (seconds is None or seconds < self.since):

@@ -20,6 +20,23 @@ def timestamp(now: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
 
 
+def parse_timestamp(value: object) -> float | None:
+    """Seconds since the epoch of a `ts` written by `timestamp` (or any RFC 3339 time; one
+    without an offset is UTC, as the log writes), else None: log readers meet foreign lines.
+    The one reader of the format, beside its writer, for the viewer, the tests and the bench."""
+    if not isinstance(value, str):
+        return None
+    from datetime import UTC, datetime  # only readers of the log pay for datetime
+
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
 def event_fields(item: Event | Action) -> dict[str, Any]:
     return {f.name: getattr(item, f.name) for f in fields(item)}  # type: ignore[arg-type]
 

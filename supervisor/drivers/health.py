@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from supervisor.core.config import HealthConfig
 from supervisor.core.events import Event, HealthPassed, HealthProbeFailed
 from supervisor.drivers import proc
+from supervisor.drivers.procfs import stat_fields
 
 _URL = re.compile(r"^http://(\[[0-9A-Fa-f:.]+\]|[^:/\[\]\s]+)(?::([0-9]{1,5}))?(/\S*)?$")
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+):([0-9]{1,5})$")
@@ -192,10 +193,5 @@ def _in_group(pid: int, group: int) -> bool:
     """The child itself or a process in its group (a wrapper's child sends for it)."""
     if pid == group:
         return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            data = file.read()
-    except OSError:
-        return False
-    fields = data[data.rfind(b")") + 2:].split()
-    return len(fields) > 2 and fields[2] == str(group).encode()
+    fields = stat_fields(pid)
+    return fields is not None and len(fields) > 2 and fields[2] == str(group)

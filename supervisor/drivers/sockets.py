@@ -170,3 +170,12 @@ def close_all(sockets: Sequence[socket.socket], configs: Sequence[SocketConfig],
                     os.unlink(config.listen)
             except OSError:
                 pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now, chosen by the kernel (bind to port 0). For the
+    demo, the tests and the benchmarks: another process may still take it before the caller
+    binds it, which on loopback in a test is rare enough; the supervisor itself never uses it."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])

@@ -15,7 +15,9 @@ says what is checked.
 
 Every process started here runs in a session of its own and carries SOAK_TOKEN in its
 environment, so the soak finds what the supervisor started without looking anything up by name,
-and stops all of it on the way out, Ctrl-C and errors included. Standard library only.
+and stops all of it on the way out, Ctrl-C and errors included. Standard library only, besides
+the project's free_port, the log's timestamp reader and the tests' hanging remote (one of each,
+shared with the tests).
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from supervisor.drivers.eventlog import parse_timestamp
+from supervisor.drivers.sockets import free_port
+from tests.processes import HangingServer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_APP = PROJECT_ROOT / "supervisor" / "example_app"
@@ -94,16 +99,14 @@ def now() -> float:
     return time.time()
 
 
-def parse_ts(ts: str) -> float:
-    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
-
-
 def short(sha: str | None) -> str:
     return sha[:8] if sha else "-"
 
 
 # ---------------------------------------------------------------------------------------------
 # Facts from /proc
+# Read here, on purpose, not through supervisor.drivers.procfs: the soak must not trust the code
+# it checks to say which processes are alive, whose they are and when they started.
 
 
 def stat_fields(pid: int) -> list[str] | None:
@@ -767,36 +770,6 @@ class World:
         os.replace(temporary, self.stats)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class HangingListener:
-    """Accepts and never answers: a git:// remote that hangs until git.timeout."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.connections: list[socket.socket] = []
-        threading.Thread(target=self._accept, name="hanging-remote", daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.connections:
-            with contextlib.suppress(OSError):
-                conn.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # What should be running: a model as simple as the rules
 
@@ -1435,7 +1408,7 @@ class Soak:
         self.audit = LogAudit(self)
         self.generations: list[dict[str, Any]] = []
         self.unknown_reasons: Counter[str] = Counter()
-        self._hanging: HangingListener | None = None
+        self._hanging: HangingServer | None = None
         self.steps_done = 0
         self.recoveries = 0
         self.final_converge: float | None = None
@@ -1516,9 +1489,9 @@ class Soak:
                 sock.close()
                 self.open_clients.remove(sock)
 
-    def hanging_remote(self) -> HangingListener:
+    def hanging_remote(self) -> HangingServer:
         if self._hanging is None:
-            self._hanging = HangingListener()
+            self._hanging = HangingServer()
         return self._hanging
 
     def commit_of_pid(self, pid: int) -> str | None:
@@ -1662,7 +1635,7 @@ class Soak:
             started = {**kept, "pid": kept["kept_pid"], "commit": kept.get("to")}
         # After a full disk the log may lack the last start: then only reality can tell.
         gap_end = max((end for _, end in self.gaps), default=0.0)
-        lost = started is None or parse_ts(started["ts"]) < gap_end
+        lost = started is None or parse_timestamp(started["ts"]) < gap_end
         apps = self.app_processes()
         if expected.kind == "crash":
             # Crash-looping is all it can do, but it must keep trying: a start since the step
@@ -1966,7 +1939,7 @@ class LogAudit:
 
     def in_gap(self, first_ts: str, last_ts: str | None = None) -> bool:
         """Whether the log may have lost lines between these two times (the disk was full)."""
-        first, last = parse_ts(first_ts), parse_ts(last_ts or first_ts)
+        first, last = parse_timestamp(first_ts), parse_timestamp(last_ts or first_ts)
         return any(start - 0.5 <= last and first <= end for start, end in self.soak.gaps)
 
     def run(self, final: bool) -> None:
@@ -2056,7 +2029,7 @@ class LogAudit:
         if not waits:
             self.checker.skip("drain_timeout_honest")
             return
-        waited = parse_ts(timed_out["ts"]) - parse_ts(waits[0]["ts"])
+        waited = parse_timestamp(timed_out["ts"]) - parse_timestamp(waits[0]["ts"])
         self.checker.check("drain_timeout_honest", waited >= DRAIN_TIMEOUT - 0.05,
                            f"drain.timed_out after {waited:.3f}s of waiting "
                            f"(drain.timeout {DRAIN_TIMEOUT}s), deploy {timed_out.get('deploy')}")
@@ -2104,7 +2077,7 @@ class LogAudit:
                     f"{stats[-1].get('values') if stats else None}")
 
     def client_held(self, record: dict[str, Any], stop: dict[str, Any], timed: bool) -> None:
-        at = parse_ts(record["ts"])
+        at = parse_timestamp(record["ts"])
         for hold in self.soak.holds:
             if hold.pid != stop.get("pid"):
                 continue
