@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from supervisor.core.config import Config
+from supervisor.drivers.sockets import FIRST_FD
 from supervisor.loop import control
 
 Notes = list[tuple[str, dict[str, object]]]
@@ -38,7 +39,7 @@ def claim(config: Config, environ: MutableMapping[str, str]) -> Claim:
     nothing a running supervisor owns is ever touched; then the directories the app needs, so a
     run that cannot start leaves the app a killed run left serving; the sockets come last, once
     that app no longer holds their ports."""
-    fd = _lock(config.app.state_dir, above=3 + len(config.sockets))
+    fd = _lock(config.app.state_dir, above=FIRST_FD + len(config.sockets))
     taken = Claim(lock_fd=fd)
     try:
         _check_directories(config)  # a run that cannot start leaves a stale app serving
