@@ -107,9 +107,11 @@ def test_status_durations_are_brought_up_to_the_moment_of_reading(tmp_path):
 def test_status_of_a_supervisor_that_is_gone_names_no_pid():
     """Its pid may belong to any process by now: naming it invites a `kill` of a stranger."""
     status = {"app": "web", "pid": 28948, "phase": "stopped", "child": None, "head": "a" * 40}
-    text = control.describe_status(control.refresh(status, running=False))
+    gone = control.refresh(dict(status), running=False)
+    text = control.describe_status(gone)
     assert text.splitlines()[0] == "web: not running (last: stopped)"
     assert "pid" not in text.splitlines()[0]
+    assert gone["pid"] is None, "--json names no dead pid either: a script might kill it"
     running = control.describe_status(control.refresh(status | {"phase": "running"}, True))
     assert running.splitlines()[0] == "web: running, supervisor pid 28948"
 

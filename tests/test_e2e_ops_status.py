@@ -91,7 +91,7 @@ def test_status_through_running_draining_building_held_and_stopped(world):
     # stopped: exit code 3 and "not running", from the last status the supervisor left
     assert supervisor.stop() == 0
     data, text = status(world, expected_code=3)
-    assert data["running"] is False
+    assert data["running"] is False and data["pid"] is None
     first_line = text.splitlines()[0]
     assert first_line == "example: not running (last: stopped)", "a dead pid is named"
     assert "supervisor pid" not in text

@@ -156,7 +156,7 @@ def refresh(status: dict[str, Any], running: bool, now: float | None = None) -> 
     now = time.time() if now is None else now
     status["running"] = running
     if not running:
-        for key in ("child", "target", "waiting", "next_fetch", "backoff_until"):
+        for key in ("pid", "child", "target", "waiting", "next_fetch", "backoff_until"):
             status[key] = None
         return status
     if status.get("child"):
