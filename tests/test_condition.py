@@ -158,7 +158,7 @@ def test_condition_like_text_parses_or_raises_condition_error(text: str) -> None
 
 _KEY = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,10}", fullmatch=True).filter(lambda k: k != "and")
 _OP = st.sampled_from(["==", "!=", "<", "<=", ">", ">="])
-_NUMBER = st.from_regex(r"[-+]?(\d{1,5}(\.\d{0,3})?|\.\d{1,3})", fullmatch=True)
+_NUMBER = st.from_regex(r"[-+]?([0-9]{1,5}(\.[0-9]{0,3})?|\.[0-9]{1,3})", fullmatch=True)
 _STRING = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12).filter(
     lambda v: not ('"' in v and "'" in v))
 _COMPARISON = st.builds(Comparison, _KEY, _OP, st.one_of(_NUMBER, _STRING))
@@ -187,3 +187,32 @@ def test_numeric_comparisons_agree_with_float_comparison(
     for key, op, literal, actual in cases:
         comparison = Comparison(key, op, literal)
         assert comparison.holds({key: repr(actual)}) is ops[op](actual, float(literal))
+
+
+# Other scripts' digits: float() reads all of these as numbers, so an app (or whoever writes
+# its stats) could make `n_clients == 0` hold with a value that is no ASCII number at all.
+@pytest.mark.parametrize("value", [
+    "\u0660",  # Arabic-Indic zero
+    "\uff10",  # fullwidth zero
+    "\u06f0",  # Extended Arabic-Indic zero
+    "\u0966",  # Devanagari zero
+    "\U0001d7ce",  # mathematical bold zero
+    "0\u0660", "-\uff10", "\uff10.0", " 0", "0 ", "\t0", "0\n", "0_0", "0x0", "0e\u0660",
+])
+def test_only_ascii_digits_are_numbers(value: str) -> None:
+    assert parse_condition("n_clients == 0").holds({"n_clients": value}) is False
+    assert parse_condition("n_clients <= 0").holds({"n_clients": value}) is False
+    assert parse_condition("n_clients != 0").holds({"n_clients": value}) is True  # a string
+
+
+@pytest.mark.parametrize("text", ["n_clients == \u0660", "n_clients == \uff10",
+                                  "n < 1\u0660", "n == \u00b2"])
+def test_a_condition_with_other_digits_is_refused(text: str) -> None:
+    with pytest.raises(ConditionError):
+        parse_condition(text)
+
+
+@pytest.mark.parametrize(("value", "holds"), [("0", True), ("0.0", True), ("-0", True),
+                                              ("0e5", True), ("1e-05", False), ("+.0", True)])
+def test_ascii_numbers_still_compare_as_numbers(value: str, holds: bool) -> None:
+    assert parse_condition("n_clients == 0").holds({"n_clients": value}) is holds

@@ -65,7 +65,8 @@ def test_a_good_commit_is_built_beside_the_live_release_then_switched(world):
     building = supervisor.wait_for("build.started", commit=commit)
     # The build runs in its own release while the old one keeps serving from its own.
     assert (world.tmp / "deploy" / "releases" / commit / "VERSION").read_text() == "2\n"
-    assert not (world.tmp / "deploy" / "releases" / commit / ".git").exists()
+    # A real checkout of its commit (a detached worktree), so a build may ask git about it.
+    assert world.git(world.tmp / "deploy" / "releases" / commit, "rev-parse", "HEAD") == commit
     world.wait_http("hello from 1", supervisor)
     assert world.alive(old_pid)
     assert not supervisor.select(action="stop_child", after=building)

@@ -422,3 +422,36 @@ def test_a_remote_that_never_answers_fails_at_the_timeout(
     assert "timed out" in event.error
     assert 0.9 <= elapsed < 3.5
     assert _git_processes_in(repos.work) == []
+
+
+def test_a_fetch_killed_at_the_timeout_leaves_another_gits_index_lock_alone(
+        repos: Repos) -> None:
+    """Killed by us, a fetch may leave ref locks, which are cleared; an index.lock that
+    appears while it hangs is a person's `git pull` (a fetch takes none), and stays."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    git(repos.work, "remote", "set-url", "origin", f"git://127.0.0.1:{port}/r.git")
+    lock = repos.work / ".git" / "index.lock"
+    logged: list[tuple[str, dict[str, object]]] = []
+
+    async def scenario() -> object:
+        repo = repo_for(repos.work, timeout=1.5)
+        repo.log = lambda name, facts: logged.append((name, facts))
+        await repo.prepare()
+        fetching = asyncio.ensure_future(repo.fetch())
+        async with asyncio.timeout(5):
+            connection, _ = await asyncio.get_running_loop().sock_accept(server)
+        lock.write_bytes(b"")  # the fetch's git is connected, and waits for an answer
+        try:
+            return await fetching
+        finally:
+            connection.close()
+
+    try:
+        event = run(scenario())
+    finally:
+        server.close()
+    assert isinstance(event, FetchFailed) and "timed out" in event.error
+    assert lock.exists()
+    assert "git.lock_cleared" not in [name for name, _ in logged]

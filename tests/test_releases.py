@@ -30,7 +30,7 @@ async def settle(releases: Releases) -> None:
         await asyncio.gather(*releases.chores)
 
 
-def test_a_release_is_the_commits_files_without_git_and_the_tree_is_untouched(tmp_path):
+def test_a_release_is_a_checkout_of_its_commit_and_the_tree_is_untouched(tmp_path):
     releases, _, repos = releases_for(tmp_path)
     second = commit(repos.dev, "VERSION", "2\n")
     repos.push()
@@ -44,7 +44,11 @@ def test_a_release_is_the_commits_files_without_git_and_the_tree_is_untouched(tm
     run(main())
     path = Path(releases.path(second))
     assert (path / "VERSION").read_text() == "2\n"
-    assert not (path / ".git").exists()
+    # A real checkout (a detached worktree): a build may ask git what it is building.
+    assert git(path, "rev-parse", "HEAD") == second
+    assert git(path, "describe", "--always", "--abbrev=40") == second
+    assert git(path, "status", "--porcelain") == ""
+    assert str(path) in git(repos.work, "worktree", "list", "--porcelain")
     assert not list(Path(releases.releases).glob(".*")), "a temporary left behind"
     assert git(repos.work, "rev-parse", "HEAD") == repos.first
     assert git(repos.work, "status", "--porcelain") == ""
@@ -59,7 +63,7 @@ def test_an_unknown_commit_fails_and_leaves_nothing(tmp_path):
         return await releases.prepare("f" * 40, ())
 
     event = run(main())
-    assert isinstance(event, TreeUpdateFailed) and "git read-tree" in event.error
+    assert isinstance(event, TreeUpdateFailed) and "git worktree" in event.error
     assert os.listdir(releases.releases) == []
 
 

@@ -390,3 +390,105 @@ def test_a_write_storm_gives_bounded_reports_ending_with_the_final_content(
     assert writes > 100
     assert len(reports) <= 15 * elapsed + 2
     assert reports[-1].values == {"n_clients": "final"}
+
+
+# ---------------------------------------------------------------------------------------------
+# garbage stays garbage (issue 12)
+
+SEPARATORS = ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\r"]
+
+
+@pytest.mark.parametrize("separator", SEPARATORS)
+def test_a_line_ends_only_at_a_newline(separator: str) -> None:
+    # A value the app copies from a client (a user name) must not make a second line.
+    quoted = parse_stats(f'last_user="x{separator}n_clients=0"\nn_clients=3\n'.encode())
+    assert quoted.values == {"last_user": f"x{separator}n_clients=0", "n_clients": "3"}
+    alone = parse_stats(f'n_clients=3\nlast_user="x{separator}n_clients=0"\n'.encode())
+    assert alone.values == {"n_clients": "3", "last_user": f"x{separator}n_clients=0"}
+    bare = parse_stats(f"n_clients=3\nlast_user=x{separator}n_clients=0\n".encode())
+    assert bare.values is not None and bare.values["n_clients"] == "3"
+    for stats in (quoted, alone, bare):
+        assert not DRAINED.holds(stats.values or {})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(_KEYS, st.text(st.characters(blacklist_categories=("Cs",)).filter(
+    lambda c: c not in "\"\x00\n"), max_size=30), max_size=10))
+def test_any_quoted_value_without_newline_or_quote_round_trips(values: dict[str, str]) -> None:
+    text = "".join(f'{key}="{value}"\r\n' for key, value in values.items())
+    assert parse_stats(text.encode()).values == values
+
+
+@pytest.mark.parametrize("path", ["/proc/self/environ", "/proc/self/status", "/proc/cmdline",
+                                  "/sys/kernel/uevent_seqnum",
+                                  "/sys/kernel/mm/transparent_hugepage/enabled"])
+def test_kernel_files_are_never_read(tmp_path: Path, path: str) -> None:
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is not on this machine")
+    for name in (path, str(tmp_path / "stats")):
+        if name != path:
+            os.symlink(path, name)
+        stats = read_stats(name)
+        assert stats.values is None and stats.ignored_lines == 0 and stats.first_ignored is None
+        assert stats.problem == f"under /{path.split('/')[1]}: not read"
+
+
+def test_a_file_under_dev_is_not_read_either(tmp_path: Path) -> None:
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    path = Path("/dev/shm") / f"supervisor-test-{os.getpid()}"
+    path.write_text("SECRET_TOKEN=abc\nnot a line\n")
+    try:
+        assert read_stats(str(path)) == Stats(None, problem="under /dev: not read")
+        os.symlink(path, tmp_path / "stats")
+        assert read_stats(str(tmp_path / "stats")) == Stats(None, problem="under /dev: not read")
+    finally:
+        path.unlink()
+
+
+def test_a_bind_mount_of_proc_elsewhere_is_recognised(tmp_path: Path) -> None:
+    mount = tmp_path / "p"
+    mount.mkdir()
+    if os.geteuid() != 0 or os.system(f"mount --bind /proc {mount} 2>/dev/null") != 0:
+        pytest.skip("needs root and mount --bind")
+    try:
+        assert read_stats(str(mount / "self" / "environ")).problem == "under /proc: not read"
+    finally:
+        os.system(f"umount {mount}")
+
+
+def test_the_watcher_follows_a_directory_renamed_and_made_again(tmp_path: Path,
+                                                                 backend: str) -> None:
+    directory = tmp_path / "run"
+    directory.mkdir()
+    path = directory / "stats"
+    path.write_text("n_clients=2\n")
+
+    async def scenario() -> list[Stats]:
+        queue: asyncio.Queue[Stats] = asyncio.Queue()
+        watcher = StatsWatcher(str(path), queue.put_nowait)
+        watcher.start()
+        seen = []
+        try:
+            seen.append(await next_matching(queue, lambda s: s.values == {"n_clients": "2"}))
+            directory.rename(tmp_path / "run.old")
+            (tmp_path / "run.old" / "stats").write_text("n_clients=9\n")  # the old one: no use
+            directory.mkdir()
+            seen.append(await next_matching(queue, lambda s: s.problem == "missing"))
+            path.write_text("n_clients=1\n")
+            seen.append(await next_matching(queue, lambda s: s.values == {"n_clients": "1"}))
+            write_atomically(path, "n_clients=0\n")
+            seen.append(await next_matching(queue, lambda s: s.values == {"n_clients": "0"}))
+            # and again, the new directory made before the old one goes
+            (tmp_path / "run.new").mkdir()
+            (tmp_path / "run.new" / "stats").write_text("n_clients=4\n")
+            directory.rename(tmp_path / "run.older")
+            (tmp_path / "run.new").rename(directory)
+            seen.append(await next_matching(queue, lambda s: s.values == {"n_clients": "4"}))
+        finally:
+            watcher.stop()
+        return seen
+
+    assert len(asyncio.run(scenario())) == 5
+    for thread in watcher_threads():
+        thread.join(timeout=2)

@@ -19,12 +19,16 @@ _TOKEN = re.compile(
     r"""\s*(?:
         (?P<op>==|!=|<=|>=|<|>)
       | (?P<string>"[^"]*"|'[^']*')
-      | (?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?![\w.]))
+      | (?P<number>[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?![\w.]))
       | (?P<word>[A-Za-z_][A-Za-z0-9_]*)
     )""",
     re.VERBOSE,
 )
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")
+_NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)")
+# What counts as a number on either side: ASCII digits only. float() also takes U+0660,
+# U+FF10, " 5" and "1_000", so an app's garbage would satisfy `n_clients == 0`; the exponent
+# stays, as a float's repr writes one (1e-05).
+_NUMERIC = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 MAX_LENGTH = 1000
 
 
@@ -33,6 +37,8 @@ class ConditionError(ValueError):
 
 
 def _as_number(text: str) -> float | None:
+    if not _NUMERIC.fullmatch(text):
+        return None
     try:
         value = float(text)
     except ValueError:

@@ -1,6 +1,6 @@
-"""Release mode on disk: `releases/<commit>` directories checked out from the repository,
-`current`, a symlink replaced in one rename, and `failed/` for releases set aside to inspect.
-Only directories this module created are ever removed, and never the live one.
+"""Release mode on disk: `releases/<commit>`, each a detached `git worktree` of its commit (with
+its submodules), `current`, a symlink replaced in one rename, and `failed/` for releases set aside
+to inspect. Only directories this module created are ever removed, and never the live one.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ class Releases:
         self.releases = os.path.join(root, "releases")
         self.failed = os.path.join(root, "failed")
         self.current = os.path.join(root, "current")
+        # Checkouts are made here, then renamed into releases/: whole or absent. The name of
+        # each is its commit, which is also the name of its entry in .git/worktrees. It is at
+        # the depth of releases/ and failed/: a submodule's .git file names its repository by
+        # a relative path, which then holds in all three places.
+        self.incoming = os.path.join(root, ".incoming")
         self.chores: set[asyncio.Task[None]] = set()
 
     def setup(self) -> None:
@@ -39,6 +44,9 @@ class Releases:
         for name in os.listdir(self.releases):
             if name.startswith("."):
                 self._later(self._remove(os.path.join(self.releases, name)))
+        if os.path.isdir(self.incoming) and not os.path.islink(self.incoming):
+            for name in os.listdir(self.incoming):
+                self._later(self._remove(os.path.join(self.incoming, name)))
 
     def live(self) -> str | None:
         """The commit `current` points to: the file system, not the state file, is the truth
@@ -56,22 +64,30 @@ class Releases:
         return os.path.join(self.releases, commit)
 
     async def prepare(self, commit: str, keep: Iterable[str]) -> Event:
-        """Check `commit` out into releases/<commit>, complete or not at all (it is written
-        under a dot name and renamed). A release in `keep` (live or proven) is reused as is;
+        """Check `commit` out into releases/<commit>, complete or not at all (it is made under
+        `.incoming/` and renamed). A release in `keep` (live or proven) is reused as is;
         any other leftover of that commit (a build cut short) is made again from scratch."""
         final = self.path(commit)
-        if os.path.isdir(final):
+        if os.path.isdir(final) and not os.path.islink(final):
             if commit in set(keep):
                 return TreeUpdated(commit=commit)
             await self._remove(final)
-        temporary = os.path.join(self.releases, f".{commit}.tmp")
+        temporary = os.path.join(self.incoming, commit)
         await self._remove(temporary)
         try:
-            await self.repo.export(commit, temporary)
+            os.makedirs(self.incoming, exist_ok=True)
+            await self.repo.add_worktree(commit, temporary)
             os.rename(temporary, final)
+            await self.repo.moved_worktree(final)
         except (GitError, OSError) as error:
             await self._remove(temporary)
+            await self._remove(final)
             return TreeUpdateFailed(commit=commit, error=str(error))
+        finally:
+            try:
+                os.rmdir(self.incoming)
+            except OSError:
+                pass  # another checkout is under way in there, or it is gone
         return TreeUpdated(commit=commit)
 
     def switch(self, commit: str) -> None:
@@ -109,6 +125,7 @@ class Releases:
         except OSError as error:
             self.log("release.set_aside_failed", {"commit": commit, "error": error.strerror})
             return
+        self._later(self._repair(destination))  # git keeps working in there, to inspect it
         self.log("release.set_aside", {"commit": commit, "path": destination})
         failed = sorted((entry for entry in os.scandir(self.failed)
                          if _COMMIT.match(entry.name)),
@@ -131,7 +148,14 @@ class Releases:
         self.chores.add(task)
         task.add_done_callback(self.chores.discard)
 
+    async def _repair(self, path: str) -> None:
+        try:
+            await self.repo.moved_worktree(path)
+        except GitError:
+            pass  # a release of an older version (no .git), or one already gone
+
     async def _remove(self, path: str) -> None:
+        """rm -rf inside the root only, then git's entry for the checkout that was there."""
         if not os.path.lexists(path):
             return
         if not os.path.realpath(path).startswith(os.path.realpath(self.root) + os.sep):
@@ -141,3 +165,4 @@ class Releases:
                                 timeout=600)
         if not result.ok:
             self.log("release.remove_failed", {"path": path, "error": result.output.strip()})
+        self.repo.forget_worktrees(self.root)

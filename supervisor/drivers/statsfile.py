@@ -23,8 +23,12 @@ _LINE = re.compile(
     r"""^(?P<key>[A-Za-z_][A-Za-z0-9_]*)=
         (?:"(?P<double>[^"]*)"|'(?P<single>[^']*)'|(?P<bare>[^\s"'\#]*))
         \s*(?:\#.*)?$""",
-    re.VERBOSE,
+    # ASCII: \s is space, tab and the like, so \x1c-\x1f, \x85 and U+2028 stay in a value.
+    re.VERBOSE | re.ASCII,
 )
+# No stats come from the kernel's own files: a root supervisor pointed at /proc/self/environ
+# would write its environment into the log (`stats.lines_ignored`, `stats.read`).
+SYSTEM_DIRECTORIES = ("/proc", "/sys", "/dev")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +46,10 @@ def parse_stats(data: bytes) -> Stats:
     text = data.decode("utf-8", errors="replace").removeprefix("\ufeff")
     values: dict[str, str] = {}
     ignored, first = 0, None
-    for raw in text.splitlines():
-        line = raw.strip()
+    # Lines end at \n (or \r\n) only: str.splitlines() also splits at \x0b, \x1c-\x1e, \x85,
+    # U+2028 and U+2029, which a value may hold, so `u="x\x1en_clients=0"` would read as two.
+    for raw in text.split("\n"):
+        line = raw.removesuffix("\r").strip(" \t")
         if not line or line.startswith("#"):
             continue
         match = _LINE.match(line) if "\x00" not in line else None
@@ -73,8 +79,12 @@ def read_stats(path: str, limit: int = MAX_BYTES) -> Stats:
     except OSError as error:
         return Stats(None, problem=f"cannot open: {error.strerror}")
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
             return Stats(None, problem="not a regular file")
+        system = _system_directory(fd, path, status)
+        if system is not None:
+            return Stats(None, problem=f"under {system}: not read")
         data = os.read(fd, limit + 1)
     except OSError as error:
         return Stats(None, problem=f"cannot read: {error.strerror}")
@@ -83,6 +93,26 @@ def read_stats(path: str, limit: int = MAX_BYTES) -> Stats:
     if len(data) > limit:
         return Stats(None, problem=f"larger than {limit} bytes")
     return parse_stats(data)
+
+
+def _system_directory(fd: int, path: str, status: os.stat_result) -> str | None:
+    """Which of /proc, /sys or /dev the open file is under, whatever the path looked like (a
+    link, `..`): the kernel's name for the descriptor, or for a bind mount of /proc or /sys
+    elsewhere, the file system the file is on."""
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        real = os.path.realpath(path)
+    for directory in SYSTEM_DIRECTORIES:
+        if real == directory or real.startswith(directory + "/"):
+            return directory
+    for directory in SYSTEM_DIRECTORIES[:2]:
+        try:
+            if os.stat(directory).st_dev == status.st_dev:
+                return directory
+        except OSError:
+            pass
+    return None
 
 
 def load_rust_notify() -> type:
@@ -126,21 +156,29 @@ class StatsWatcher:
     one signal per read. The loop takes the signal like any other (add_signal_handler). Where
     the kernel lacks it, watchfiles' Rust backend watches in a thread; that library, once
     loaded, stays mapped for good: about 1.1 MB more RSS for the rest of the process's life.
+
+    Both watch the path, not the inode: the directory's parent is watched too, and when the
+    directory at the path is another one (renamed away and made again, as a deploy script or
+    systemd's RuntimeDirectory does), the watch moves to the new one.
     """
 
     DEBOUNCE_MS = 100  # a write storm yields at most ~10 reads a second
     STEP_MS = 20  # a single write is read ~20 ms after it lands
     SIGNAL = signal.SIGURG  # ignored by default: one that comes after stop() can do no harm
     CHANGES = fcntl.DN_MODIFY | fcntl.DN_CREATE | fcntl.DN_DELETE | fcntl.DN_RENAME
+    MOVES = fcntl.DN_CREATE | fcntl.DN_DELETE | fcntl.DN_RENAME  # in the parent
     kernel_notify = True  # False: always the watchfiles thread (the tests cover both)
 
     def __init__(self, path: str, report: Callable[[Stats], None]) -> None:
         self.path = os.path.abspath(path)
+        self.directory = os.path.dirname(self.path)
         self._report = report
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last: Stats | None = None
         # the kernel's notification
-        self._fd: int | None = None
+        self._kernel = False
+        self._fd: int | None = None  # the directory; None while no directory is at the path
+        self._parent_fd: int | None = None
         self._pending: asyncio.Handle | None = None
         self._last_read = 0.0
         # watchfiles in a thread
@@ -166,12 +204,15 @@ class StatsWatcher:
     def stop(self) -> None:
         if self._pending is not None:
             self._pending.cancel()
-        if self._fd is not None:
-            os.close(self._fd)  # the notification goes with the descriptor
+        for fd in (self._fd, self._parent_fd):
+            if fd is not None:
+                os.close(fd)  # the notification goes with the descriptor
+        if self._kernel:
             _unwatched(self)
         if self._stop is not None:
             self._stop.set()
-        self._loop, self._fd, self._pending, self._stop, self._thread = None, None, None, None, None
+        self._loop, self._fd, self._parent_fd, self._pending = None, None, None, None
+        self._stop, self._thread, self._kernel = None, None, False
 
     def _deliver_new(self, stats: Stats) -> None:
         if stats != self._last:
@@ -184,7 +225,7 @@ class StatsWatcher:
         """Arm the notification and read soon; False where this kernel has none (EINVAL) or the
         loop cannot take signals (not the main thread): then watchfiles watches instead."""
         try:
-            fd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = _open_directory(self.directory)
         except OSError as error:
             self._pending = loop.call_soon(
                 self._deliver_new, Stats(None, problem=f"watch failed: {error.strerror}"))
@@ -196,23 +237,59 @@ class StatsWatcher:
         except (OSError, ValueError, RuntimeError):
             os.close(fd)
             return False
-        self._fd = fd
+        self._kernel, self._fd = True, fd
+        try:  # without it the watch still works, until the directory is swapped
+            self._parent_fd = _open_directory(os.path.dirname(self.directory))
+            fcntl.fcntl(self._parent_fd, fcntl.F_SETSIG, self.SIGNAL)
+        except OSError:
+            if self._parent_fd is not None:
+                os.close(self._parent_fd)
+            self._parent_fd = None
         self._pending = loop.call_soon(self._read)
         return True
 
     def _changed(self) -> None:
         """The signal came (for this directory, or another watcher's): read soon, paced."""
-        if self._fd is None or self._pending is not None or self._loop is None:
+        if not self._kernel or self._pending is not None or self._loop is None:
             return
         delay = max(self.STEP_MS, self.DEBOUNCE_MS - (time.monotonic() - self._last_read) * 1000)
         self._pending = self._loop.call_later(delay / 1000, self._read)
 
-    def _read(self) -> None:
-        self._pending = None
-        if self._fd is None:
+    def _follow(self) -> None:
+        """Watch the directory now at the path; the old one (renamed, deleted) is let go."""
+        try:
+            now = os.stat(self.directory)
+        except OSError:
+            now = None
+        if self._fd is not None:
+            watched = os.fstat(self._fd)
+            if now is not None and (now.st_dev, now.st_ino) == (watched.st_dev, watched.st_ino):
+                return
+            os.close(self._fd)
+            self._fd = None
+        if now is None:
+            return  # the parent's notification says when one appears
+        try:
+            fd = _open_directory(self.directory)
+        except OSError:
             return
         try:
-            fcntl.fcntl(self._fd, fcntl.F_NOTIFY, self.CHANGES)  # armed again before reading
+            fcntl.fcntl(fd, fcntl.F_SETSIG, self.SIGNAL)
+        except OSError:
+            os.close(fd)
+            return
+        self._fd = fd
+
+    def _read(self) -> None:
+        self._pending = None
+        if not self._kernel:
+            return
+        try:  # all armed again before reading: nothing after the read goes unseen
+            if self._parent_fd is not None:
+                fcntl.fcntl(self._parent_fd, fcntl.F_NOTIFY, self.MOVES)
+            self._follow()
+            if self._fd is not None:
+                fcntl.fcntl(self._fd, fcntl.F_NOTIFY, self.CHANGES)
         except OSError as error:
             self._deliver_new(Stats(None, problem=f"watch failed: {error.strerror}"))
             return
@@ -236,26 +313,50 @@ class StatsWatcher:
         RustNotify = load_rust_notify()
 
         directory, name = os.path.split(self.path)
+        parent = os.path.dirname(directory)
+        first = True
         try:
-            with RustNotify([directory], False, False, 300, False, False) as notify:
-                self._post(loop, stop)
-                last_read = time.monotonic()
-                while not stop.is_set():
-                    changes = notify.watch(self.DEBOUNCE_MS, self.STEP_MS, 0, stop)
-                    if isinstance(changes, set) and any(
-                        os.path.basename(path) == name for _kind, path in changes
-                    ):
-                        # RustNotify returns as soon as its set of (kind, path) stops growing,
-                        # which for one file rewritten in a loop is every other step: pace here.
-                        pause = last_read + self.DEBOUNCE_MS / 1000 - time.monotonic()
-                        if pause > 0 and stop.wait(pause):
-                            break
-                        self._post(loop, stop)
-                        last_read = time.monotonic()
+            while not stop.is_set():
+                identity = _identity(directory)
+                # At the start a missing directory is an error; later it is a swap under way,
+                # and the parent says when the new one is there.
+                paths = [directory, parent] if identity is not None or first else [parent]
+                first = False
+                with RustNotify(paths, False, False, 300, False, False) as notify:
+                    self._post(loop, stop)
+                    last_read = time.monotonic()
+                    while not stop.is_set():
+                        changes = notify.watch(self.DEBOUNCE_MS, self.STEP_MS, 0, stop)
+                        if not isinstance(changes, set):
+                            continue
+                        if _identity(directory) != identity:
+                            break  # watch the directory now at the path, then read
+                        if any(os.path.basename(path) == name and
+                               os.path.dirname(path) == directory for _kind, path in changes):
+                            # RustNotify returns as soon as its set of (kind, path) stops
+                            # growing, which for one file rewritten in a loop is every other
+                            # step: pace here.
+                            pause = last_read + self.DEBOUNCE_MS / 1000 - time.monotonic()
+                            if pause > 0 and stop.wait(pause):
+                                break
+                            self._post(loop, stop)
+                            last_read = time.monotonic()
         except Exception as error:
             if not stop.is_set():
                 loop.call_soon_threadsafe(
                     self._deliver, stop, Stats(None, problem=f"watch failed: {error}"))
+
+
+def _open_directory(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 # One signal for every watcher that uses the kernel's notification (the service has one): the

@@ -109,7 +109,7 @@ class Service:
 
     def _make_drivers(self, config: Config, repo: GitRepo | None) -> None:
         self.store = StateStore(config.app.state_dir, report=self.log.write)
-        self.repo = repo or GitRepo(config.git, compare=not config.releases)
+        self.repo = repo or GitRepo(config.git, compare=not config.releases, log=self.log.write)
         self.releases = None
         if config.releases:
             from supervisor.drivers.releases import Releases  # only release mode pays for it
@@ -140,7 +140,9 @@ class Service:
         live = self._set_up_releases()
         self._listen_for_notify()
         try:
-            head = await self.repo.prepare()
+            # A tree an earlier run left half-updated goes back to its last build first.
+            head = await self.repo.prepare(
+                built=self.store.load().built if self.config.build and not self.releases else None)
         except GitError as error:
             raise StartupError(str(error)) from None
         persisted = self.store.load()

@@ -1348,6 +1348,121 @@ def stop_and_start_child(soak: Soak) -> str:
     return f"stop-child, {pause:.1f}s held, start-child"
 
 
+# -- issue 12, sections 3 and 5: hooks, git killed mid-update, the stats directory swapped ---
+
+HOOKS = ("post-merge", "post-checkout", "reference-transaction")
+
+
+@fault("hanging_hook", 2)
+def hanging_hook(soak: Soak) -> str:
+    """Hooks in the supervisor's clone that would leave a mark and hang; a commit is pushed.
+    No git the supervisor starts may run one (in place: the merge; in release mode: the
+    worktree of the release)."""
+    world = soak.world
+    ran = world.root / "hook-ran"
+    hooks = world.app / ".git" / "hooks"
+    hooks.mkdir(exist_ok=True)
+    for name in HOOKS:
+        (hooks / name).write_text(f"#!/bin/sh\ntouch {shlex.quote(str(ran))}\nexec sleep 30\n")
+        (hooks / name).chmod(0o755)
+    try:
+        mark = soak.log.mark()
+        commit = soak.push("good")
+        soak.wait_log(lambda r: r["event"] in ("git.tree_updated", "git.tree_update_failed")
+                      and r.get("commit") == commit.sha, mark, GIT_TIMEOUT + DRAIN_TIMEOUT + 5)
+    finally:
+        for name in HOOKS:
+            (hooks / name).unlink(missing_ok=True)
+    soak.checker.check("no_hook_ran", not ran.exists(),
+                       "a repository hook ran in a git the supervisor started")
+    ran.unlink(missing_ok=True)
+    return f"hooks that hang in the clone; pushed {commit}"
+
+
+@fault("git_killed_mid_update", 2, needs=lambda soak: not soak.model.releases)
+def git_killed_mid_update(soak: Soak) -> str:
+    """In place: a commit whose checkout hangs half-way (a smudge filter configured in the
+    clone, as git-lfs is, waits on a FIFO for one file written after all the others), so git
+    is killed at git.timeout. The update must be rolled back before anything else runs: the
+    old commit's tree whole, no lock, the app serving. Then the gate opens for good and a
+    good commit is pushed."""
+    world = soak.world
+    gate = world.root / "gate"
+    with contextlib.suppress(FileNotFoundError):
+        gate.unlink()
+    os.mkfifo(gate)
+    quoted = shlex.quote(str(gate))
+    world.git(world.app, "config", "filter.gate.smudge",
+              f"test -p {quoted} && cat {quoted} >/dev/null; exec cat")
+    world.git(world.app, "config", "filter.gate.clean", "cat")
+    before = soak.model.running
+    (world.dev / ".gitattributes").write_text("zz-slow-* filter=gate\n")
+    for index in range(soak.rng.randint(20, 200)):
+        (world.dev / f"many-{world.counter}-{index}.txt").write_text(f"{index}\n")
+    (world.dev / f"zz-slow-{world.counter}").write_text("slow\n")
+    mark = soak.log.mark()
+    stuck = world.commit("good", 0.0)  # not in the model: it never gets past its checkout
+    world.push()
+    try:
+        failed = soak.wait_log(lambda r: r["event"] == "git.tree_update_failed"
+                               and r.get("commit") == stuck.sha, mark,
+                               POLL_INTERVAL + DRAIN_TIMEOUT + GIT_TIMEOUT + 8)
+        journal = world.app / ".git" / "supervisor-update"
+        lock = world.app / ".git" / "index.lock"
+        head = world.git(world.app, "rev-parse", "HEAD")
+        dirty = world.git(world.app, "status", "--porcelain", "--untracked-files=all")
+        soak.checker.check(
+            "half_written_rolled_back",
+            failed is not None and "rolled back" in str(failed.get("error"))
+            and head == before.sha and not dirty and not lock.exists() and not journal.exists(),
+            lambda: f"after git was killed mid-update: {failed and failed.get('error')}; HEAD "
+                    f"{short(head)} (want {before}), lock {lock.exists()}, journal "
+                    f"{journal.exists()}, status {dirty[:200]!r}")
+    finally:
+        while True:  # any filter still blocked on the gate goes on (git killed takes them all)
+            try:
+                descriptor = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # ENXIO: nobody reads it
+                break
+            os.close(descriptor)
+        gate.unlink()  # the filter lets everything through from now on
+    return f"pushed {stuck}, whose checkout hangs; then pushed {soak.push('good')}"
+
+
+@fault("stats_dir_recreated", 2, needs=serving)
+def stats_dir_recreated(soak: Soak) -> str:
+    """A client is held while a deploy drains; the stats file's directory is renamed away and
+    made again (as a deploy script or systemd's RuntimeDirectory would), then the client
+    leaves. The app writes n_clients=0 into the new directory: the drain must see it there,
+    not wait for its timeout."""
+    world = soak.world
+    with soak.clients(1) as hold:
+        if hold is None:
+            return "stats directory swap: the app never counted the client"
+        mark = soak.log.mark()
+        commit = soak.push("good")
+        waiting = soak.wait_log(lambda r: r["event"] == "deploy.waiting_for_drain", mark, 5.0)
+        old = world.run_dir.with_name("run.old")
+        shutil.rmtree(old, ignore_errors=True)
+        world.run_dir.rename(old)
+        world.run_dir.mkdir()
+        swapped = soak.log.mark()
+        swapped_at = time.monotonic()
+    if waiting is None:
+        shutil.rmtree(old, ignore_errors=True)
+        return f"pushed {commit}; no drain to swap the stats directory under"
+    ended = soak.wait_log(lambda r: r["event"] in ("drain.satisfied", "drain.timed_out",
+                                                    "drain.child_exited"),
+                          swapped, DRAIN_TIMEOUT + 5)
+    took = time.monotonic() - swapped_at
+    soak.checker.check("drain_follows_path",
+                       ended is not None and ended["event"] != "drain.timed_out",
+                       lambda: f"the drain after the stats directory was made again ended with "
+                               f"{ended and ended['event']}")
+    shutil.rmtree(old, ignore_errors=True)
+    return f"client held, pushed {commit}, stats directory made again; drained {took:.1f}s on"
+
+
 # ---------------------------------------------------------------------------------------------
 # The soak
 
