@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from supervisor.core.display import duration
 from supervisor.drivers.eventlog import EventLog, priority, timestamp
 from supervisor.loop import control
 
@@ -103,14 +104,27 @@ def test_status_durations_are_brought_up_to_the_moment_of_reading(tmp_path):
     assert "not running" in control.describe_status(stopped)
 
 
+def test_status_of_a_supervisor_that_is_gone_names_no_pid():
+    """Its pid may belong to any process by now: naming it invites a `kill` of a stranger."""
+    status = {"app": "web", "pid": 28948, "phase": "stopped", "child": None, "head": "a" * 40}
+    gone = control.refresh(dict(status), running=False)
+    text = control.describe_status(gone)
+    assert text.splitlines()[0] == "web: not running (last: stopped)"
+    assert "pid" not in text.splitlines()[0]
+    assert gone["pid"] is None, "--json names no dead pid either: a script might kill it"
+    running = control.describe_status(control.refresh(status | {"phase": "running"}, True))
+    assert running.splitlines()[0] == "web: running, supervisor pid 28948"
+
+
 @pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (59, "59s"), (60, "1m"), (3599, "59m"),
-                                               (3660, "1h 1m"), (90000, "1d 1h")])
+                                               (3660, "1h1m"), (90000, "1d1h")])
 def test_spans_read_like_people_write_them(seconds, text):
-    assert control.span(seconds) == text
+    # One format for `supervisor status` and systemd's STATUS line (which must stay short).
+    assert duration(seconds) == text
 
 
 def test_under_journald_each_line_carries_its_syslog_priority():
-    assert priority("child.crash_looping") == 3
+    assert priority("child.crash_looping") == priority("driver.crashed") == 3
     assert priority("git.fetch_failed") == priority("drain.timed_out") == 4
     assert priority("child.started") == priority("git.fetched") == 6
 

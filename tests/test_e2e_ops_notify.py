@@ -115,7 +115,7 @@ def test_sd_notify_datagrams_on_a_real_socket(world, manager):
                              build={"command": gate.command(f"sh build.sh && env > {build_env}")})
 
     building = manager.wait("STATUS", lambda v: v.startswith("building "))
-    assert manager.received[building].get("STATUS") == f"building {world.first[:7]}"
+    assert manager.received[building].get("STATUS") == f"building {world.first[:12]}"
     supervisor.wait_for("build.started")
     manager.wait("WATCHDOG", after=building + 1)  # time passes with the build still blocked
     assert not manager.select("READY"), "READY=1 before the first child is up"
@@ -127,7 +127,7 @@ def test_sd_notify_datagrams_on_a_real_socket(world, manager):
     assert manager.received[ready].at >= world.parse_ts(started["ts"]), "READY before the child"
     running = manager.wait("STATUS", lambda v: v.startswith("running "), after=building)
     assert running > ready
-    assert manager.received[running].get("STATUS").startswith(f"running {world.first[:7]}")
+    assert manager.received[running].get("STATUS").startswith(f"running {world.first[:12]}")
 
     # The watchdog: WATCHDOG=1 every WATCHDOG_USEC/2 = 100 ms, from the supervisor's loop.
     first_ping = manager.wait("WATCHDOG", after=ready)
@@ -155,15 +155,15 @@ def test_sd_notify_datagrams_on_a_real_socket(world, manager):
     commit = world.release("2")
     mark = len(manager.received)
     supervisor.send(signal.SIGUSR1)
-    draining = manager.wait("STATUS", lambda v: v.startswith(f"draining for {commit[:7]}: "
+    draining = manager.wait("STATUS", lambda v: v.startswith(f"draining for {commit[:12]}: "
                                                              "n_clients=1"), after=mark)
     client.release()
     supervisor.wait_for("child.started", commit=commit)
-    back = manager.wait("STATUS", lambda v: v.startswith(f"running {commit[:7]}"),
+    back = manager.wait("STATUS", lambda v: v.startswith(f"running {commit[:12]}"),
                         after=draining)
     statuses = [manager.received[i].get("STATUS") for i in manager.select("STATUS", after=mark)
                 if i <= back]
-    assert any(s.startswith(f"building {commit[:7]}") for s in statuses), statuses
+    assert any(s.startswith(f"building {commit[:12]}") for s in statuses), statuses
     assert all(a != b for a, b in itertools.pairwise(statuses)), statuses
 
     # SIGHUP: RELOADING=1 (with MONOTONIC_USEC), then READY=1 once the config is read.
@@ -191,3 +191,27 @@ def test_sd_notify_datagrams_on_a_real_socket(world, manager):
     senders = {d.pid for d in manager.received}
     assert senders == {supervisor.pid}, senders
     assert len(manager.select("READY")) == 2  # at start-up and after the reload
+
+
+def test_the_drain_status_counts_the_seconds_it_waits(world, manager):
+    """While a client holds the deploy back nothing else happens (no fetch for an hour), yet
+    `systemctl status` must not say "for 0s" all along: the line is refreshed each second."""
+    supervisor, _ = world.start_serving(env={"NOTIFY_SOCKET": str(manager.path)},
+                                        git={"poll_interval": "1h"})
+    client = world.idle_client()
+    world.wait_stats('n_clients="1"')
+    commit = world.release("2")
+    mark = len(manager.received)
+    supervisor.send(signal.SIGUSR1)
+    prefix = f"draining for {commit[:12]}: n_clients=1 for "
+
+    def waited(value: str) -> float:
+        return float(value.removeprefix(prefix).split(",")[0].removesuffix("s"))
+
+    first = manager.wait("STATUS", lambda v: v.startswith(prefix), after=mark)
+    assert waited(manager.received[first].get("STATUS")) < 1
+    later = manager.wait("STATUS", lambda v: v.startswith(prefix) and waited(v) >= 2,
+                         after=first + 1, timeout=6)
+    assert manager.received[later].at - manager.received[first].at < 4
+    client.release()
+    supervisor.wait_for("child.started", commit=commit)

@@ -91,10 +91,10 @@ def test_status_through_running_draining_building_held_and_stopped(world):
     # stopped: exit code 3 and "not running", from the last status the supervisor left
     assert supervisor.stop() == 0
     data, text = status(world, expected_code=3)
-    assert data["running"] is False
+    assert data["running"] is False and data["pid"] is None
     first_line = text.splitlines()[0]
-    assert first_line.startswith("example: not running (last")
-    assert first_line.endswith(f"stopped), supervisor pid {supervisor.pid}")
+    assert first_line == "example: not running (last: stopped)", "a dead pid is named"
+    assert "supervisor pid" not in text
     assert "app:       not running" in text
     assert "fetch:" not in text
 

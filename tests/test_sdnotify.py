@@ -361,45 +361,46 @@ RUNNING = {"commit": "abc1234f00d", "pid": 4321}
 @pytest.mark.parametrize(("phase", "values", "expected"), [
     ("starting", {}, "starting"),
     ("running", {**RUNNING, "stats": {"n_clients": "3"}, "next_fetch": 240},
-     "running abc1234, 3 clients, next fetch in 4m"),
+     "running abc1234f00d, 3 clients, next fetch in 4m"),
     ("running", {**RUNNING, "stats": {"n_clients": "1"}, "next_fetch": 299.9},
-     "running abc1234, 1 client, next fetch in 4m"),
-    ("running", {**RUNNING, "next_fetch": 0}, "running abc1234, fetching"),
+     "running abc1234f00d, 1 client, next fetch in 4m"),
+    ("running", {**RUNNING, "next_fetch": 0}, "running abc1234f00d, fetching"),
     ("running", {**RUNNING, "next_fetch": 7200, "failed": "0123456789"},
-     "running abc1234, next fetch in 2h, deploy of 0123456 failed"),
-    ("running", {**RUNNING, "stats": {"n_authed": "1"}}, "running abc1234"),
-    ("running", {"commit": "abc1234f00d", "pid": None}, "starting abc1234"),
+     "running abc1234f00d, next fetch in 2h, deploy of 0123456789 failed"),
+    ("running", {**RUNNING, "stats": {"n_authed": "1"}}, "running abc1234f00d"),
+    ("running", {"commit": "abc1234f00d", "pid": None}, "starting abc1234f00d"),
     ("running", {"pid": 4321}, "running"),
     ("backoff", {"crashes": 5, "backoff": 8}, "backing off 8s after 5 crashes"),
     ("backoff", {"crashes": 2, "backoff": 0.5}, "backing off 0.5s after 2 crashes"),
     ("backoff", {"crashes": 1}, "backing off after 1 crash"),
     ("draining", {**RUNNING, "target": "def5678beef", "stats": {"n_clients": "3"},
                   "waiting": 720},
-     "draining for def5678: n_clients=3 for 12m"),
+     "draining for def5678beef: n_clients=3 for 12m"),
     ("draining", {**RUNNING, "target": "def5678beef", "waiting": 5},
-     "draining for def5678: no stats yet for 5s"),
+     "draining for def5678beef: no stats yet for 5s"),
     ("draining", {**RUNNING, "target": "def5678beef", "stats": {"n_clients": "2", "n_authed": "1"},
                   "waiting": 3700, "pending": "0123456789"},
-     "draining for def5678: n_clients=2 n_authed=1 for 1h1m, 0123456 next"),
+     "draining for def5678beef: n_clients=2 n_authed=1 for 1h1m, 0123456789 next"),
     ("draining", {**RUNNING, "target": "def5678beef",
                   "stats": {"a": "1", "b": "2", "n_clients_connected_now": "3" * 40}},
-     "draining for def5678: a=1 b=2 ..."),
+     "draining for def5678beef: a=1 b=2 ..."),
     ("draining", {**RUNNING, "target": "def5678beef",
                   "stats": {"n_clients_connected_now": "3" * 40}},
-     "draining for def5678: n_clients_conne~=333333333333333~"),
-    ("updating", {**RUNNING, "target": "def5678beef"}, "updating to def5678, abc1234 serving"),
-    ("updating", {"target": "def5678beef"}, "updating to def5678"),
+     "draining for def5678beef: n_clients_conne~=333333333333333~"),
+    ("updating", {**RUNNING, "target": "def5678beef"},
+     "updating to def5678beef, abc1234f00d serving"),
+    ("updating", {"target": "def5678beef"}, "updating to def5678beef"),
     ("building", {**RUNNING, "target": "def5678beef", "pending": "0123456789"},
-     "building def5678, abc1234 serving, 0123456 next"),
-    ("restarting", {**RUNNING, "target": "def5678beef"}, "restarting into def5678"),
-    ("probation", RUNNING, "proving healthy: abc1234"),
-    ("rolling_back", RUNNING, "stopping unhealthy abc1234"),
+     "building def5678beef, abc1234f00d serving, 0123456789 next"),
+    ("restarting", {**RUNNING, "target": "def5678beef"}, "restarting into def5678beef"),
+    ("probation", RUNNING, "proving healthy: abc1234f00d"),
+    ("rolling_back", RUNNING, "stopping unhealthy abc1234f00d"),
     ("shutting_down", RUNNING, "stopping"),
-    ("held", RUNNING, "held, stopping abc1234"),
+    ("held", RUNNING, "held, stopping abc1234f00d"),
     ("held", {"commit": "abc1234f00d"}, "held, app stopped by stop-child"),
     ("stopped", {}, "stopped"),
-    ("running", {**RUNNING, "next_fetch": 90000}, "running abc1234, next fetch in 1d1h"),
-    ("running", {**RUNNING, "next_fetch": 45.4}, "running abc1234, next fetch in 45s"),
+    ("running", {**RUNNING, "next_fetch": 90000}, "running abc1234f00d, next fetch in 1d1h"),
+    ("running", {**RUNNING, "next_fetch": 45.4}, "running abc1234f00d, next fetch in 45s"),
 ])
 def test_status_line(phase, values, expected):
     assert status_line(phase, **values) == expected
@@ -415,3 +416,19 @@ def test_every_phase_has_a_short_status_line():
         assert line.split()[0].rstrip(",") in (
             "starting", "running", "backing", "draining", "updating", "building", "restarting",
             "held", "stopping", "stopped", "proving"), line
+
+
+def test_a_line_too_long_for_one_row_drops_words_not_facts():
+    """Real commits are 40 characters and show as 12: the summary still fits 80 columns."""
+    full = {"commit": "a" * 40, "pid": 7, "stats": {"n_clients": "12", "n_authed": "3", "q": "4"},
+            "next_fetch": 86399, "target": "b" * 40, "pending": "c" * 40, "waiting": 86399,
+            "failed": "d" * 40}
+    assert status_line("running", **full) == (
+        f"running {'a' * 12}, 12 clients, next fetch in 23h59m, {'d' * 12} failed")
+    assert status_line("draining", **full) == (
+        f"draining for {'b' * 12}: n_clients=12 ... for 23h59m, {'c' * 12} next")
+    roomy = {**full, "stats": {"n_clients": "1"}, "next_fetch": 60}
+    assert status_line("running", **roomy) == (
+        f"running {'a' * 12}, 1 client, next fetch in 1m, deploy of {'d' * 12} failed")
+    for phase in Phase:
+        assert len(status_line(phase, **full)) <= 80, phase

@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from supervisor import __version__
+
+if TYPE_CHECKING:
+    from supervisor.core.config import Config
+    from supervisor.drivers.childlog import RotatingFile
+    from supervisor.loop.startup import Claim
 
 EXIT_USAGE = 2
 
@@ -92,20 +98,25 @@ def main(argv: list[str] | None = None) -> int:
         from supervisor.cli.demo import run_demo
 
         return run_demo(keep=bool(args["keep"]))
+    return _with_config(args)
 
+
+def _with_config(args: dict[str, object]) -> int:
+    """The commands that read the config: check, status, the control requests and run."""
     from supervisor.core.config import ConfigError, format_config, load_config
 
     try:
         config = load_config(str(args["config"]))
     except ConfigError as error:
         return _fail(error.problems)
-    if args["command"] == "check":
+    command = str(args["command"])
+    if command == "check":
         print(format_config(config), end="")
         return 0
-    if args["command"] == "status":
+    if command == "status":
         return _status(config.app.state_dir, bool(args["json"]))
-    if args["command"] in CONTROL_HELP:
-        return _ask(config.app.state_dir, str(args["command"]))
+    if command in CONTROL_HELP:
+        return _ask(config.app.state_dir, command)
     return _run(config, args.get("log_format"))  # type: ignore[arg-type]
 
 
@@ -150,74 +161,23 @@ def under_journald() -> bool:
     return stream == f"{info.st_dev}:{info.st_ino}"
 
 
-def _stop_children_left_behind(config, notes: list[tuple[str, dict[str, object]]]  # type: ignore[no-untyped-def]
-                               ) -> bool:
-    """Stop the app (both generations, after an overlap) that state.json says a killed
-    supervisor left running, if it provably is that app; True if one was stopped."""
-    from supervisor.drivers.child import stop_stale_child_now
-    from supervisor.drivers.statefile import StateStore
-
-    store = StateStore(config.app.state_dir)
-    persisted = store.load()
-    stopped = False
-    for record in (persisted.old_child, persisted.child):
-        if record is not None:
-            stopped |= stop_stale_child_now(record, config.app.stop_signal,
-                                            config.app.stop_timeout,
-                                            lambda event, facts: notes.append((event, facts)))
-    if stopped:
-        store.save(child=None, old_child=None)
-    return stopped
-
-
-def _run(config, log_format: str | None) -> int:  # type: ignore[no-untyped-def]
+def _run(config: Config, log_format: str | None) -> int:
     from supervisor.loop.footprint import forget_startup_modules, without_tls
+    from supervisor.loop.startup import StartupError, claim
 
     without_tls()
     forget_startup_modules()
-    listeners, inherited = [], False
-    early_notes: list[tuple[str, dict[str, object]]] = []  # logged once the log exists
-    if config.sockets:
-        # First of all, while fds 3.. are still free: that is where the app will find them.
-        from supervisor.drivers.sockets import SocketError, open_sockets
-        from supervisor.loop import control
-
-        running = control.running_pid(config.app.state_dir)
-        if running is not None:
-            return _fail([f"app.state_dir: pid {running} already runs a supervisor for this app "
-                          f"({config.app.state_dir})"])
-        try:
-            listeners, inherited = open_sockets(config.sockets, os.environ)
-        except SocketError as error:
-            # The app a killed supervisor left behind may hold the socket: stop it, try again.
-            if not _stop_children_left_behind(config, early_notes):
-                return _fail([str(error)])
-            try:
-                listeners, inherited = open_sockets(config.sockets, os.environ)
-            except SocketError as error:
-                return _fail([str(error)])
-    import asyncio
-
-    from supervisor.drivers.eventlog import EventLog
-    from supervisor.loop.service import Service, StartupError
-
-    stream = None
-    if config.log.file is not None:
-        from supervisor.drivers.childlog import RotatingFile
-
-        # Rotated by size like the app's output, so the log cannot fill a small disk.
-        stream = RotatingFile(config.log.file, config.log.max_bytes, config.log.keep)
-        try:
-            os.makedirs(os.path.dirname(config.log.file), exist_ok=True)
-            stream.open()
-        except OSError as error:
-            return _fail([f"log.file: cannot open {config.log.file}: {error.strerror}"])
-    log = EventLog(stream, log_format or config.log.format)
-    log.priority_prefix = stream is None and under_journald()
     try:
-        service = Service(config, log, log_format_forced=log_format is not None,
-                          listeners=listeners, inherited=inherited, early_notes=early_notes)
-        return asyncio.run(service.run())
+        # First of all, while fds 3.. are still free: that is where the app finds its sockets.
+        taken = claim(config, os.environ)
+    except StartupError as error:
+        return _fail([str(error)])
+    try:
+        stream = _open_log_file(config)
+    except OSError as error:
+        return _fail([f"log.file: cannot open {config.log.file}: {error.strerror}"])
+    try:
+        return _serve(config, taken, stream, log_format)
     except StartupError as error:
         return _fail([str(error)])
     except KeyboardInterrupt:
@@ -225,3 +185,28 @@ def _run(config, log_format: str | None) -> int:  # type: ignore[no-untyped-def]
     finally:
         if stream is not None:
             stream.close()
+
+
+def _open_log_file(config: Config) -> RotatingFile | None:
+    """Rotated by size like the app's output, so the log cannot fill a small disk."""
+    if config.log.file is None:
+        return None
+    from supervisor.drivers.childlog import RotatingFile
+
+    stream = RotatingFile(config.log.file, config.log.max_bytes, config.log.keep)
+    os.makedirs(os.path.dirname(config.log.file), exist_ok=True)
+    stream.open()
+    return stream
+
+
+def _serve(config: Config, taken: Claim, stream: RotatingFile | None,
+           log_format: str | None) -> int:
+    import asyncio
+
+    from supervisor.drivers.eventlog import EventLog
+    from supervisor.loop.service import Service
+
+    log = EventLog(stream, log_format or config.log.format)
+    log.priority_prefix = stream is None and under_journald()
+    service = Service(config, log, taken, log_format_forced=log_format is not None)
+    return asyncio.run(service.run())

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import IO, Any
 
+from supervisor.core.display import short_commit
 from supervisor.drivers.eventlog import parse_timestamp
 
 POLL_INTERVAL = 0.25  # seconds between looks at a followed file: a person is watching, not a test
@@ -25,7 +26,7 @@ MAX_PARTIAL = 1 << 20  # an unfinished last line is held up to this size, then s
 # The colour of an event's name, by the last part of the name (ANSI SGR codes).
 RED, YELLOW, GREEN, CYAN, DIM = "31", "33", "32", "36", "2"
 _KINDS = {
-    RED: {"crash_looping", "diverged", "dirty", "timed_out", "output_dropped"},
+    RED: {"crash_looping", "crashed", "diverged", "dirty", "timed_out", "output_dropped"},
     YELLOW: {"restarting", "backing_off", "ignored", "lines_ignored",
              "stale_found", "stale_stopped", "stop_requested", "reverting", "waiting_for_drain"},
     GREEN: {"started", "succeeded", "satisfied", "tree_updated", "stopped"},
@@ -62,7 +63,7 @@ def escape_controls(text: str) -> str:
 def short(value: Any) -> Any:
     """Commits shortened to 12 characters, in nested values too: people compare prefixes."""
     if isinstance(value, str) and _COMMIT.fullmatch(value):
-        return value[:12]
+        return short_commit(value)
     if isinstance(value, dict):
         return {key: short(item) for key, item in value.items()}
     if isinstance(value, list):

@@ -18,6 +18,7 @@ from supervisor.core.condition import Condition, ConditionError, parse_condition
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 DURATION_HINT = 'a duration such as 10, "500ms", "30s", "5m" or "1h"'
+HEALTH_TIMEOUT = 60.0  # health.timeout's default: the deadline for proving health
 
 
 class ConfigError(Exception):
@@ -77,7 +78,7 @@ class HealthConfig:
     notify: bool = False  # READY=1 on the NOTIFY_SOCKET the supervisor gives the child
     interval: float = 1.0  # between probes
     probe_timeout: float = 2.0  # one probe
-    timeout: float = 60.0  # the deadline for proving health
+    timeout: float = HEALTH_TIMEOUT
 
     @property
     def probe(self) -> str | None:
@@ -497,7 +498,7 @@ def _health(section: _Section, problems: list[str]) -> HealthConfig:
         notify=bool(probes["notify"]),
         interval=section.get("interval", _positive_duration, 1.0),
         probe_timeout=section.get("probe_timeout", _positive_duration, 2.0),
-        timeout=section.get("timeout", _positive_duration, 60.0),
+        timeout=section.get("timeout", _positive_duration, HEALTH_TIMEOUT),
     )
     if config.timeout <= config.grace:
         problems.append("health.timeout: expected a duration longer than health.grace")

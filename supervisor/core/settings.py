@@ -49,7 +49,7 @@ def settings_from(config: Config) -> Settings:
         health_gate=config.health is not None,
         grace=config.health.grace if config.health else 0.0,
         probe=config.health is not None and config.health.probe is not None,
-        health_timeout=config.health.timeout if config.health else 60.0,
+        health_timeout=config.health.timeout if config.health else 0.0,  # no gate, no deadline
         overlap=config.restart.style == "overlap",
         overlap_reserve=config.restart.overlap_reserve,
     )

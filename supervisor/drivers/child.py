@@ -263,52 +263,26 @@ def _report(report: Callable[[str, dict[str, object]], None], kind: str, found: 
         report("child.stale_stopped", {"pid": record.pid})
 
 
-async def stop_stale_child(record: ChildRecord, stop_signal: int, stop_timeout: float,
-                           report: Callable[[str, dict[str, object]], None],
-                           kind: str = "child") -> None:
-    """Stop a child (or a build: `kind`) a killed supervisor left running, if it is provably
-    that process, with its whole group."""
-    pidfd = _claim(record)
-    if pidfd is None:
-        return
-    try:
-        _report(report, kind, True, record)
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
-        try:
-            for sig, grace in ((stop_signal, stop_timeout), (signal.SIGKILL, 5.0)):
-                _signal_group(record, sig)
-                done, _ = await asyncio.wait([exited], timeout=grace)
-                if done:
-                    break
-        finally:
-            loop.remove_reader(pidfd)
-        for member in group_members(record.pid, record.start_ticks):
-            _signal_verified(member, record.pid, record.start_ticks, signal.SIGKILL)
-        _report(report, kind, False, record)
-    finally:
-        os.close(pidfd)
-
-
-def stop_stale_child_now(record: ChildRecord, stop_signal: int, stop_timeout: float,
-                         report: Callable[[str, dict[str, object]], None]) -> bool:
-    """The same, before any event loop exists (the app we left may hold the socket we are
-    about to bind); True if there was one to stop."""
+def stop_stale_child(record: ChildRecord, stop_signal: int, stop_timeout: float,
+                     report: Callable[[str, dict[str, object]], None],
+                     kind: str = "child") -> bool:
+    """Stop a child (or a build: `kind`) a killed supervisor left running, if it provably is
+    that process, with its whole group; True if there was one to stop. Synchronous, since it
+    runs before any event loop exists: the app we left may hold the socket we are about to bind."""
     import select
 
     pidfd = _claim(record)
     if pidfd is None:
         return False
     try:
-        _report(report, "child", True, record)
+        _report(report, kind, True, record)
         for sig, grace in ((stop_signal, stop_timeout), (signal.SIGKILL, 5.0)):
             _signal_group(record, sig)
             if select.select([pidfd], [], [], grace)[0]:
                 break
         for member in group_members(record.pid, record.start_ticks):
             _signal_verified(member, record.pid, record.start_ticks, signal.SIGKILL)
-        _report(report, "child", False, record)
+        _report(report, kind, False, record)
     finally:
         os.close(pidfd)
     return True

@@ -64,7 +64,7 @@ def bounded(value: Any) -> Any:
 
 def priority(event: str) -> int:
     """The syslog priority journald files a line under: 3 err, 4 warning, 6 info."""
-    if event.endswith(("crash_looping", "reload_failed", "revert_failed", ".error")):
+    if event.endswith(("crash_looping", "crashed", "reload_failed", "revert_failed", ".error")):
         return 3
     if event.endswith(("failed", "dirty", "diverged", "timed_out", "rejected", "dropped",
                        "stale_found", "lines_ignored", "backing_off")):

@@ -8,13 +8,16 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
+
+from supervisor.core.display import duration, short_commit
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
 # `systemctl status` shows one line; systemd itself would cut a datagram at 4 KiB, mid-field.
 MAX_STATUS = 400
+LINE_WIDTH = 80  # what the summary aims for, with 12-character commits
 
 
 class Notifier:
@@ -125,50 +128,85 @@ def status_line(phase: str, *, commit: str | None = None, pid: int | None = None
     condition's keys), seconds until the `next_fetch`, the deploy `target` and a newer `pending`
     commit, seconds spent `waiting` for the drain, `crashes` in a row and the `backoff` delay,
     and the last commit whose deploy `failed`."""
-    serving = f"{_short(commit)} serving" if commit and pid else None
-    match phase:
-        case "running" if pid is None:
-            parts = [_join("starting", _short(commit))]
-        case "running":
-            parts = [_join("running", _short(commit)), _clients(stats)]
-            if next_fetch is not None:
-                parts.append("fetching" if next_fetch <= 0 else
-                             f"next fetch in {_duration(next_fetch)}")
-            if failed:
-                parts.append(f"deploy of {_short(failed)} failed")
-        case "backoff":
-            delay = f" {_duration(backoff)}" if backoff is not None else ""
-            parts = [f"backing off{delay} after {crashes} crash{'es' if crashes != 1 else ''}"]
-        case "draining":
-            since = f" for {_duration(waiting)}" if waiting is not None else ""
-            parts = [f"draining for {_short(target)}: {_why(stats)}{since}"]
-        case "updating":
-            parts = [f"updating to {_short(target)}", serving]
-        case "building":
-            parts = [f"building {_short(target)}", serving]
-        case "restarting":
-            parts = [f"restarting into {_short(target)}"]
-        case "probation":
-            parts = [_join("proving healthy:", _short(commit))]
-        case "rolling_back":
-            parts = [f"stopping unhealthy {_short(commit)}"]
-        case "held" if pid is not None:
-            parts = [f"held, stopping {_short(commit)}"]
-        case "held":
-            parts = ["held, app stopped by stop-child"]
-        case "shutting_down":
-            parts = ["stopping"]
-        case "starting":
-            parts = [_join("starting", _short(commit))]
-        case _:
-            parts = [str(phase)]
+    facts = _Facts(commit, pid, stats, next_fetch, target, waiting, crashes, backoff, failed)
+    line = _line(phase, facts, pending)
+    if len(line) > LINE_WIDTH:  # fewer words, rather than a line cut off mid-word
+        line = _line(phase, facts._replace(compact=True), pending)
+    return line
+
+
+def _line(phase: str, facts: _Facts, pending: str | None) -> str:
+    describe = _PHASES.get(phase)
+    parts = describe(facts) if describe is not None else [str(phase)]
     if pending and phase in ("draining", "updating", "building", "restarting"):
         parts.append(f"{_short(pending)} next")
     return ", ".join(part for part in parts if part)
 
 
+class _Facts(NamedTuple):
+    commit: str | None
+    pid: int | None
+    stats: dict[str, str] | None
+    next_fetch: float | None
+    target: str | None
+    waiting: float | None
+    crashes: int
+    backoff: float | None
+    failed: str | None
+    compact: bool = False
+
+    @property
+    def serving(self) -> str | None:
+        return f"{_short(self.commit)} serving" if self.commit and self.pid else None
+
+
+def _running(facts: _Facts) -> list[str | None]:
+    if facts.pid is None:
+        return [_join("starting", _short(facts.commit))]
+    parts = [_join("running", _short(facts.commit)), _clients(facts.stats)]
+    if facts.next_fetch is not None:
+        parts.append("fetching" if facts.next_fetch <= 0 else
+                     f"next fetch in {duration(facts.next_fetch)}")
+    if facts.failed:
+        parts.append(f"{'' if facts.compact else 'deploy of '}{_short(facts.failed)} failed")
+    return parts
+
+
+def _backoff(facts: _Facts) -> list[str | None]:
+    delay = f" {duration(facts.backoff)}" if facts.backoff is not None else ""
+    plural = "es" if facts.crashes != 1 else ""
+    return [f"backing off{delay} after {facts.crashes} crash{plural}"]
+
+
+def _draining(facts: _Facts) -> list[str | None]:
+    since = f" for {duration(facts.waiting)}" if facts.waiting is not None else ""
+    why = _why(facts.stats, 1 if facts.compact else 2)
+    return [f"draining for {_short(facts.target)}: {why}{since}"]
+
+
+def _held(facts: _Facts) -> list[str | None]:
+    if facts.pid is not None:
+        return [f"held, stopping {_short(facts.commit)}"]
+    return ["held, app stopped by stop-child"]
+
+
+_PHASES: dict[str, Callable[[_Facts], list[str | None]]] = {
+    "running": _running,
+    "backoff": _backoff,
+    "draining": _draining,
+    "updating": lambda f: [f"updating to {_short(f.target)}", f.serving],
+    "building": lambda f: [f"building {_short(f.target)}", f.serving],
+    "restarting": lambda f: [f"restarting into {_short(f.target)}"],
+    "probation": lambda f: [_join("proving healthy:", _short(f.commit))],
+    "rolling_back": lambda f: [f"stopping unhealthy {_short(f.commit)}"],
+    "held": _held,
+    "shutting_down": lambda f: ["stopping"],
+    "starting": lambda f: [_join("starting", _short(f.commit))],
+}
+
+
 def _short(commit: str | None) -> str:
-    return commit[:7] if commit else "?"
+    return short_commit(commit, missing="?")
 
 
 def _join(word: str, commit: str) -> str:
@@ -183,33 +221,17 @@ def _clients(stats: dict[str, str] | None) -> str:
     return f"{_cut(count)} client{'' if count == '1' else 's'}"
 
 
-def _why(stats: dict[str, str] | None) -> str:
+def _why(stats: dict[str, str] | None, at_most: int) -> str:
     """While draining the values are the reason for waiting: two at most, it is one line."""
     if not stats:
         return "no stats yet"
     items = list(stats.items())
-    words = [f"{_cut(key)}={_cut(value)}" for key, value in items[:2]]
-    return " ".join(words + ["..."] * (len(items) > 2))
+    words = [f"{_cut(key)}={_cut(value)}" for key, value in items[:at_most]]
+    return " ".join(words + ["..."] * (len(items) > at_most))
 
 
 def _cut(text: str) -> str:
     return text if len(text) <= 16 else text[:15] + "~"
-
-
-def _duration(seconds: float) -> str:
-    """4m, 12m, 8s, 0.5s, 2h5m, 3d4h: whole units, rounded down past a minute."""
-    seconds = max(seconds, 0.0)
-    if seconds < 10:
-        return f"{seconds:.1f}".rstrip("0").rstrip(".") + "s"
-    if seconds < 60:
-        return f"{round(seconds)}s"
-    if seconds < 3600:
-        return f"{int(seconds // 60)}m"
-    if seconds < 86400:
-        hours, minutes = int(seconds // 3600), int(seconds % 3600 // 60)
-        return f"{hours}h{minutes}m" if minutes else f"{hours}h"
-    days, hours = int(seconds // 86400), int(seconds % 86400 // 3600)
-    return f"{days}d{hours}h" if hours else f"{days}d"
 
 
 def _one_line(text: str) -> str:

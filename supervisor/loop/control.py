@@ -13,6 +13,8 @@ import signal
 import time
 from typing import Any
 
+from supervisor.core.display import duration, short_commit
+
 REQUESTS = ("deploy", "restart", "stop-child", "start-child", "rollback")
 LOCK_NAME = "supervisor.lock"
 STATUS_NAME = "status.json"
@@ -137,22 +139,6 @@ def read_status(state_dir: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def span(seconds: float) -> str:
-    """A duration for people: 45s, 12m, 3h 5m, 2d 4h."""
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m"
-    if seconds < 86400:
-        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
-    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
-
-
-def _short(commit: object) -> str:
-    return str(commit)[:12] if commit else "-"
-
-
 def _seconds_since(stamp: object, now: float) -> float:
     """Seconds from an RFC 3339 UTC stamp of the event log to `now`."""
     import calendar
@@ -170,7 +156,7 @@ def refresh(status: dict[str, Any], running: bool, now: float | None = None) -> 
     now = time.time() if now is None else now
     status["running"] = running
     if not running:
-        for key in ("child", "target", "waiting", "next_fetch", "backoff_until"):
+        for key in ("pid", "child", "target", "waiting", "next_fetch", "backoff_until"):
             status[key] = None
         return status
     if status.get("child"):
@@ -183,38 +169,60 @@ def refresh(status: dict[str, Any], running: bool, now: float | None = None) -> 
 
 def describe_status(status: dict[str, Any]) -> str:
     """The status file for people, one fact per line."""
-    lines = []
     running = status.get("running", True)
-    state = status.get("phase") if running else f"not running (last: {status.get('phase')})"
-    lines.append(f"{status.get('app')}: {state}, supervisor pid {status.get('pid')}")
+    lines = [_headline(status, running), _app_line(status, running), _tree_line(status)]
+    lines += _deploy_lines(status) + _trouble_lines(status, running)
+    return "\n".join(lines)
+
+
+def _headline(status: dict[str, Any], running: bool) -> str:
+    """A supervisor that is gone has no pid worth naming: it may belong to anything by now."""
+    if not running:
+        return f"{status.get('app')}: not running (last: {status.get('phase')})"
+    return f"{status.get('app')}: {status.get('phase')}, supervisor pid {status.get('pid')}"
+
+
+def _app_line(status: dict[str, Any], running: bool) -> str:
     child = status.get("child")
-    if child and running:
-        lines.append(f"app:       pid {child.get('pid')}, {_short(child.get('commit'))}, "
-                     f"up {span(float(child.get('uptime') or 0))} (since {child.get('since')})")
-    else:
-        lines.append("app:       not running")
+    if not (child and running):
+        return "app:       not running"
+    return (f"app:       pid {child.get('pid')}, {short_commit(child.get('commit'))}, "
+            f"up {duration(float(child.get('uptime') or 0))} (since {child.get('since')})")
+
+
+def _tree_line(status: dict[str, Any]) -> str:
     good = status.get("good")
-    if good is not None:  # release mode: `head` is the release `current` points to
-        lines.append(f"release:   {_short(status.get('head'))} live; good: "
-                     + (", ".join(_short(c) for c in reversed(good)) or "none yet"))
-    else:
-        lines.append(f"tree:      {_short(status.get('head'))}, "
-                     f"built {_short(status.get('built'))}")
+    if good is None:
+        return (f"tree:      {short_commit(status.get('head'))}, "
+                f"built {short_commit(status.get('built'))}")
+    # release mode: `head` is the release `current` points to
+    return (f"release:   {short_commit(status.get('head'))} live; good: "
+            + (", ".join(short_commit(c) for c in reversed(good)) or "none yet"))
+
+
+def _deploy_lines(status: dict[str, Any]) -> list[str]:
+    lines = []
     if status.get("target"):
-        lines.append(f"deploying: {_short(status.get('target'))}")
-    if status.get("waiting"):
-        waiting = status["waiting"]
-        lines.append(f"waiting:   {waiting.get('reason')} for {span(waiting.get('seconds') or 0)}")
+        lines.append(f"deploying: {short_commit(status.get('target'))}")
+    waiting = status.get("waiting")
+    if waiting:
+        lines.append(f"waiting:   {waiting.get('reason')} for "
+                     f"{duration(waiting.get('seconds') or 0)}")
     if status.get("pending"):
-        lines.append(f"next:      {_short(status.get('pending'))} (after this deploy)")
+        lines.append(f"next:      {short_commit(status.get('pending'))} (after this deploy)")
     deploy = status.get("last_deploy")
     if deploy:
         why = f": {deploy.get('reason')}" if deploy.get("reason") else ""
-        lines.append(f"deployed:  {_short(deploy.get('commit'))} {deploy.get('result')} "
+        lines.append(f"deployed:  {short_commit(deploy.get('commit'))} {deploy.get('result')} "
                      f"at {deploy.get('at')}{why}")
+    return lines
+
+
+def _trouble_lines(status: dict[str, Any], running: bool) -> list[str]:
+    lines = []
     if status.get("failed"):
-        lines.append(f"held back: {_short(status.get('failed'))} (failed; waits for a newer "
-                     "commit)")
+        lines.append(f"held back: {short_commit(status.get('failed'))} (failed; waits for a "
+                     "newer commit)")
     if status.get("next_fetch") and running:
         lines.append(f"fetch:     next at {status.get('next_fetch')}")
     if status.get("crashes"):
@@ -225,4 +233,4 @@ def describe_status(status: dict[str, Any]) -> str:
     if error:
         lines.append(f"error:     {error.get('event')}: {error.get('message')} "
                      f"at {error.get('at')}")
-    return "\n".join(lines)
+    return lines

@@ -8,13 +8,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 from collections import deque
-from collections.abc import Sequence
 from typing import Any
 
 from supervisor.core.config import Config
+from supervisor.core.display import short_commit
 from supervisor.core.events import (
     Action,
     CancelTimer,
@@ -52,16 +51,18 @@ from supervisor.core.events import (
 from supervisor.core.machine import DEPLOYING, Phase, State, decide, initial_state
 from supervisor.core.settings import settings_from
 from supervisor.drivers.build import Builder
-from supervisor.drivers.child import Child, stop_stale_child
+from supervisor.drivers.child import Child
 from supervisor.drivers.childlog import open_sink
 from supervisor.drivers.eventlog import EventLog
 from supervisor.drivers.gitrepo import GitError, GitRepo
 from supervisor.drivers.sdnotify import Notifier, watchdog_interval, watchdog_pings
 from supervisor.drivers.sockets import close_all, describe
-from supervisor.drivers.statefile import StateStore
+from supervisor.drivers.statefile import Persisted, StateStore
 from supervisor.drivers.statsfile import Stats, StatsWatcher, read_stats
 from supervisor.loop import control
+from supervisor.loop.startup import Claim, StartupError
 from supervisor.loop.status import StatusBoard, facts
+from supervisor.loop.tasks import DriverTasks
 
 # systemd's variables are for us alone: an app or a build that inherited NOTIFY_SOCKET could
 # report READY=1 or STOPPING=1 in our name.
@@ -71,26 +72,45 @@ REQUEST_EVENTS = {"deploy": CheckRequested, "restart": RestartRequested,
                   "rollback": RollbackRequested}
 
 
-class StartupError(Exception):
-    """The service cannot start as configured; one line for the user, exit code 2."""
-
-
 class Service:
-    def __init__(self, config: Config, log: EventLog, log_format_forced: bool = False,
-                 listeners: Sequence[socket.socket] = (), inherited: bool = False,
-                 early_notes: Sequence[tuple[str, dict[str, object]]] = ()) -> None:
-        # What happened before the log existed (an app left behind, stopped to free a socket).
-        self.early_notes = list(early_notes)
-        self.config, self.log = config, log
-        self.listeners, self.listeners_inherited = list(listeners), inherited
+    """One app's loop: the drivers post events to `inbox`, `_handle` decides and acts. What it
+    must own before it runs (the lock, the sockets) is given to it, already claimed."""
+
+    STATUS_REFRESH = 30.0  # seconds; only under systemd, which shows the line on request
+    DRAIN_REFRESH = 1.0  # while draining the line counts the seconds waited: keep it true
+
+    def __init__(self, config: Config, log: EventLog, claim: Claim,
+                 log_format_forced: bool = False, repo: GitRepo | None = None) -> None:
+        """`claim`: the lock, the sockets and the early notes of startup.claim(). `repo`: the
+        git driver, made from the config unless given (a test gives one that fails)."""
+        self.config, self.log, self.claim = config, log, claim
+        self.listeners, self.listeners_inherited = claim.listeners, claim.inherited
+        self.lock_fd = claim.lock_fd
         self.log_format_forced = log_format_forced  # --log-format outlives a reload
         self.notifier = Notifier.from_environ(os.environ)
         self.watchdog_interval = watchdog_interval(os.environ)
         for name in SYSTEMD_ONLY:
             os.environ.pop(name, None)
         self.inbox: asyncio.Queue[Event] = asyncio.Queue()
+        self._make_drivers(config, repo)
+        self.drivers = DriverTasks(self.log.write)
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.tree_update: asyncio.Task[None] | None = None
+        self.tree_restore: asyncio.Task[None] | None = None
+        self.state: State = initial_state(settings_from(config))
+        self.status = StatusBoard(config.app.name, config.git.poll_interval,
+                                  tuple(c.key for c in config.drain.until.comparisons)
+                                  if config.drain else (),
+                                  health_gate=config.health is not None)
+        self._last_status: dict[str, Any] | None = None
+        self._status_phase: Phase | None = None  # the phase the refresher last paced itself by
+        self._status_wake = asyncio.Event()
+        self.run_id = os.urandom(3).hex()  # with the deploy count: the log's correlation id
+        self.ready_sent = False
+
+    def _make_drivers(self, config: Config, repo: GitRepo | None) -> None:
         self.store = StateStore(config.app.state_dir, report=self.log.write)
-        self.repo = GitRepo(config.git, compare=not config.releases, log=self.log.write)
+        self.repo = repo or GitRepo(config.git, compare=not config.releases, log=self.log.write)
         self.releases = None
         if config.releases:
             from supervisor.drivers.releases import Releases  # only release mode pays for it
@@ -113,63 +133,14 @@ class Service:
 
             self.prober = Prober(config.health, self.inbox.put_nowait)
         self.watcher = StatsWatcher(stats_file, self._on_stats) if stats_file else None
-        self.timers: dict[str, asyncio.TimerHandle] = {}
-        self.tree_update: asyncio.Task[None] | None = None
-        self.tree_restore: asyncio.Task[None] | None = None
-        self.state: State = initial_state(settings_from(config))
-        self.status = StatusBoard(config.app.name, config.git.poll_interval,
-                                  tuple(c.key for c in config.drain.until.comparisons)
-                                  if config.drain else (),
-                                  health_gate=config.health is not None)
-        self._last_status: dict[str, Any] | None = None
-        self.run_id = os.urandom(3).hex()  # with the deploy count: the log's correlation id
-        self.lock_fd: int | None = None
         self.trigger: Any = None
-        self.ready_sent = False
 
     async def _prepare(self) -> None:
-        """Everything that must hold before the first child starts; failures are StartupError."""
-        try:
-            os.makedirs(self.config.app.state_dir, exist_ok=True)
-        except OSError as error:
-            raise StartupError(f"app.state_dir: cannot create {self.config.app.state_dir}: "
-                               f"{error.strerror}") from None
-        try:
-            self.lock_fd = control.acquire_lock(self.config.app.state_dir)
-            control.make_control_dir(self.config.app.state_dir)
-        except control.LockHeld as held:
-            who = f"pid {held.pid}" if held.pid else "another process"
-            raise StartupError(f"app.state_dir: {who} already runs a supervisor for this app "
-                               f"({self.config.app.state_dir})") from None
-        if self.config.log.child == "file":
-            try:
-                self.output.file.open()  # type: ignore[union-attr]
-            except OSError as error:
-                raise StartupError(f"log.child_file: cannot open {self.config.log.child_file}: "
-                                   f"{error.strerror}") from None
-        stats_directory = os.path.dirname(self.config.drain.stats_file) if self.config.drain else ""
-        if self.config.drain and not os.path.isdir(stats_directory):
-            raise StartupError(f"drain.stats_file: directory {stats_directory} "
-                               "does not exist")
-        if not os.path.isdir(self.config.app.cwd):
-            raise StartupError(f"app.cwd: {self.config.app.cwd} is not a directory")
-        live = None
-        if self.releases is not None:
-            try:
-                self.releases.setup()
-            except OSError as error:
-                raise StartupError(f"deploy.dir: cannot create releases in "
-                                   f"{self.config.deploy.dir}: {error.strerror}") from None
-            live = self.releases.live()
-        if self.prober is not None and self.config.health and self.config.health.notify:
-            from supervisor.drivers.health import NotifyListener
-
-            path = os.path.join(self.config.app.state_dir, "notify.sock")
-            try:
-                self.prober.notify = NotifyListener(path, self.inbox.put_nowait)
-            except OSError as error:
-                raise StartupError(f"health.notify: cannot listen on {path}: "
-                                   f"{error.strerror or error}") from None
+        """Everything that must hold before the first child starts; failures are StartupError.
+        The lock is held and what a killed run left is stopped already (startup.claim)."""
+        self._check_paths()
+        live = self._set_up_releases()
+        self._listen_for_notify()
         try:
             # A tree an earlier run left half-updated goes back to its last build first.
             head = await self.repo.prepare(
@@ -177,30 +148,7 @@ class Service:
         except GitError as error:
             raise StartupError(str(error)) from None
         persisted = self.store.load()
-        self.log.write("supervisor.started", {
-            "pid": os.getpid(), "app": self.config.app.name, "repo": str(self.config.git.repo),
-            "remote": self.repo.remote, "branch": self.repo.branch, "head": head,
-            "built": persisted.built, "failed": persisted.failed,
-            "config": str(self.config.path),
-        } | ({"live": live, "good": list(persisted.good)} if self.releases else {}))
-        for name, what in self.early_notes:
-            self.log.write(name, what)
-        for listener, socket_config in zip(self.listeners, self.config.sockets, strict=True):
-            self.log.write("socket.listening", {
-                "listen": describe(listener), "name": socket_config.name,
-                "fd": listener.fileno(), "from_systemd": self.listeners_inherited})
-        if persisted.child is not None:
-            await stop_stale_child(persisted.child, self.config.app.stop_signal,
-                                   self.config.app.stop_timeout, self.log.write)
-            self.store.save(child=None)
-        if persisted.old_child is not None:
-            await stop_stale_child(persisted.old_child, self.config.app.stop_signal,
-                                   self.config.app.stop_timeout, self.log.write)
-            self.store.save(old_child=None)
-        if persisted.build is not None:
-            await stop_stale_child(persisted.build, signal.SIGKILL, 5.0, self.log.write,
-                                   kind="build")
-            self.store.save(build=None)
+        self._log_start(head, live, persisted)
         built = persisted.built if self.config.build else None
         good: tuple[str, ...] = ()
         if self.releases is not None:  # a release whose directory is gone cannot be run
@@ -210,6 +158,54 @@ class Service:
                                    held=persisted.held)
         if self.config.trigger is not None:
             await self._start_trigger()
+
+    def _check_paths(self) -> None:
+        """The directories the app needs were checked by startup.claim already."""
+        config = self.config
+        if config.log.child == "file":
+            try:
+                self.output.file.open()  # type: ignore[union-attr]
+            except OSError as error:
+                raise StartupError(f"log.child_file: cannot open {config.log.child_file}: "
+                                   f"{error.strerror}") from None
+
+    def _set_up_releases(self) -> str | None:
+        """The live release in release mode (None in place)."""
+        if self.releases is None:
+            return None
+        try:
+            self.releases.setup()
+        except OSError as error:
+            raise StartupError(f"deploy.dir: cannot create releases in "
+                               f"{self.config.deploy.dir}: {error.strerror}") from None
+        return self.releases.live()
+
+    def _listen_for_notify(self) -> None:
+        if self.prober is None or not (self.config.health and self.config.health.notify):
+            return
+        from supervisor.drivers.health import NotifyListener
+
+        path = os.path.join(self.config.app.state_dir, "notify.sock")
+        try:
+            self.prober.notify = NotifyListener(path, self.inbox.put_nowait)
+        except OSError as error:
+            raise StartupError(f"health.notify: cannot listen on {path}: "
+                               f"{error.strerror or error}") from None
+
+    def _log_start(self, head: str, live: str | None, persisted: Persisted) -> None:
+        """supervisor.started, then what happened before the log existed, then the sockets."""
+        self.log.write("supervisor.started", {
+            "pid": os.getpid(), "app": self.config.app.name, "repo": str(self.config.git.repo),
+            "remote": self.repo.remote, "branch": self.repo.branch, "head": head,
+            "built": persisted.built, "failed": persisted.failed,
+            "config": str(self.config.path),
+        } | ({"live": live, "good": list(persisted.good)} if self.releases else {}))
+        for name, what in self.claim.notes:
+            self.log.write(name, what)
+        for listener, socket_config in zip(self.listeners, self.config.sockets, strict=True):
+            self.log.write("socket.listening", {
+                "listen": describe(listener), "name": socket_config.name,
+                "fd": listener.fileno(), "from_systemd": self.listeners_inherited})
 
     async def _start_trigger(self) -> None:
         from supervisor.drivers.trigger import Trigger  # only configs with [trigger] pay for it
@@ -229,41 +225,48 @@ class Service:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        # Signals are queued from the start, so a stop during a slow start-up (a stale child
-        # being stopped) is honoured once the loop runs, instead of killing us half-way.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.inbox.put_nowait, StopRequested(signal=sig.name))
-        loop.add_signal_handler(signal.SIGUSR1, self.inbox.put_nowait, CheckRequested())
-        loop.add_signal_handler(signal.SIGUSR2, self._take_requests)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
-        watchdog = refresher = None
-        if self.notifier is not None and self.watchdog_interval:
-            # On the loop itself: a blocked loop stops the pings, and systemd steps in.
-            watchdog = loop.create_task(watchdog_pings(self.notifier, self.watchdog_interval))
-        if self.notifier is not None:
-            refresher = loop.create_task(self._refresh_status())
+        # Signals are queued from the start, so a stop during a slow start-up is honoured once
+        # the loop runs, instead of killing us half-way; so is one that came during the claim.
+        self._add_signal_handlers(loop)
+        for name in self.claim.stop_signals:
+            self.inbox.put_nowait(StopRequested(signal=name))
+        self._start_systemd_drivers()
         try:
             await self._prepare()
         except BaseException:
             self._remove_signal_handlers(loop)
-            for task in (watchdog, refresher):
-                if task is not None:
-                    task.cancel()
+            await self.drivers.close()
             raise
-        poller = loop.create_task(self.repo.poll(self.inbox.put_nowait))
+        self.drivers.start("poller", lambda: self.repo.poll(self.inbox.put_nowait))
         self._take_requests(stale=True)
         try:
             while self.state.phase != Phase.STOPPED:
                 self._handle(await self.inbox.get())
         finally:
-            poller.cancel()
-            await self._shut_down_drivers(poller)
+            await self._shut_down_drivers()
             self._remove_signal_handlers(loop)
-            for task in (watchdog, refresher):
-                if task is not None:
-                    task.cancel()
+            await self.drivers.close()  # the watchdog last: a slow shutdown is still alive
         self.log.write("supervisor.stopped", {"pid": os.getpid()})
         return 0
+
+    def _add_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.inbox.put_nowait, StopRequested(signal=sig.name))
+        loop.add_signal_handler(signal.SIGUSR1, self.inbox.put_nowait, CheckRequested())
+        loop.add_signal_handler(signal.SIGUSR2, self._take_requests)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+
+    def _start_systemd_drivers(self) -> None:
+        """Under systemd only. The pinger runs on the loop itself, so a blocked loop stops the
+        pings and systemd steps in; for the same reason it is not restarted if it dies."""
+        if self.notifier is None:
+            return
+        notifier = self.notifier
+        if self.watchdog_interval:
+            interval = self.watchdog_interval
+            self.drivers.start("watchdog", lambda: watchdog_pings(notifier, interval),
+                               restart=False)
+        self.drivers.start("refresher", self._refresh_status)
 
     @staticmethod
     def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
@@ -343,13 +346,18 @@ class Service:
             self.log.context = {}
         self._publish()
 
-    STATUS_REFRESH = 30.0  # seconds; only under systemd, which shows the line on request
-
     async def _refresh_status(self) -> None:
         """Keep systemd's STATUS line true between state changes: "next fetch in 4m" counts
-        down, and the client count comes from the stats file (a bounded read, no watcher)."""
+        down, a drain counts the seconds it waits, and the client count comes from the stats
+        file (a bounded read, no watcher). A change of phase wakes it to pick its pace."""
         while True:
-            await asyncio.sleep(self.STATUS_REFRESH)
+            pace = self.DRAIN_REFRESH if self.state.phase == Phase.DRAINING else self.STATUS_REFRESH
+            self._status_wake.clear()
+            try:
+                async with asyncio.timeout(pace):
+                    await self._status_wake.wait()
+            except TimeoutError:
+                pass
             if self.config.drain is not None and not self.state.draining:
                 self.status.stats = read_stats(self.config.drain.stats_file).values
             if self.notifier is not None:
@@ -372,6 +380,9 @@ class Service:
                 self.notifier.ready()
                 self.ready_sent = True
             self.notifier.status(self.status.line(self.state, now))
+            if self.state.phase != self._status_phase:
+                self._status_phase = self.state.phase
+                self._status_wake.set()
 
     def _check_overlap(self, pid: int) -> Event:
         """The facts the machine weighs before starting a second generation beside `pid`."""
@@ -395,7 +406,7 @@ class Service:
             try:
                 self.releases.switch(commit)
             except OSError as error:
-                return ChildStartFailed(error=f"cannot point current at {commit[:12]}: "
+                return ChildStartFailed(error=f"cannot point current at {short_commit(commit)}: "
                                               f"{error.strerror or error}")
         elif commit is not None:
             # In place, the app runs only from a tree whose HEAD is the commit built there:
@@ -493,25 +504,16 @@ class Service:
                                                    "first": stats.first_ignored})
         self.inbox.put_nowait(StatsRead(values=stats.values, problem=stats.problem))
 
-    async def _shut_down_drivers(self, poller: asyncio.Task[None]) -> None:
+    async def _shut_down_drivers(self) -> None:
         """Kill what can be killed (fetch, build); let a tree update finish, since a git
         checkout cut in half would leave a broken tree behind."""
+        await self.drivers.close("poller", "refresher")
         for name in list(self.timers):
             self._cancel_timer(name)
-        if self.trigger is not None:
-            self.trigger.close()
-        close_all(self.listeners, self.config.sockets, bound_here=not self.listeners_inherited)
-        if self.output is not None:
-            self.output.close()
-        if self.watcher is not None:
-            self.watcher.stop()
+        self._close_listeners()
         if self.builder is not None:
             self.builder.cancel()
-        if self.prober is not None:
-            self.prober.stop()
-            if self.prober.notify is not None:
-                self.prober.notify.close()
-        waiting: list[asyncio.Future[None]] = [poller]
+        waiting: list[asyncio.Future[None]] = []
         if self.releases is not None:
             for chore in list(self.releases.chores):  # an rm -rf can be redone next time
                 chore.cancel()
@@ -522,3 +524,17 @@ class Service:
             if chore is not None:
                 waiting.append(chore)
         await asyncio.gather(*waiting, return_exceptions=True)
+
+    def _close_listeners(self) -> None:
+        """Everything that could still bring news in: the webhook, sockets, output, watchers."""
+        if self.trigger is not None:
+            self.trigger.close()
+        close_all(self.listeners, self.config.sockets, bound_here=not self.listeners_inherited)
+        if self.output is not None:
+            self.output.close()
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.prober is not None:
+            self.prober.stop()
+            if self.prober.notify is not None:
+                self.prober.notify.close()

@@ -1,0 +1,127 @@
+"""What a run claims before its event loop starts, in this order: the app's lock, the processes a
+killed supervisor left running (stopped, once, under that lock), and the [[socket]]s at fds 3...
+It never signals a process it cannot prove it started, and decides nothing about the app.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from supervisor.core.config import Config
+from supervisor.drivers.sockets import FIRST_FD
+from supervisor.loop import control
+
+Notes = list[tuple[str, dict[str, object]]]
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StartupError(Exception):
+    """The service cannot start as configured; one line for the user, exit code 2."""
+
+
+@dataclass
+class Claim:
+    lock_fd: int
+    listeners: list[socket.socket] = field(default_factory=list)
+    inherited: bool = False  # the sockets came from systemd (their files are systemd's)
+    notes: Notes = field(default_factory=list)  # what happened before the log existed
+    stop_signals: list[str] = field(default_factory=list)  # to honour once the loop runs
+
+
+def claim(config: Config, environ: MutableMapping[str, str]) -> Claim:
+    """Take everything this run needs to itself, or raise StartupError. The lock comes first, so
+    nothing a running supervisor owns is ever touched; then the directories the app needs, so a
+    run that cannot start leaves the app a killed run left serving; the sockets come last, once
+    that app no longer holds their ports."""
+    fd = _lock(config.app.state_dir, above=FIRST_FD + len(config.sockets))
+    taken = Claim(lock_fd=fd)
+    try:
+        _check_directories(config)  # a run that cannot start leaves a stale app serving
+        with _stops_held(taken.stop_signals):
+            stop_left_behind(config, taken.notes)
+        if config.sockets:
+            from supervisor.drivers.sockets import SocketError, open_sockets
+
+            try:
+                taken.listeners, taken.inherited = open_sockets(config.sockets, environ)
+            except SocketError as error:
+                raise StartupError(str(error)) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return taken
+
+
+def _lock(state_dir: str, above: int) -> int:
+    """The app's lock, moved above the fds the sockets must take (3..): flock belongs to the
+    open file, so the copy holds it."""
+    try:
+        os.makedirs(state_dir, exist_ok=True)
+        fd = control.acquire_lock(state_dir)
+    except control.LockHeld as held:
+        who = f"pid {held.pid}" if held.pid else "another process"
+        raise StartupError(f"app.state_dir: {who} already runs a supervisor for this app "
+                           f"({state_dir})") from None
+    except OSError as error:
+        raise StartupError(f"app.state_dir: cannot take the lock in {state_dir}: "
+                           f"{error.strerror or error}") from None
+    try:
+        moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above)
+        control.make_control_dir(state_dir)
+    except OSError as error:
+        raise StartupError(f"app.state_dir: cannot use {state_dir}: "
+                           f"{error.strerror or error}") from None
+    finally:
+        os.close(fd)
+    return moved
+
+
+def _check_directories(config: Config) -> None:
+    stats_directory = os.path.dirname(config.drain.stats_file) if config.drain else ""
+    if config.drain and not os.path.isdir(stats_directory):
+        raise StartupError(f"drain.stats_file: directory {stats_directory} does not exist")
+    if not os.path.isdir(config.app.cwd):
+        raise StartupError(f"app.cwd: {config.app.cwd} is not a directory")
+
+
+def stop_left_behind(config: Config, notes: Notes) -> bool:
+    """Stop what state.json says a killed supervisor left running (both generations after an
+    overlap, and a build), each only if it provably is that process; True if one was stopped.
+    The records are cleared: a record naming a process that is gone protects nothing."""
+    from supervisor.drivers.child import stop_stale_child
+    from supervisor.drivers.statefile import StateStore
+
+    def report(event: str, facts: dict[str, object]) -> None:
+        notes.append((event, facts))
+
+    store = StateStore(config.app.state_dir, report=report)
+    persisted = store.load()
+    app = config.app
+    stopped = False
+    for record in (persisted.old_child, persisted.child):
+        if record is not None:
+            stopped |= stop_stale_child(record, app.stop_signal, app.stop_timeout, report)
+    if persisted.build is not None:  # its output goes nowhere now: no grace period
+        stopped |= stop_stale_child(persisted.build, signal.SIGKILL, 5.0, report, kind="build")
+    if (persisted.child, persisted.old_child, persisted.build) != (None, None, None):
+        store.save(child=None, old_child=None, build=None)
+    return stopped
+
+
+@contextmanager
+def _stops_held(received: list[str]) -> Iterator[None]:
+    """A stop asked for while a stale app is being stopped (up to its stop_timeout) is kept for
+    the loop, which then shuts down cleanly, instead of killing us half-way."""
+    previous = {sig: signal.signal(sig, lambda number, _frame: received.append(
+        signal.Signals(number).name)) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
