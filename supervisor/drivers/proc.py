@@ -6,6 +6,7 @@ and only while their leader is not yet reaped, so its pid and group id cannot ha
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import subprocess
@@ -65,12 +66,52 @@ def spawn(argv: Sequence[str], *, cwd: str | os.PathLike[str], env: Mapping[str,
           stdout: int | None = None, stderr: int | None = None,
           pass_fds: Sequence[int] = ()) -> Process:
     """Start argv in a new session (no controlling terminal, so nothing can prompt), stdin empty.
-    Only `pass_fds` (kept at their numbers) and the standard streams reach it."""
-    popen = subprocess.Popen(
-        list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-        start_new_session=True, close_fds=True, pass_fds=tuple(pass_fds),
-    )
+    Only `pass_fds` and the standard streams reach it, at fds 3, 4, ... in that order (the
+    socket-activation protocol's numbers), wherever they are in the supervisor."""
+    if tuple(pass_fds) == tuple(range(3, 3 + len(pass_fds))):
+        popen = subprocess.Popen(
+            list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+            stderr=stderr, start_new_session=True, close_fds=True, pass_fds=tuple(pass_fds))
+    else:
+        # close_fds would run after the move and close fds 3.. again. Every fd the supervisor
+        # opens is close-on-exec (PEP 446), so exec itself drops all but the moved ones.
+        popen = subprocess.Popen(
+            list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+            stderr=stderr, start_new_session=True, close_fds=False,
+            preexec_fn=_fds_from_three(tuple(pass_fds)))
     return Process(popen)
+
+
+def seal_inherited_fds() -> None:
+    """Make every fd this process inherited (beyond 0-2) close-on-exec, as those it opens itself
+    already are, so that no app or build ever gets one: a shell's or a service manager's open
+    files are not the app's business. The [[socket]] fds are then handed on explicitly."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # the listing's own fd, closed by now
+
+
+def _fds_from_three(fds: tuple[int, ...]) -> Callable[[], None]:
+    """In the child, between fork and exec: move `fds` to 3, 4, ... Only dups and closes run
+    there (no allocation-heavy Python, no locks): one supervisor for many apps holds each app's
+    sockets wherever they were bound, but each app expects its own at 3.. (sd_listen_fds)."""
+    targets = tuple(range(3, 3 + len(fds)))
+    above = max((*fds, *targets)) + 1
+
+    def move() -> None:
+        parked = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above) for fd in fds]  # out of the way
+        for fd, target in zip(parked, targets, strict=True):
+            os.dup2(fd, target)  # inheritable: exec keeps it, and only it
+
+    return move
 
 
 def describe_returncode(code: int) -> tuple[int | None, str | None]:
