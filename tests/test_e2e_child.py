@@ -116,7 +116,9 @@ def test_a_child_that_ignores_the_stop_signal_is_killed_after_stop_timeout(world
              "stop_timeout": "1s"},
         drain=None)
     started = supervisor.wait_for("child.started")
-    world.wait_until(worker.exists, 5, "the child to start its worker")
+    # The shell makes the file before it writes the pid: wait for the whole line.
+    world.wait_until(lambda: worker.exists() and worker.read_text().endswith("\n"), 5,
+                     "the child to start its worker")
     worker_pid = int(worker.read_text())
 
     assert supervisor.stop() == 0

@@ -22,6 +22,7 @@ WRITERS = {"Note", "log", "report"}
 PASSED_ON = {
     ("eventlog.py", "self.write(event.name, ...)"),  # transition lines: the Event classes
     ("service.py", "self.log.write(name, ...)"),  # a Note's line: the Note(...) calls
+    ("host.py", "self.log.write(event, ...)"),  # an app's view of the log: names written by it
 }
 
 

@@ -12,7 +12,9 @@ from supervisor import __version__
 
 if TYPE_CHECKING:
     from supervisor.core.config import Config
+    from supervisor.core.hostconfig import HostConfig
     from supervisor.drivers.childlog import RotatingFile
+    from supervisor.drivers.eventlog import EventLog
     from supervisor.loop.startup import Claim
 
 EXIT_USAGE = 2
@@ -54,6 +56,9 @@ def _parse(argv: list[str] | None) -> dict[str, object]:
     status = commands.add_parser("status", help="what the running supervisor is doing")
     status.add_argument("--json", action="store_true", help="print the status file as JSON")
     asks = [commands.add_parser(name, help=text) for name, text in CONTROL_HELP.items()]
+    for command in (status, *asks):
+        command.add_argument("app", nargs="?", metavar="APP",
+                             help="the app, when the config runs several")
     commands.add_parser("events", help="print the event log for people (see: events --help)",
                         add_help=False)
     commands.add_parser("init", help="write a commented supervisor.toml for this clone "
@@ -103,21 +108,106 @@ def main(argv: list[str] | None = None) -> int:
 
 def _with_config(args: dict[str, object]) -> int:
     """The commands that read the config: check, status, the control requests and run."""
-    from supervisor.core.config import ConfigError, format_config, load_config
+    from supervisor.core.config import ConfigError
+    from supervisor.core.hostconfig import load_host
 
     try:
-        config = load_config(str(args["config"]))
+        host = load_host(str(args["config"]))
     except ConfigError as error:
         return _fail(error.problems)
     command = str(args["command"])
     if command == "check":
-        print(format_config(config), end="")
-        return 0
+        return _check(host)
     if command == "status":
-        return _status(config.app.state_dir, bool(args["json"]))
+        return _statuses(host, args.get("app"), bool(args["json"]))  # type: ignore[arg-type]
     if command in CONTROL_HELP:
+        config = _one_app(host, args.get("app"))  # type: ignore[arg-type]
+        if config is None:
+            return EXIT_USAGE
         return _ask(config.app.state_dir, command)
-    return _run(config, args.get("log_format"))  # type: ignore[arg-type]
+    return _run(host, args.get("log_format"))  # type: ignore[arg-type]
+
+
+def _one_app(host: HostConfig, name: str | None) -> Config | None:
+    """The app a command is for: the only one, or the one named; else one line, and None."""
+    names = [app.app.name for app in host.apps]
+    if name is None and len(host.apps) == 1:
+        return host.apps[0]
+    if name is None:
+        _fail([f"name the app: one of {', '.join(names)}"])
+        return None
+    config = host.app(name)
+    if config is None:
+        _fail([f"no app {name!r} in {host.path}: the apps are {', '.join(names)}"])
+    return config
+
+
+def _check(host: HostConfig) -> int:
+    """One app: the config with its defaults, as TOML. A main file: every app and where its
+    state lives, and every app file with problems (exit 2: run would set it aside)."""
+    from supervisor.core.config import format_config
+
+    if not host.main:
+        print(format_config(host.apps[0]), end="")
+        return 0
+    print(f"{host.path}: {len(host.apps)} app{'s' * (len(host.apps) != 1)}, "
+          f"max_builds = {host.limits.max_builds}, max_fetches = {host.limits.max_fetches}")
+    for app in host.apps:
+        print(f"  {app.app.name}: {app.path} (state in {app.app.state_dir})")
+    for broken in host.broken:
+        _fail([f"{broken.path}: {problem}" for problem in broken.problems])
+    return EXIT_USAGE if host.broken else 0
+
+
+def _statuses(host: HostConfig, name: str | None, as_json: bool) -> int:
+    """One app: its full status. Many: a line each (or --json keyed by app), or APP's full."""
+    if name is not None or not host.main:
+        config = _one_app(host, name)
+        return EXIT_USAGE if config is None else _status(config.app.state_dir, as_json)
+    import json
+
+    from supervisor.loop import control
+
+    report: dict[str, object] = {}
+    running = False
+    for app in host.apps:
+        status = control.read_status(app.app.state_dir)
+        alive = control.running_pid(app.app.state_dir) is not None
+        running |= alive
+        if status is not None:
+            control.refresh(status, alive)
+        report[app.app.name] = status
+    for broken in host.broken:
+        report[broken.name] = {"config_problems": list(broken.problems)}
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        for app_name, status in report.items():
+            print(_summary(app_name, status))  # type: ignore[arg-type]
+    return 0 if running else 3
+
+
+def _summary(name: str, status: dict[str, object] | None) -> str:
+    """One app in one line: name, phase, live commit, and what it waits for."""
+    from supervisor.core.display import short_commit
+
+    if status is None:
+        return f"{name}: never ran"
+    if "config_problems" in status:
+        problems = status["config_problems"]
+        return f"{name}: not run, its file has problems: {problems[0]}"  # type: ignore[index]
+    if not status.get("running", True):
+        return f"{name}: not running (last: {status.get('phase')})"
+    child = status.get("child") or {}
+    line = f"{name}: {status.get('phase')}"
+    if child:
+        line += f", {short_commit(child.get('commit'))} pid {child.get('pid')}"  # type: ignore[union-attr]
+    else:
+        line += ", no app running"
+    waiting = status.get("waiting")
+    if waiting:
+        line += f", {waiting.get('reason')}"  # type: ignore[union-attr]
+    return line
 
 
 def _ask(state_dir: str, request: str) -> int:
@@ -161,23 +251,32 @@ def under_journald() -> bool:
     return stream == f"{info.st_dev}:{info.st_ino}"
 
 
-def _run(config: Config, log_format: str | None) -> int:
+def _run(host: HostConfig, log_format: str | None) -> int:
+    from supervisor.drivers.proc import seal_inherited_fds
     from supervisor.loop.footprint import forget_startup_modules, without_tls
     from supervisor.loop.startup import StartupError, claim
 
+    seal_inherited_fds()  # what we inherited is not the apps' business
     without_tls()
     forget_startup_modules()
+    claims: dict[str, Claim] = {}
+    refused: list[tuple[str, str]] = []
+    for app in host.apps:
+        try:
+            # One app: first of all, while fds 3.. are free, where it finds its sockets.
+            claims[app.app.name] = claim(app, os.environ, place_sockets=not host.main)
+        except StartupError as error:
+            if not host.main:
+                return _fail([str(error)])
+            refused.append((app.app.name, str(error)))
+    if not claims:
+        return _fail([f"{name}: {error}" for name, error in refused])
     try:
-        # First of all, while fds 3.. are still free: that is where the app finds its sockets.
-        taken = claim(config, os.environ)
-    except StartupError as error:
-        return _fail([str(error)])
-    try:
-        stream = _open_log_file(config)
+        stream = _open_log_file(host.log)
     except OSError as error:
-        return _fail([f"log.file: cannot open {config.log.file}: {error.strerror}"])
+        return _fail([f"log.file: cannot open {host.log.file}: {error.strerror}"])
     try:
-        return _serve(config, taken, stream, log_format)
+        return _serve(host, claims, refused, stream, log_format)
     except StartupError as error:
         return _fail([str(error)])
     except KeyboardInterrupt:
@@ -187,26 +286,29 @@ def _run(config: Config, log_format: str | None) -> int:
             stream.close()
 
 
-def _open_log_file(config: Config) -> RotatingFile | None:
+def _open_log_file(log: object) -> RotatingFile | None:
     """Rotated by size like the app's output, so the log cannot fill a small disk."""
-    if config.log.file is None:
+    file, max_bytes, keep = log.file, log.max_bytes, log.keep  # type: ignore[attr-defined]
+    if file is None:
         return None
     from supervisor.drivers.childlog import RotatingFile
 
-    stream = RotatingFile(config.log.file, config.log.max_bytes, config.log.keep)
-    os.makedirs(os.path.dirname(config.log.file), exist_ok=True)
+    stream = RotatingFile(file, max_bytes, keep)
+    os.makedirs(os.path.dirname(file), exist_ok=True)
     stream.open()
     return stream
 
 
-def _serve(config: Config, taken: Claim, stream: RotatingFile | None,
-           log_format: str | None) -> int:
+def _serve(host: HostConfig, claims: dict[str, Claim], refused: list[tuple[str, str]],
+           stream: RotatingFile | None, log_format: str | None) -> int:
     import asyncio
 
     from supervisor.drivers.eventlog import EventLog
-    from supervisor.loop.service import Service
+    from supervisor.loop.host import Host
 
-    log = EventLog(stream, log_format or config.log.format)
+    log: EventLog = EventLog(stream, log_format or host.log.format)
     log.priority_prefix = stream is None and under_journald()
-    service = Service(config, log, taken, log_format_forced=log_format is not None)
-    return asyncio.run(service.run())
+    for name, error in refused:  # claimed by nobody: another supervisor, or a bad directory
+        log.write("app.start_failed", {"app": None, "app_name": name, "error": error})
+    runner = Host(host, log, claims, log_format_forced=log_format is not None)
+    return asyncio.run(runner.run())

@@ -48,9 +48,13 @@ class Child:
 
     def __init__(self, config: AppConfig, store: StateStore, post: Callable[[Event], None],
                  stats_file: str | None, environ: Mapping[str, str] | None = None,
-                 output: Sink | None = None, sockets: Sequence[SocketConfig] = ()) -> None:
+                 output: Sink | None = None, sockets: Sequence[SocketConfig] = (),
+                 socket_fds: Sequence[int] | None = None) -> None:
         self.config, self.store, self.post = config, store, post
-        self.sockets = tuple(sockets)  # already at fds 3..: handed to every generation
+        self.sockets = tuple(sockets)  # handed to every generation at fds 3..
+        # Where the supervisor holds them: at 3.. already, unless it runs other apps too.
+        self.socket_fds = tuple(socket_fds) if socket_fds is not None \
+            else passed_fds(len(self.sockets))
         self.stats_file = stats_file
         self.output = output  # None: the app writes to our own stdout and stderr
         self.environ = dict(os.environ if environ is None else environ)
@@ -98,7 +102,7 @@ class Child:
             pipes = ChildPipes(tail) if tail is not None else None
             stdout, stderr = pipes.fds_for_child() if pipes else (None, None)
             process = proc.spawn(command, cwd=cwd or self.config.cwd, env=env, stdout=stdout,
-                                 stderr=stderr, pass_fds=passed_fds(len(self.sockets)))
+                                 stderr=stderr, pass_fds=self.socket_fds)
         except OSError as error:
             if pipes is not None:
                 pipes.close()

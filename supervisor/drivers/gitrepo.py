@@ -6,6 +6,7 @@ refuses rather than discards local changes. It reports facts; whether to deploy 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import select
@@ -84,6 +85,10 @@ class GitRepo:
         self.git_dir: str | None = None  # known after prepare()
         self._lock = asyncio.Lock()  # one git command at a time: index.lock would make them race
         self._wake = asyncio.Event()
+        # Many apps in one process: a cap on fetches at once across them (an async context
+        # manager), and this app's place in the poll interval, so their fetches spread out.
+        self.gate: Any = contextlib.nullcontext()
+        self.offset = 0.0
 
     async def _git(self, *args: str, timeout: float | None = None,
                    env: Mapping[str, str] | None = None, cwd: str | None = None,
@@ -179,7 +184,7 @@ class GitRepo:
 
     async def fetch(self) -> Event:
         """Fetch the branch and compare it with HEAD; any failure is a FetchFailed, never raised."""
-        async with self._lock:
+        async with self._lock, self.gate:
             head = None
             try:
                 head = await self.head()
@@ -597,15 +602,18 @@ class GitRepo:
         self._wake.set()
 
     async def poll(self, post: Callable[[Event], None]) -> None:
-        """Fetch now, then every poll_interval or as soon as check_now() is called."""
+        """Fetch now, then every poll_interval (the first wait longer by `offset`) or as soon
+        as check_now() is called."""
+        offset = self.offset
         while True:
             self._wake.clear()
             post(await self.fetch())
             try:
-                async with asyncio.timeout(self.config.poll_interval):
+                async with asyncio.timeout(self.config.poll_interval + offset):
                     await self._wake.wait()
             except TimeoutError:
                 pass
+            offset = 0.0
 
 
 async def _exited(pidfd: int, limit: float) -> bool:

@@ -114,17 +114,21 @@ def from_systemd(configs: Sequence[SocketConfig], environ: MutableMapping[str, s
     return given
 
 
-def open_sockets(configs: Sequence[SocketConfig], environ: MutableMapping[str, str]
-                 ) -> tuple[list[socket.socket], bool]:
+def open_sockets(configs: Sequence[SocketConfig], environ: MutableMapping[str, str],
+                 place: bool = True) -> tuple[list[socket.socket], bool]:
     """Take the sockets over from systemd, or bind them; either way they end at fds 3...
-    The flag says whether systemd gave them (then their files are systemd's, not ours)."""
-    inherited = from_systemd(configs, environ)
+    The flag says whether systemd gave them (then their files are systemd's, not ours).
+    Without `place` (many apps in one process) they are bound wherever the kernel puts them,
+    never taken from systemd, and each app's reach it at 3.. when it starts."""
+    inherited = from_systemd(configs, environ) if place else None
     if inherited is not None:
         return inherited, True
     bound: list[socket.socket] = []
     try:
         for config in configs:
             bound.append(_bind(config))
+        if not place:
+            return bound, False
         return [_place(sock, FIRST_FD + i) for i, sock in enumerate(bound)], False
     except BaseException:
         for sock in bound:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import time
 from collections import deque
 from typing import Any
@@ -16,6 +15,8 @@ from supervisor.core.config import Config
 from supervisor.core.display import short_commit
 from supervisor.core.events import (
     Action,
+    BuildFailed,
+    BuildSucceeded,
     CancelTimer,
     CheckOverlap,
     CheckRequested,
@@ -55,18 +56,15 @@ from supervisor.drivers.child import Child
 from supervisor.drivers.childlog import open_sink
 from supervisor.drivers.eventlog import EventLog
 from supervisor.drivers.gitrepo import GitError, GitRepo
-from supervisor.drivers.sdnotify import Notifier, watchdog_interval, watchdog_pings
 from supervisor.drivers.sockets import close_all, describe
 from supervisor.drivers.statefile import Persisted, StateStore
 from supervisor.drivers.statsfile import Stats, StatsWatcher, read_stats
 from supervisor.loop import control
+from supervisor.loop.limits import BuildQueue
 from supervisor.loop.startup import Claim, StartupError
 from supervisor.loop.status import StatusBoard, facts
 from supervisor.loop.tasks import DriverTasks
 
-# systemd's variables are for us alone: an app or a build that inherited NOTIFY_SOCKET could
-# report READY=1 or STOPPING=1 in our name.
-SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 REQUEST_EVENTS = {"deploy": CheckRequested, "restart": RestartRequested,
                   "stop-child": StopChildRequested, "start-child": StartChildRequested,
                   "rollback": RollbackRequested}
@@ -76,21 +74,19 @@ class Service:
     """One app's loop: the drivers post events to `inbox`, `_handle` decides and acts. What it
     must own before it runs (the lock, the sockets) is given to it, already claimed."""
 
-    STATUS_REFRESH = 30.0  # seconds; only under systemd, which shows the line on request
-    DRAIN_REFRESH = 1.0  # while draining the line counts the seconds waited: keep it true
-
     def __init__(self, config: Config, log: EventLog, claim: Claim,
-                 log_format_forced: bool = False, repo: GitRepo | None = None) -> None:
+                 log_format_forced: bool = False, repo: GitRepo | None = None,
+                 host: Any = None) -> None:
         """`claim`: the lock, the sockets and the early notes of startup.claim(). `repo`: the
-        git driver, made from the config unless given (a test gives one that fails)."""
+        git driver, made from the config unless given (a test gives one that fails). `host`:
+        the process that runs this app among others (its build queue; told of every change),
+        or None for an app on its own."""
         self.config, self.log, self.claim = config, log, claim
         self.listeners, self.listeners_inherited = claim.listeners, claim.inherited
         self.lock_fd = claim.lock_fd
         self.log_format_forced = log_format_forced  # --log-format outlives a reload
-        self.notifier = Notifier.from_environ(os.environ)
-        self.watchdog_interval = watchdog_interval(os.environ)
-        for name in SYSTEMD_ONLY:
-            os.environ.pop(name, None)
+        self.host = host
+        self.builds = host.builds if host is not None else BuildQueue(1)
         self.inbox: asyncio.Queue[Event] = asyncio.Queue()
         self._make_drivers(config, repo)
         self.drivers = DriverTasks(self.log.write)
@@ -103,10 +99,7 @@ class Service:
                                   if config.drain else (),
                                   health_gate=config.health is not None)
         self._last_status: dict[str, Any] | None = None
-        self._status_phase: Phase | None = None  # the phase the refresher last paced itself by
-        self._status_wake = asyncio.Event()
         self.run_id = os.urandom(3).hex()  # with the deploy count: the log's correlation id
-        self.ready_sent = False
 
     def _make_drivers(self, config: Config, repo: GitRepo | None) -> None:
         self.store = StateStore(config.app.state_dir, report=self.log.write)
@@ -121,7 +114,8 @@ class Service:
         self.output = open_sink(config.log.child, self.log.write, config.log.child_file,
                                 config.log.max_bytes, config.log.keep)
         self.child = Child(config.app, self.store, self.inbox.put_nowait, stats_file,
-                           output=self.output, sockets=config.sockets)
+                           output=self.output, sockets=config.sockets,
+                           socket_fds=[listener.fileno() for listener in self.listeners])
         self.child.report = self.log.write  # escaped processes killed, OOM protection refused
         self.builder = (Builder(config.build, config.git.repo, config.app.env,
                                 self.store, self.inbox.put_nowait, self.log.write,
@@ -195,7 +189,7 @@ class Service:
     def _log_start(self, head: str, live: str | None, persisted: Persisted) -> None:
         """supervisor.started, then what happened before the log existed, then the sockets."""
         self.log.write("supervisor.started", {
-            "pid": os.getpid(), "app": self.config.app.name, "repo": str(self.config.git.repo),
+            "pid": os.getpid(), "repo": str(self.config.git.repo),
             "remote": self.repo.remote, "branch": self.repo.branch, "head": head,
             "built": persisted.built, "failed": persisted.failed,
             "config": str(self.config.path),
@@ -224,57 +218,52 @@ class Service:
                                f"{reason}") from None
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        # Signals are queued from the start, so a stop during a slow start-up is honoured once
-        # the loop runs, instead of killing us half-way; so is one that came during the claim.
-        self._add_signal_handlers(loop)
+        """The app on its own (the Host runs prepare() and serve() for each of its apps)."""
+        await self.prepare()
+        code = await self.serve()
+        self.log.write("supervisor.stopped", {"pid": os.getpid()})
+        return code
+
+    async def prepare(self) -> None:
+        """Everything that must hold before the first child starts; failures are StartupError.
+        A stop requested meanwhile (during the claim too) is waiting in the inbox."""
         for name in self.claim.stop_signals:
             self.inbox.put_nowait(StopRequested(signal=name))
-        self._start_systemd_drivers()
-        try:
-            await self._prepare()
-        except BaseException:
-            self._remove_signal_handlers(loop)
-            await self.drivers.close()
-            raise
+        await self._prepare()
+
+    async def serve(self) -> int:
+        """Decide events until the machine has stopped; then the drivers are shut down."""
         self.drivers.start("poller", lambda: self.repo.poll(self.inbox.put_nowait))
-        self._take_requests(stale=True)
+        self.take_requests(stale=True)
         try:
             while self.state.phase != Phase.STOPPED:
                 self._handle(await self.inbox.get())
         finally:
             await self._shut_down_drivers()
-            self._remove_signal_handlers(loop)
-            await self.drivers.close()  # the watchdog last: a slow shutdown is still alive
-        self.log.write("supervisor.stopped", {"pid": os.getpid()})
+            await self.drivers.close()
         return 0
 
-    def _add_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.inbox.put_nowait, StopRequested(signal=sig.name))
-        loop.add_signal_handler(signal.SIGUSR1, self.inbox.put_nowait, CheckRequested())
-        loop.add_signal_handler(signal.SIGUSR2, self._take_requests)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
+    def release(self) -> None:
+        """An app that could not start gives back what it claimed: its lock and its sockets."""
+        self._close_listeners()
+        try:
+            os.close(self.lock_fd)
+        except OSError:
+            pass
 
-    def _start_systemd_drivers(self) -> None:
-        """Under systemd only. The pinger runs on the loop itself, so a blocked loop stops the
-        pings and systemd steps in; for the same reason it is not restarted if it dies."""
-        if self.notifier is None:
-            return
-        notifier = self.notifier
-        if self.watchdog_interval:
-            interval = self.watchdog_interval
-            self.drivers.start("watchdog", lambda: watchdog_pings(notifier, interval),
-                               restart=False)
-        self.drivers.start("refresher", self._refresh_status)
+    def check(self) -> None:
+        """SIGUSR1: fetch now."""
+        self.inbox.put_nowait(CheckRequested())
 
-    @staticmethod
-    def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
-                    signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+    @property
+    def settled(self) -> bool:
+        """Through its start: a first child started, or it rests without one (nothing to run,
+        backing off, held, stopped). systemd hears READY=1 once every app is settled."""
+        return self.state.generation is not None or self.state.phase in (
+            Phase.BACKOFF, Phase.HELD, Phase.STOPPED) or (
+            self.state.phase == Phase.RUNNING and self.state.deploy is None)
 
-    def _take_requests(self, stale: bool = False) -> None:
+    def take_requests(self, stale: bool = False) -> None:
         """SIGUSR2: `supervisor deploy | restart | stop-child | start-child` left word for us.
         With `stale`, at start-up, what a previous run left behind is only cleared away."""
         try:
@@ -287,29 +276,14 @@ class Service:
         for request in requests:
             self.inbox.put_nowait(REQUEST_EVENTS[request]())
 
-    def _reload(self) -> None:
-        """SIGHUP: re-read the config; apply what can change live, report what cannot."""
-        from supervisor.core.config import ConfigError, load_config
-        from supervisor.loop.footprint import forget_startup_modules
+    def reload(self, new: Config) -> None:
+        """SIGHUP re-read this app's config: apply what can change live, report what cannot."""
         from supervisor.loop.reload import merge
 
-        if self.notifier is not None:
-            self.notifier.reloading()
-        try:
-            new = load_config(self.config.path)
-        except ConfigError as error:
-            self.log.write("config.reload_failed", {"problems": error.problems,
-                                                    "config": self.config.path})
-            new = None
-        finally:
-            forget_startup_modules()
-        if new is not None:
-            merged, applied, not_applied = merge(self.config, new)
-            self._apply(merged)
-            self.inbox.put_nowait(SettingsChanged(settings=settings_from(merged),
-                                                  applied=applied, not_applied=not_applied))
-        if self.notifier is not None:
-            self.notifier.ready()
+        merged, applied, not_applied = merge(self.config, new)
+        self._apply(merged)
+        self.inbox.put_nowait(SettingsChanged(settings=settings_from(merged),
+                                              applied=applied, not_applied=not_applied))
 
     def _apply(self, config: Config) -> None:
         """Hand the live parts of a reloaded config to the drivers; each uses it from its next
@@ -337,31 +311,19 @@ class Service:
                 self.log.context = {"deploy": f"{self.run_id}.{self.state.deploys}"}
             self.log.transition(event, before.phase, self.state.phase, actions)
             self.status.observe(event, actions, time.time())
-            if isinstance(event, StopRequested) and before.phase != Phase.SHUTTING_DOWN \
-                    and self.notifier is not None:
-                self.notifier.stopping()
+            if isinstance(event, BuildSucceeded | BuildFailed):
+                self.builds.done(self.config.app.name)  # the next app's build may start
             for action in actions:
                 queue.extend(self._perform(action))
         if self.state.phase not in DEPLOYING:
             self.log.context = {}
         self._publish()
 
-    async def _refresh_status(self) -> None:
-        """Keep systemd's STATUS line true between state changes: "next fetch in 4m" counts
-        down, a drain counts the seconds it waits, and the client count comes from the stats
-        file (a bounded read, no watcher). A change of phase wakes it to pick its pace."""
-        while True:
-            pace = self.DRAIN_REFRESH if self.state.phase == Phase.DRAINING else self.STATUS_REFRESH
-            self._status_wake.clear()
-            try:
-                async with asyncio.timeout(pace):
-                    await self._status_wake.wait()
-            except TimeoutError:
-                pass
-            if self.config.drain is not None and not self.state.draining:
-                self.status.stats = read_stats(self.config.drain.stats_file).values
-            if self.notifier is not None:
-                self.notifier.status(self.status.line(self.state, time.time()))
+    def refresh_stats(self) -> None:
+        """For the STATUS line between changes: the client count from the stats file (a bounded
+        read, no watcher) while no drain watches it."""
+        if self.config.drain is not None and not self.state.draining:
+            self.status.stats = read_stats(self.config.drain.stats_file).values
 
     def _publish(self) -> None:
         """Status for `supervisor status` and systemd, written only when something changed."""
@@ -374,15 +336,8 @@ class Service:
                 control.write_status(self.config.app.state_dir, snapshot)
             except OSError as error:
                 self.log.write("status.write_failed", {"error": error.strerror})
-        if self.notifier is not None:
-            if not self.ready_sent and self.state.child is not None:
-                # The first child is up: `systemctl start` may return.
-                self.notifier.ready()
-                self.ready_sent = True
-            self.notifier.status(self.status.line(self.state, now))
-            if self.state.phase != self._status_phase:
-                self._status_phase = self.state.phase
-                self._status_wake.set()
+        if self.host is not None:
+            self.host.changed()
 
     def _check_overlap(self, pid: int) -> Event:
         """The facts the machine weighs before starting a second generation beside `pid`."""
@@ -454,7 +409,7 @@ class Service:
                 self.tree_update = asyncio.get_running_loop().create_task(
                     self._update_tree(commit, reset, reuse))
             case StartBuild(commit=commit) if self.builder is not None:
-                self.builder.start(commit)
+                self._start_build(commit)
             case WatchStats() if self.watcher is not None:
                 self.watcher.start()
             case UnwatchStats() if self.watcher is not None:
@@ -470,6 +425,14 @@ class Service:
             case Exit():
                 pass  # the loop ends once the machine reaches STOPPED
         return []
+
+    def _start_build(self, commit: str) -> None:
+        """At most `max_builds` builds run at once across the apps; this one may wait its turn."""
+        builder = self.builder
+        assert builder is not None
+        position = self.builds.request(self.config.app.name, lambda: builder.start(commit))
+        if position is not None:
+            self.log.write("build.queued", {"commit": commit, "position": position})
 
     def _restore_tree(self, commit: str) -> None:
         """Put the tree back at `commit` in the background; the crash rules retry the start,
@@ -507,7 +470,9 @@ class Service:
     async def _shut_down_drivers(self) -> None:
         """Kill what can be killed (fetch, build); let a tree update finish, since a git
         checkout cut in half would leave a broken tree behind."""
-        await self.drivers.close("poller", "refresher")
+        await self.drivers.close("poller")
+        self.builds.cancel(self.config.app.name)
+        self.builds.done(self.config.app.name)
         for name in list(self.timers):
             self._cancel_timer(name)
         self._close_listeners()

@@ -34,12 +34,15 @@ class Claim:
     stop_signals: list[str] = field(default_factory=list)  # to honour once the loop runs
 
 
-def claim(config: Config, environ: MutableMapping[str, str]) -> Claim:
+def claim(config: Config, environ: MutableMapping[str, str],
+          place_sockets: bool = True) -> Claim:
     """Take everything this run needs to itself, or raise StartupError. The lock comes first, so
     nothing a running supervisor owns is ever touched; then the directories the app needs, so a
     run that cannot start leaves the app a killed run left serving; the sockets come last, once
-    that app no longer holds their ports."""
-    fd = _lock(config.app.state_dir, above=FIRST_FD + len(config.sockets))
+    that app no longer holds their ports. `place_sockets`: at fds 3.. (one app per process, or
+    from systemd's socket activation); many apps' sockets stay where they are bound, and each
+    app gets its own at 3.. when it starts."""
+    fd = _lock(config.app.state_dir, above=FIRST_FD + len(config.sockets) * place_sockets)
     taken = Claim(lock_fd=fd)
     try:
         _check_directories(config)  # a run that cannot start leaves a stale app serving
@@ -49,7 +52,8 @@ def claim(config: Config, environ: MutableMapping[str, str]) -> Claim:
             from supervisor.drivers.sockets import SocketError, open_sockets
 
             try:
-                taken.listeners, taken.inherited = open_sockets(config.sockets, environ)
+                taken.listeners, taken.inherited = open_sockets(config.sockets, environ,
+                                                                place=place_sockets)
             except SocketError as error:
                 raise StartupError(str(error)) from None
     except BaseException:

@@ -1,0 +1,329 @@
+"""The process: one asyncio loop that runs every app's Service (each its own machine), and what
+exists once per process: the signals, systemd's notifications, the event log, the webhook and
+the limits the apps share. It routes; every decision about an app stays in that app's machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from supervisor.core.config import Config, ConfigError
+from supervisor.core.events import CheckRequested, StopRequested
+from supervisor.core.hostconfig import HostConfig
+from supervisor.core.machine import Phase
+from supervisor.drivers.eventlog import EventLog
+from supervisor.drivers.sdnotify import Notifier, watchdog_interval, watchdog_pings
+from supervisor.loop.limits import BuildQueue, FetchGate, stagger
+from supervisor.loop.service import Service
+from supervisor.loop.startup import Claim, StartupError, claim
+from supervisor.loop.tasks import DriverTasks
+
+# systemd's variables are for us alone: an app or a build that inherited NOTIFY_SOCKET could
+# report READY=1 or STOPPING=1 in our name.
+SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+STATUS_REFRESH = 30.0  # seconds between STATUS= lines while nothing changes
+DRAIN_REFRESH = 1.0  # ... while an app drains: the line counts the seconds it waits
+
+
+class AppLog:
+    """One app's view of the shared event log: every line it writes carries `app` (None for the
+    lines about the whole process) and, during a deploy, that app's deploy id."""
+
+    def __init__(self, log: EventLog, app: str | None) -> None:
+        self.log, self.app = log, app
+        self.context: dict[str, Any] = {}
+
+    @property
+    def format(self) -> str:
+        return self.log.format
+
+    @format.setter
+    def format(self, value: str) -> None:
+        self.log.format = value
+
+    def write(self, event: str, facts: dict[str, Any]) -> None:
+        self._with_context(lambda: self.log.write(event, facts))
+
+    def transition(self, *args: Any) -> None:
+        self._with_context(lambda: self.log.transition(*args))
+
+    def _with_context(self, write: Callable[[], None]) -> None:
+        saved = self.log.context
+        self.log.context = {"app": self.app, **self.context}
+        try:
+            write()
+        finally:
+            self.log.context = saved
+
+
+class Host:
+    """Runs the apps of one config. A single-app file is a host of one app, with today's
+    behaviour; a main file with [supervisor] runs many, each isolated from the others'
+    trouble: one loop, but no step of one app ever waits on another's."""
+
+    def __init__(self, config: HostConfig, log: EventLog, claims: Mapping[str, Claim],
+                 log_format_forced: bool = False,
+                 environ: dict[str, str] | None = None) -> None:
+        environ = os.environ if environ is None else environ  # type: ignore[assignment]
+        self.config, self.log = config, log
+        self.own_log = AppLog(log, None)
+        self.notifier = Notifier.from_environ(environ)
+        self.watchdog_interval = watchdog_interval(environ)
+        for name in SYSTEMD_ONLY:
+            environ.pop(name, None)
+        self.builds = BuildQueue(config.limits.max_builds)
+        self.fetches = FetchGate(config.limits.max_fetches) if config.main else None
+        self.log_format_forced = log_format_forced
+        self.services: dict[str, Service] = {}
+        self.tasks: dict[str, asyncio.Task[int]] = {}
+        self.claims = dict(claims)
+        self.drivers = DriverTasks(self.own_log.write)
+        self.ready_sent = False
+        self.stopping = False
+        self.removing: set[str] = set()  # apps whose files are gone, stopping
+        self.reload_problems: list[str] = []
+        self._wake = asyncio.Event()
+        self._phases: dict[str, Phase] = {}
+        for app in config.apps:
+            if app.app.name in self.claims:
+                self._add(app, self.claims[app.app.name])
+
+    def _add(self, config: Config, taken: Claim) -> Service:
+        name = config.app.name
+        service = Service(config, AppLog(self.log, name), taken,  # type: ignore[arg-type]
+                          log_format_forced=self.log_format_forced, host=self)
+        if self.fetches is not None:
+            service.repo.gate = self.fetches
+            index = len(self.services)
+            service.repo.offset = stagger(index, max(len(self.config.apps), 1),
+                                          config.git.poll_interval)
+        self.services[name] = service
+        return service
+
+    # -----------------------------------------------------------------------------------------
+    # The run
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._add_signal_handlers(loop)
+        self._start_systemd_drivers()
+        try:
+            await self._prepare_all()
+        except BaseException:
+            self._remove_signal_handlers(loop)
+            await self.drivers.close()
+            raise
+        for name, service in self.services.items():
+            self.tasks[name] = loop.create_task(service.serve())
+        try:
+            while self.tasks:
+                done, _ = await asyncio.wait(list(self.tasks.values()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for name in [n for n, t in self.tasks.items() if t in done]:
+                    self._ended(name)
+        finally:
+            self._remove_signal_handlers(loop)
+            await self.drivers.close()  # the watchdog last: a slow shutdown is still alive
+        self.own_log.write("supervisor.stopped", {"pid": os.getpid()})
+        return 0
+
+    async def _prepare_all(self) -> None:
+        """Every app gets ready (its repository, its state); one that cannot is reported and
+        set aside. Only a supervisor with no app left to run fails to start."""
+        for app in self.config.broken:
+            self.own_log.write("app.config_failed", {"app_name": app.name, "config": app.path,
+                                                     "problems": list(app.problems)})
+        for name, service in list(self.services.items()):
+            try:
+                await service.prepare()
+            except StartupError as error:
+                if not self.config.main:
+                    raise
+                self.own_log.write("app.start_failed", {"app_name": name, "error": str(error)})
+                service.release()
+                del self.services[name]
+        if not self.services:
+            raise StartupError("no app could start (see the log)")
+
+    def _ended(self, name: str) -> None:
+        task = self.tasks.pop(name)
+        service = self.services.pop(name, None)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            self.own_log.write("app.crashed", {"app_name": name, "error": repr(error)})
+        if service is not None and name in self.removing:
+            self.removing.discard(name)
+            self.own_log.write("app.removed", {"app_name": name})
+        self.changed()
+
+    # -----------------------------------------------------------------------------------------
+    # Signals: each becomes an event for every app (SIGHUP: a reload of the config)
+
+    def _add_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop, sig.name)
+        loop.add_signal_handler(signal.SIGUSR1, self._each, lambda s: s.check())
+        loop.add_signal_handler(signal.SIGUSR2, self._each, lambda s: s.take_requests())
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    @staticmethod
+    def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
+                    signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    def _each(self, act: Callable[[Service], None]) -> None:
+        for service in list(self.services.values()):
+            act(service)
+
+    def stop(self, signal_name: str = "SIGTERM") -> None:
+        if not self.stopping and self.notifier is not None:
+            self.notifier.stopping()
+        self.stopping = True
+        self._each(lambda s: s.inbox.put_nowait(StopRequested(signal=signal_name)))
+
+    def check_all(self) -> None:
+        self._each(lambda s: s.inbox.put_nowait(CheckRequested()))
+
+    # -----------------------------------------------------------------------------------------
+    # Reload: the apps whose files appeared start, those whose files are gone stop, changed
+    # ones apply their changes, and untouched ones are left alone
+
+    def reload(self) -> None:
+        from supervisor.core.hostconfig import load_host
+        from supervisor.loop.footprint import forget_startup_modules
+
+        if self.notifier is not None:
+            self.notifier.reloading()
+        try:
+            new = load_host(self.config.path)
+        except ConfigError as error:
+            self.reload_problems = list(error.problems)
+            self.own_log.write("config.reload_failed", {"problems": error.problems,
+                                                        "config": self.config.path})
+            new = None
+        finally:
+            forget_startup_modules()
+        if new is not None:
+            self.reload_problems = []
+            self._reconcile(new)
+        if self.notifier is not None:
+            self.notifier.ready()
+        self.changed()
+
+    def _reconcile(self, new: HostConfig) -> None:
+        if not new.main:  # a single app: its changes, as always
+            (app,) = new.apps
+            service = next(iter(self.services.values()), None)
+            if service is not None:
+                service.reload(app)
+            return
+        wanted = {app.app.name: app for app in new.apps}
+        for app in new.broken:
+            self.own_log.write("config.reload_failed", {"app_name": app.name, "config": app.path,
+                                                        "problems": list(app.problems)})
+        broken = {app.name for app in new.broken}
+        for name, service in list(self.services.items()):
+            if name not in wanted and name not in broken:
+                self.own_log.write("app.removing", {"app_name": name})
+                self.removing.add(name)
+                service.inbox.put_nowait(StopRequested(signal="SIGHUP"))
+            elif name in wanted and wanted[name] != service.config:
+                service.reload(wanted[name])
+        self.config = new
+        for name, app in wanted.items():
+            if name not in self.services:
+                asyncio.get_running_loop().create_task(self._start_new(app))
+
+    async def _start_new(self, app: Config) -> None:
+        name = app.app.name
+        try:
+            taken = claim(app, os.environ, place_sockets=False)
+        except StartupError as error:
+            self.own_log.write("app.start_failed", {"app_name": name, "error": str(error)})
+            return
+        if self.stopping:  # a stop came while its lock was taken: it never starts
+            os.close(taken.lock_fd)
+            return
+        service = self._add(app, taken)
+        try:
+            await service.prepare()
+        except StartupError as error:
+            self.own_log.write("app.start_failed", {"app_name": name, "error": str(error)})
+            service.release()
+            self.services.pop(name, None)
+            return
+        self.own_log.write("app.added", {"app_name": name, "config": app.path})
+        self.tasks[name] = asyncio.get_running_loop().create_task(service.serve())
+        if self.stopping:
+            service.inbox.put_nowait(StopRequested(signal="SIGTERM"))
+
+    # -----------------------------------------------------------------------------------------
+    # systemd: READY=1 once every app has started its first child (or settled without one),
+    # STATUS= a line for one app, a summary for many; the watchdog pings from the loop itself
+
+    def _start_systemd_drivers(self) -> None:
+        if self.notifier is None:
+            return
+        notifier = self.notifier
+        if self.watchdog_interval:
+            interval = self.watchdog_interval
+            self.drivers.start("watchdog", lambda: watchdog_pings(notifier, interval),
+                               restart=False)
+        self.drivers.start("refresher", self._refresh_status)
+
+    def changed(self) -> None:
+        """An app's state changed: tell systemd, and let the refresher pick its pace."""
+        if self.notifier is None:
+            return
+        if not self.ready_sent and self.services and all(
+                s.settled for s in self.services.values()):
+            self.notifier.ready()  # `systemctl start` may return
+            self.ready_sent = True
+        self.notifier.status(self.status_line(time.time()))
+        phases = {name: s.state.phase for name, s in self.services.items()}
+        if phases != self._phases:
+            self._phases = phases
+            self._wake.set()
+
+    async def _refresh_status(self) -> None:
+        """Keep the STATUS line true between changes: "next fetch in 4m" counts down, a drain
+        counts its seconds, client counts come from the stats files (bounded reads)."""
+        while True:
+            draining = any(s.state.phase == Phase.DRAINING for s in self.services.values())
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(DRAIN_REFRESH if draining else STATUS_REFRESH):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            for service in list(self.services.values()):
+                service.refresh_stats()
+            if self.notifier is not None:
+                self.notifier.status(self.status_line(time.time()))
+
+    def status_line(self, now: float) -> str:
+        if self.reload_problems:
+            return f"reload failed: {self.reload_problems[0]}"
+        services = list(self.services.values())
+        if not self.config.main and len(services) == 1:
+            return services[0].status.line(services[0].state, now)
+        return summary_line(services, now)
+
+
+def summary_line(services: list[Service], now: float) -> str:
+    """"3 apps: 2 running, 1 draining: web n_clients=3": the phases counted, then what each
+    app that is not simply running is doing."""
+    counts: dict[str, int] = {}
+    for service in services:
+        counts[str(service.state.phase)] = counts.get(str(service.state.phase), 0) + 1
+    word = "app" if len(services) == 1 else "apps"
+    line = f"{len(services)} {word}: " + ", ".join(f"{n} {p}" for p, n in counts.items())
+    busy = [f"{s.config.app.name} {s.status.line(s.state, now)}" for s in services
+            if s.state.phase != Phase.RUNNING]
+    return line + (": " + "; ".join(busy) if busy else "")
