@@ -111,6 +111,9 @@ def _with_config(args: dict[str, object]) -> int:
         return _fail(error.problems)
     command = str(args["command"])
     if command == "check":
+        problems = _startup_problems(config)
+        if problems:
+            return _fail(problems)
         print(format_config(config), end="")
         return 0
     if command == "status":
@@ -118,6 +121,64 @@ def _with_config(args: dict[str, object]) -> int:
     if command in CONTROL_HELP:
         return _ask(config.app.state_dir, command)
     return _run(config, args.get("log_format"))  # type: ignore[arg-type]
+
+
+def _startup_problems(config: Config) -> list[str]:
+    """What `run` would refuse at start and can be seen without starting: the directories
+    startup.claim needs and what GitRepo.prepare asks of the tree, in the same words. Only
+    reads: a half-updated tree is left for `run` to repair, and no lock is taken."""
+    problems = []
+    stats_directory = os.path.dirname(config.drain.stats_file) if config.drain else ""
+    # run makes app.state_dir (and its parents) before it looks for the stats directory.
+    made = os.path.realpath(config.app.state_dir) + "/"
+    if (config.drain and not os.path.isdir(stats_directory)
+            and not made.startswith(os.path.realpath(stats_directory) + "/")):
+        problems.append(f"drain.stats_file: directory {stats_directory} does not exist")
+    if not os.path.isdir(config.app.cwd):
+        problems.append(f"app.cwd: {config.app.cwd} is not a directory")
+    problem = _tree_problem(config)
+    return problems + ([problem] if problem else [])
+
+
+def _tree_problem(config: Config) -> str | None:
+    import subprocess
+
+    from supervisor.drivers.gitrepo import NO_HOOKS, git_environment
+
+    repo = config.git.repo
+    if not os.path.isdir(repo):
+        return f"git.repo: {repo} is not a directory"
+    env = git_environment(os.environ, config.git.timeout)
+
+    def git(*args: str) -> tuple[bool, str]:
+        """(succeeded, stdout or git's complaint)"""
+        try:
+            done = subprocess.run(("git", *NO_HOOKS, *args), cwd=repo, env=env, text=True,
+                                  capture_output=True, timeout=config.git.timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return False, str(error)
+        return done.returncode == 0, (done.stdout if done.returncode == 0 else done.stderr).strip()
+
+    ok, top = git("rev-parse", "--show-toplevel")
+    if not ok and "dubious ownership" in top:
+        return (f"git.repo: {repo} belongs to another user and git refuses it "
+                "(\"dubious ownership\"): run the supervisor as the tree's owner, or name "
+                "the tree in git's safe.directory")
+    if not ok:
+        return f"git.repo: {repo} is not a git working tree"
+    if os.path.realpath(top) != os.path.realpath(repo):
+        return f"git.repo: {repo} is inside {top}; name the top of the tree"
+    if not git("rev-parse", "--verify", "-q", "HEAD^{commit}")[0]:
+        return f"git.repo: {repo} has no commit checked out"
+    on_branch, current = git("symbolic-ref", "--short", "-q", "HEAD")
+    if config.git.branch is None and not on_branch:
+        return "git.branch: HEAD is detached and no branch is configured"
+    if config.git.branch is None and not git("config", "--get", f"branch.{current}.merge")[0]:
+        return f"git.branch: branch {current} has no upstream; set git.remote and git.branch"
+    if (config.git.remote is None and on_branch
+            and git("config", "--get", f"branch.{current}.remote") == (True, ".")):
+        return f"git.remote: {current} tracks a local branch; set git.remote"
+    return None
 
 
 def _ask(state_dir: str, request: str) -> int:
