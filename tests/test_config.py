@@ -35,6 +35,7 @@ from supervisor.core.config import (
     load_config,
     parse_config,
 )
+from tests.helpers_git import git, make_repos
 
 ENVIRON = {"HOME": "/home/someone"}
 MINIMAL = '[app]\ncommand = "./server"\n'
@@ -207,7 +208,7 @@ def test_cli_a_multiline_value_still_gives_one_line_per_problem(tmp_path: Path) 
 
 
 def test_cli_check_prints_the_effective_config(tmp_path: Path) -> None:
-    path = tmp_path / "supervisor.toml"
+    path = make_repos(tmp_path).work / "supervisor.toml"  # check refuses what run would
     path.write_text(MINIMAL)
     result = cli_check(path)
     assert result.returncode == 0, result.stderr
@@ -261,8 +262,10 @@ file = "logs/events.log"
 
 @pytest.mark.parametrize("text", [MINIMAL, FULL], ids=["minimal", "full"])
 def test_check_output_loads_back_to_an_equal_config(tmp_path: Path, text: str) -> None:
-    conf = tmp_path / "conf"
-    conf.mkdir()
+    repos = make_repos(tmp_path)  # check refuses what run would: a clone, FULL's directories
+    conf = repos.work
+    git(tmp_path, "clone", "-q", str(repos.remote), str(conf / "repo"))
+    (conf / "srv").mkdir()
     path = conf / "supervisor.toml"
     path.write_text(text)
     result = cli_check(path)

@@ -112,10 +112,14 @@ def test_ctrl_c_during_the_drain_stops_everything_and_cleans_up(tmp_path: Path) 
     assert_nothing_left(tmp_path)
 
 
-def test_the_shipped_config_is_valid() -> None:
+def test_the_shipped_config_is_valid(tmp_path: Path) -> None:
     installed = Path(sys.executable).parent / "supervisor"
     command = [str(installed)] if installed.exists() else [sys.executable, "-m", "supervisor"]
+    # check refuses what run would, a branch without upstream too: so in a clone, as users have.
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=60)
+    (clone / "supervisor.toml").write_text((ROOT / "supervisor.toml").read_text())
     result = subprocess.run([*command, "check", "-c", "supervisor.toml"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+                            cwd=clone, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "[drain]" in result.stdout and "[build]" in result.stdout

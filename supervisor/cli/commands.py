@@ -147,7 +147,11 @@ def _check(host: HostConfig) -> int:
     state lives, and every app file with problems (exit 2: run would set it aside)."""
     from supervisor.core.config import format_config
 
+    problems = [f"{app.app.name}: {p}" if host.main else p
+                for app in host.apps for p in _startup_problems(app)]
     if not host.main:
+        if problems:
+            return _fail(problems)
         print(format_config(host.apps[0]), end="")
         return 0
     print(f"{host.path}: {len(host.apps)} app{'s' * (len(host.apps) != 1)}, "
@@ -156,7 +160,9 @@ def _check(host: HostConfig) -> int:
         print(f"  {app.app.name}: {app.path} (state in {app.app.state_dir})")
     for broken in host.broken:
         _fail([f"{broken.path}: {problem}" for problem in broken.problems])
-    return EXIT_USAGE if host.broken else 0
+    if problems:
+        _fail(problems)
+    return EXIT_USAGE if host.broken or problems else 0
 
 
 def _statuses(host: HostConfig, name: str | None, as_json: bool) -> int:
@@ -208,6 +214,64 @@ def _summary(name: str, status: dict[str, object] | None) -> str:
     if waiting:
         line += f", {waiting.get('reason')}"  # type: ignore[union-attr]
     return line
+
+
+def _startup_problems(config: Config) -> list[str]:
+    """What `run` would refuse at start and can be seen without starting: the directories
+    startup.claim needs and what GitRepo.prepare asks of the tree, in the same words. Only
+    reads: a half-updated tree is left for `run` to repair, and no lock is taken."""
+    problems = []
+    stats_directory = os.path.dirname(config.drain.stats_file) if config.drain else ""
+    # run makes app.state_dir (and its parents) before it looks for the stats directory.
+    made = os.path.realpath(config.app.state_dir) + "/"
+    if (config.drain and not os.path.isdir(stats_directory)
+            and not made.startswith(os.path.realpath(stats_directory) + "/")):
+        problems.append(f"drain.stats_file: directory {stats_directory} does not exist")
+    if not os.path.isdir(config.app.cwd):
+        problems.append(f"app.cwd: {config.app.cwd} is not a directory")
+    problem = _tree_problem(config)
+    return problems + ([problem] if problem else [])
+
+
+def _tree_problem(config: Config) -> str | None:
+    import subprocess
+
+    from supervisor.drivers.gitrepo import NO_HOOKS, git_environment
+
+    repo = config.git.repo
+    if not os.path.isdir(repo):
+        return f"git.repo: {repo} is not a directory"
+    env = git_environment(os.environ, config.git.timeout)
+
+    def git(*args: str) -> tuple[bool, str]:
+        """(succeeded, stdout or git's complaint)"""
+        try:
+            done = subprocess.run(("git", *NO_HOOKS, *args), cwd=repo, env=env, text=True,
+                                  capture_output=True, timeout=config.git.timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return False, str(error)
+        return done.returncode == 0, (done.stdout if done.returncode == 0 else done.stderr).strip()
+
+    ok, top = git("rev-parse", "--show-toplevel")
+    if not ok and "dubious ownership" in top:
+        return (f"git.repo: {repo} belongs to another user and git refuses it "
+                "(\"dubious ownership\"): run the supervisor as the tree's owner, or name "
+                "the tree in git's safe.directory")
+    if not ok:
+        return f"git.repo: {repo} is not a git working tree"
+    if os.path.realpath(top) != os.path.realpath(repo):
+        return f"git.repo: {repo} is inside {top}; name the top of the tree"
+    if not git("rev-parse", "--verify", "-q", "HEAD^{commit}")[0]:
+        return f"git.repo: {repo} has no commit checked out"
+    on_branch, current = git("symbolic-ref", "--short", "-q", "HEAD")
+    if config.git.branch is None and not on_branch:
+        return "git.branch: HEAD is detached and no branch is configured"
+    if config.git.branch is None and not git("config", "--get", f"branch.{current}.merge")[0]:
+        return f"git.branch: branch {current} has no upstream; set git.remote and git.branch"
+    if (config.git.remote is None and on_branch
+            and git("config", "--get", f"branch.{current}.remote") == (True, ".")):
+        return f"git.remote: {current} tracks a local branch; set git.remote"
+    return None
 
 
 def _ask(state_dir: str, request: str) -> int:

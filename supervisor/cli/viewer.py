@@ -294,22 +294,30 @@ def use_colour(choice: str, out: IO[str]) -> bool:
         return False
 
 
-def run(args: argparse.Namespace, path: str | None) -> int:
-    """Print the log at `path` ("-" or None: standard input) as asked in `args`."""
+def run(args: argparse.Namespace, path: str | None, unit: str | None = None) -> int:
+    """Print the log at `path` ("-" or None: standard input) as asked in `args`. With no path
+    at all (no log.file), standard input that brings nothing is an error with a hint naming
+    `unit`: a script must not take "no log here" for "no events"."""
     out = sys.stdout
     printer = Printer(out, since=args.since, patterns=args.event, as_json=args.json,
                       utc=args.utc, colour=use_colour(args.color, out))
     from_stdin = path is None or path == "-"
-    if from_stdin and sys.stdin.isatty():
-        print("supervisor events: no log file (log.file is not set, so the log goes to stderr) "
-              "and nothing piped in; e.g. journalctl -u myapp -o cat | supervisor events",
-              file=sys.stderr)
-        return 2
+    if from_stdin and (sys.stdin is None or sys.stdin.isatty()):
+        return _no_log(unit)
     try:
         if from_stdin:
             # A pipe (journalctl -f) is shown as it comes; a redirected file in one go.
             piped = not _is_regular(sys.stdin.fileno())
-            read_all(sys.stdin.buffer, printer.line, out.flush if piped else _nothing)
+            seen = False
+
+            def on_line(text: str) -> None:
+                nonlocal seen
+                seen = True
+                printer.line(text)
+
+            read_all(sys.stdin.buffer, on_line, out.flush if piped else _nothing)
+            if path is None and not seen:
+                return _no_log(unit)
         else:
             # What rotation kept comes first; missing copies were rotated away meanwhile.
             for older in rotated(str(path)):
@@ -336,6 +344,21 @@ def run(args: argparse.Namespace, path: str | None) -> int:
     return 0
 
 
+def unit_hint(unit: str | None) -> str:
+    """The journal of the shipped units: the template's instance is the config's name
+    (tiny-supervisor@NAME reads /etc/tiny-supervisor/NAME.toml)."""
+    template = f"tiny-supervisor@{unit or 'NAME'}"
+    return (f"journalctl -u {template} -o cat | supervisor events "
+            "(-u tiny-supervisor for the single unit)")
+
+
+def _no_log(unit: str | None) -> int:
+    print("supervisor events: no log to read: log.file is not set, so the log goes to stderr "
+          f"(under systemd, the journal), and nothing came on standard input; e.g. "
+          f"{unit_hint(unit)}", file=sys.stderr)
+    return 2
+
+
 def _is_regular(fd: int) -> bool:
     return stat.S_ISREG(os.fstat(fd).st_mode)
 
@@ -347,17 +370,26 @@ def _nothing() -> None:
 def log_file_from_config(config: str | None) -> tuple[str | None, list[str]]:
     """`log.file` of the config (`-c`, else ./supervisor.toml if there is one): the log to
     read, or None for standard input; and the config's problems, if any."""
+    path, problems, _ = _from_config(config)
+    return path, problems
+
+
+def _from_config(config: str | None) -> tuple[str | None, list[str], str | None]:
+    """log.file, the config's problems, and the name its template unit would have: the
+    config file's own name, as in /etc/tiny-supervisor/NAME.toml, else app.name."""
     if config is None:
         if not os.path.exists("supervisor.toml"):
-            return None, []
+            return None, [], None
         config = "supervisor.toml"
     from supervisor.core.config import ConfigError, load_config
 
     try:
         loaded = load_config(config)
     except ConfigError as error:
-        return None, error.problems
-    return (None if loaded.log.file is None else str(loaded.log.file)), []
+        return None, error.problems, None
+    stem = os.path.splitext(os.path.basename(config))[0]
+    unit = stem if stem != "supervisor" else loaded.app.name
+    return (None if loaded.log.file is None else str(loaded.log.file)), [], unit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,13 +405,14 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     path = args.file or args.file_option
+    unit = None
     if path is None:
-        path, problems = log_file_from_config(args.config)
+        path, problems, unit = _from_config(args.config)
         if problems:
             for problem in problems:
                 print(f"supervisor: {problem}", file=sys.stderr)
             return 2
-    return run(args, path)
+    return run(args, path, unit)
 
 
 if __name__ == "__main__":

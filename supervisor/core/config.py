@@ -691,7 +691,7 @@ def _toml_value(value: object) -> str:
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
-        return "{ " + items + " }"
+        return "{ " + items + " }" if items else "{}"
     return _toml_string(str(value))
 
 
@@ -713,12 +713,9 @@ def _toml_key(key: str) -> str:
 
 
 def format_config(config: Config) -> str:
+    """The config as a reader expects it, [app] first and the [[socket]] tables last, and as
+    TOML that loads back to an equal Config."""
     lines = [f"# effective config from {config.path}"]
-    for sock in config.sockets:
-        lines.append("\n[[socket]]")
-        lines += [f"listen = {_toml_value(sock.listen)}", f"name = {_toml_value(sock.name)}"]
-        if sock.mode is not None:
-            lines.append(f'mode = "{sock.mode:04o}"')
     for section in _SECTIONS:
         value = getattr(config, section)
         if value is None:
@@ -733,4 +730,9 @@ def format_config(config: Config) -> str:
                 lines.append('path = "*"')
             elif item_value is not None:
                 lines.append(f"{item.name} = {_toml_value(item_value)}")
+    for sock in config.sockets:
+        lines.append("\n[[socket]]")
+        lines += [f"listen = {_toml_value(sock.listen)}", f"name = {_toml_value(sock.name)}"]
+        if sock.mode is not None:
+            lines.append(f'mode = "{sock.mode:04o}"')
     return "\n".join(lines) + "\n"
