@@ -121,7 +121,7 @@ class Service:
                                   health_gate=config.health is not None)
         self._last_status: dict[str, Any] | None = None
         self.run_id = os.urandom(3).hex()  # with the deploy count: the log's correlation id
-        self.lock_fd: int | None = None
+        self.lock: control.Lock | None = None
         self.trigger: Any = None
         self.ready_sent = False
 
@@ -133,12 +133,18 @@ class Service:
             raise StartupError(f"app.state_dir: cannot create {self.config.app.state_dir}: "
                                f"{error.strerror}") from None
         try:
-            self.lock_fd = control.acquire_lock(self.config.app.state_dir)
-            control.make_control_dir(self.config.app.state_dir)
+            self.lock = control.acquire_lock(self.config.app.state_dir, self.config.git.repo)
         except control.LockHeld as held:
             who = f"pid {held.pid}" if held.pid else "another process"
+            if held.repository is not None:
+                raise StartupError(f"git.repo: {who} already runs a supervisor on this "
+                                   f"repository ({held.repository})") from None
             raise StartupError(f"app.state_dir: {who} already runs a supervisor for this app "
                                f"({self.config.app.state_dir})") from None
+        except OSError as error:
+            raise StartupError(f"app.state_dir: cannot take {self.config.app.state_dir} for "
+                               f"this supervisor: {error.strerror}") from None
+        self.early_notes[:0] = self.lock.notes
         if self.config.log.child == "file":
             try:
                 self.output.file.open()  # type: ignore[union-attr]
