@@ -189,6 +189,19 @@ def _positive_duration(value: object) -> float:
     return seconds
 
 
+# Nobody polls a git remote more than once a second: below that, a value is a slip of the unit
+# ("1ms" for "1m"), and each fetch is a git process (with ssh or TLS, a handshake) on a tiny box.
+MIN_POLL_INTERVAL = 1.0
+
+
+def _poll_interval(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds < MIN_POLL_INTERVAL:
+        raise _Bad(DURATION_HINT + f", at least {MIN_POLL_INTERVAL:g}s (a fetch is a git "
+                   "process; did you mean minutes?)")
+    return seconds
+
+
 def _text(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _Bad("a non-empty string")
@@ -300,7 +313,9 @@ def parse_config(data: Mapping[str, Any], path: str,
     environ = os.environ if environ is None else environ
     problems: list[str] = []
     path = os.fspath(path)
-    base = os.path.dirname(path)
+    # Relative paths are relative to the config file itself, not to a symlink that reaches it:
+    # one config is one app, with one state directory, however it is named.
+    base = os.path.dirname(os.path.realpath(path))
 
     def path_reader(value: object) -> str:
         return os.path.realpath(os.path.join(base, os.path.expanduser(_text(value))))
@@ -315,7 +330,7 @@ def parse_config(data: Mapping[str, Any], path: str,
         repo=repo,
         remote=git.get("remote", _text),
         branch=git.get("branch", _text),
-        poll_interval=git.get("poll_interval", _positive_duration, 300.0),
+        poll_interval=git.get("poll_interval", _poll_interval, 300.0),
         timeout=git.get("timeout", _positive_duration, 120.0),
         on_diverge=git.get("on_diverge", _choice("report", "reset"), "report"),
     )
