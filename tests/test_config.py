@@ -722,3 +722,18 @@ def test_every_problem_is_one_line_naming_its_key(data: dict[str, Any]) -> None:
             assert where in data or where == "app", problem
     except OverflowError:
         pass  # reported by test_parse_config_raises_only_config_error
+
+
+def test_the_apps_output_limit_defaults_to_1000_lines_per_10_seconds() -> None:
+    config = config_of(with_app())
+    assert (config.log.child_rate_limit_burst, config.log.child_rate_limit_interval) == (1000, 10.0)
+    config = config_of(with_app(log={"child_rate_limit_burst": 0,
+                                     "child_rate_limit_interval": "30s"}))
+    assert (config.log.child_rate_limit_burst, config.log.child_rate_limit_interval) == (0, 30.0)
+    for value in (-1, True, "many", 2.5):
+        with pytest.raises(ConfigError) as error:
+            config_of(with_app(log={"child_rate_limit_burst": value}))
+        assert error.value.problems[0].startswith(
+            "log.child_rate_limit_burst: expected a number of lines from 0 (no limit)")
+    with pytest.raises(ConfigError, match=r"log\.child_rate_limit_interval: expected a duration"):
+        config_of(with_app(log={"child_rate_limit_interval": 0}))

@@ -109,6 +109,10 @@ class LogConfig:
     child_file: str | None = None  # with child = "file"; default: child.log in app.state_dir
     max_bytes: int = 1 << 20  # a log file past this size is rotated to FILE.1
     keep: int = 3  # rotated copies kept
+    # The app's captured lines: at most `burst` per `interval` (as journald's RateLimitBurst=
+    # and RateLimitIntervalSec=), the rest counted and dropped; 0: no limit.
+    child_rate_limit_burst: int = 1000
+    child_rate_limit_interval: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,6 +400,9 @@ def parse_config(data: Mapping[str, Any], path: str,
         or os.path.join(app_config.state_dir, "child.log"),
         max_bytes=log.get("max_bytes", _size, 1 << 20),
         keep=log.get("keep", _keep, 3),
+        child_rate_limit_burst=log.get("child_rate_limit_burst", _line_count, 1000),
+        child_rate_limit_interval=log.get("child_rate_limit_interval", _positive_duration,
+                                          10.0),
     )
     log.finish()
 
@@ -437,6 +444,12 @@ def parse_config(data: Mapping[str, Any], path: str,
 def _releases_kept(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
         raise _Bad("a whole number from 1 to 100 (the live release counts)")
+    return value
+
+
+def _line_count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**9:
+        raise _Bad("a number of lines from 0 (no limit) to 1000000000")
     return value
 
 

@@ -99,7 +99,9 @@ class Service:
                                      self.log.write)
         stats_file = config.drain.stats_file if config.drain else None
         self.output = open_sink(config.log.child, self.log.write, config.log.child_file,
-                                config.log.max_bytes, config.log.keep)
+                                config.log.max_bytes, config.log.keep,
+                                config.log.child_rate_limit_burst,
+                                config.log.child_rate_limit_interval)
         self.child = Child(config.app, self.store, self.inbox.put_nowait, stats_file,
                            output=self.output, sockets=config.sockets)
         self.builder = (Builder(config.build, config.git.repo, config.app.env,
