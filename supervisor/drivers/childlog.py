@@ -380,8 +380,10 @@ class RotatingFile:
         self.max_bytes, self.keep = max_bytes, keep
         self.dropped = 0
         self.error: str | None = None  # the first error since the last report
+        self.reopened: str | None = None  # why the file was last opened again, until taken
         self._fd = -1
         self._size = 0
+        self._identity: tuple[int, int] | None = None  # (device, inode) of what we write to
         self._torn = False  # a partial line could not be cut off: start the next on its own
 
     def open(self) -> None:
@@ -415,8 +417,28 @@ class RotatingFile:
                 pass
             self._fd = -1
 
+    def follow(self) -> str | None:
+        """Open the path again if the file we write to was deleted or moved away (logrotate's
+        `create` mode, or a person): writes must go where readers look, not to a lost inode.
+        Returns why ("deleted" or "moved"), else None. Raises OSError if it cannot reopen."""
+        if self._fd < 0:
+            return None
+        try:
+            info = os.stat(self.path)
+            if (info.st_dev, info.st_ino) == self._identity:
+                return None
+            reason = "moved"
+        except FileNotFoundError:
+            reason = "deleted"
+        self.close()
+        self._torn = False  # a half-written line stays in the file that went away
+        self._open()
+        self.reopened = reason
+        return reason
+
     def _append(self, data: bytes) -> bool:
         try:
+            self.follow()
             if self._fd < 0:
                 self._open()
             if self._size > 0 and self._size + len(data) > self.max_bytes:
@@ -455,7 +477,8 @@ class RotatingFile:
     def _open(self, truncate: bool = False) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         self._fd = os.open(self.path, flags | (os.O_TRUNC if truncate else 0), 0o640)
-        self._size = os.fstat(self._fd).st_size
+        info = os.fstat(self._fd)
+        self._size, self._identity = info.st_size, (info.st_dev, info.st_ino)
 
     def _undo(self) -> None:
         """Cut a partly written line off again, so that every line in the file stays whole."""
