@@ -240,6 +240,9 @@ class Service:
         loop.add_signal_handler(signal.SIGUSR1, self.inbox.put_nowait, CheckRequested())
         loop.add_signal_handler(signal.SIGUSR2, self._take_requests)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        # A flood of signals fills asyncio's wakeup socket; the signals still arrive, coalesced,
+        # but Python would print a 5-line warning to stderr (the journal) for each one.
+        signal.set_wakeup_fd(signal.set_wakeup_fd(-1), warn_on_full_buffer=False)
         watchdog = refresher = None
         if self.notifier is not None and self.watchdog_interval:
             # On the loop itself: a blocked loop stops the pings, and systemd steps in.
