@@ -130,7 +130,7 @@ class Service:
     async def _prepare(self) -> None:
         """Everything that must hold before the first child starts; failures are StartupError."""
         try:
-            os.makedirs(self.config.app.state_dir, exist_ok=True)
+            os.makedirs(self.config.app.state_dir, mode=0o711, exist_ok=True)  # see control
         except OSError as error:
             raise StartupError(f"app.state_dir: cannot create {self.config.app.state_dir}: "
                                f"{error.strerror}") from None
