@@ -135,3 +135,19 @@ def test_the_limit_applies_whatever_the_output_goes_to(world, child):
         (world.state_dir / "child.log").read_text().splitlines())
     counted = sum(r["lines"] for r in supervisor.select("child.output_suppressed"))
     assert passed == 50 and passed + counted == 100000
+
+
+def test_a_reload_reports_that_the_output_limit_needs_a_restart():
+    """The running app's pipes hold the limit they started with: saying it was applied would
+    be a lie."""
+    from supervisor.core.config import parse_config
+    from supervisor.loop.reload import merge
+
+    base = {"app": {"command": "x"}}
+    old = parse_config(base, "/srv/app/supervisor.toml", environ={"HOME": "/home/a"})
+    new = parse_config({**base, "log": {"child_rate_limit_burst": 5,
+                                        "child_rate_limit_interval": "1m"}},
+                       "/srv/app/supervisor.toml", environ={"HOME": "/home/a"})
+    merged, applied, kept = merge(old, new)
+    assert merged.log == old.log and applied == ()
+    assert kept == ("log.child_rate_limit_burst", "log.child_rate_limit_interval")
