@@ -112,6 +112,7 @@ def test_spans_read_like_people_write_them(seconds, text):
 def test_under_journald_each_line_carries_its_syslog_priority():
     assert priority("child.crash_looping") == 3
     assert priority("git.fetch_failed") == priority("drain.timed_out") == 4
+    assert priority("child.output_suppressed") == 4 and priority("log.repeated") == 6
     assert priority("child.started") == priority("git.fetched") == 6
 
     import io

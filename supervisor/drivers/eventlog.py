@@ -51,7 +51,7 @@ def priority(event: str) -> int:
     if event.endswith(("crash_looping", "reload_failed", "revert_failed", ".error")):
         return 3
     if event.endswith(("failed", "dirty", "diverged", "timed_out", "rejected", "dropped",
-                       "stale_found", "lines_ignored", "backing_off")):
+                       "stale_found", "lines_ignored", "backing_off", "suppressed")):
         return 4
     return 6
 
