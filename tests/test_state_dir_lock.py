@@ -260,3 +260,17 @@ def test_two_configs_on_one_repository_run_one_supervisor(world):
         f"({world.app})"]
     assert first.proc.poll() is None and world.alive(child_pid)
     assert first.stop() == 0
+
+
+def test_a_status_probe_at_the_moment_of_start_does_not_keep_the_supervisor_out(tmp_path):
+    """`supervisor status` may probe with a shared flock of its own; a supervisor starting
+    just then must not take it for a running one (exit 2, and systemd would not retry)."""
+    import fcntl
+    import threading
+
+    probe = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    assert control.running_pid(str(tmp_path)) is None  # a shared lock is nobody's instance
+    threading.Timer(0.02, os.close, [probe]).start()
+    lock = control.acquire_lock(str(tmp_path))
+    lock.release()

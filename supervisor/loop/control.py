@@ -62,19 +62,17 @@ def acquire_lock(state_dir: str, repository: str | None = None) -> Lock:
     """Take the app's lock, and the repository's, for the life of this process; LockHeld if
     either is taken, OSError if the state directory cannot be made ours.
 
-    The flock is on the state directory itself, not on a file in it: a file can be deleted and
-    a second supervisor would lock a new one, while a directory with our files in it cannot
-    be removed or replaced unnoticed, and whatever path reaches it, it is one inode. Others
-    may neither read nor write it, so they cannot open it to take the lock first. The kernel
-    drops the lock when we die, however we die; the fds are close-on-exec."""
+    The flock is on the state directory itself, not on a file in it: a lock file can be
+    deleted, and a second supervisor would lock a new one; a directory that holds our files
+    cannot be removed, whatever path reaches it is one inode, and whoever renames it away still
+    meets the repository's lock. Others may neither read nor write it, so they cannot open it
+    to take the lock first. The kernel drops the lock when we die, however we die; the fds are
+    close-on-exec."""
     fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     lock = Lock([fd])
     try:
         _make_ours(fd, state_dir, lambda event, facts: lock.notes.append((event, facts)))
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockHeld(running_pid(state_dir)) from None
+        _flock_or_raise(fd, state_dir)
         if repository is not None:
             _lock_repository(lock, repository)
         _write_holder(state_dir)
@@ -83,6 +81,21 @@ def acquire_lock(state_dir: str, repository: str | None = None) -> Lock:
         lock.release()
         raise
     return lock
+
+
+PROBE_RETRIES = 5  # 10 ms apart: `supervisor status` probing holds its shared lock for microseconds
+
+
+def _flock_or_raise(fd: int, state_dir: str) -> None:
+    for attempt in range(PROBE_RETRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pid = running_pid(state_dir)
+            if pid is not None or attempt == PROBE_RETRIES - 1:
+                raise LockHeld(pid) from None
+        time.sleep(0.01)  # a probe, not a supervisor: it lets go at once
 
 
 def _make_ours(fd: int, path: str,
@@ -166,31 +179,43 @@ def _read_holder(state_dir: str) -> tuple[int, int, str] | None:
     return int(parts[0]), int(parts[1]), parts[2]
 
 
-def _holder_from_kernel(info: os.stat_result) -> int | None:
-    """The pid /proc/locks names as holding a flock on this inode: the kernel's own word."""
+def _flock_holders(info: os.stat_result) -> list[int] | None:
+    """The pids /proc/locks names as holding the exclusive flock on this inode (0 for one in
+    another pid namespace; a shared one is a probe): the kernel's own word, read without taking
+    any lock. None if unreadable."""
     needle = _lock_needle(info)
     try:
         with open("/proc/locks") as file:
-            for line in file:
-                fields = line.split()
-                if (len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == needle
-                        and fields[4].isdigit()):
-                    return int(fields[4])
+            return [int(fields[4]) for fields in map(str.split, file)
+                    if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "WRITE"
+                    and fields[5] == needle and fields[4].isdigit()]
     except OSError:
-        pass
-    return None
+        return None
+
+
+def _holder_from_kernel(info: os.stat_result) -> int | None:
+    return next(iter(_flock_holders(info) or []), None)
 
 
 def _lock_state(state_dir: str) -> tuple[bool | None, os.stat_result | None]:
-    """(held?, the directory's stat); held is None when we may not open it to probe."""
+    """(held?, the directory's stat); held is None when we cannot tell.
+
+    /proc/locks first: a probe with a flock of our own, however short, could make a supervisor
+    starting at that moment believe another one runs (see acquire_lock)."""
     try:
-        fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        info = os.stat(state_dir)
     except FileNotFoundError:
         return False, None
     except OSError:
         return None, None
+    if _flock_holders(info):
+        return True, info
+    # None named (or /proc/locks is unreadable, or names another device, as on btrfs): probe.
     try:
-        info = os.fstat(fd)
+        fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None, info
+    try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True, info
@@ -204,8 +229,8 @@ def _lock_needle(info: os.stat_result) -> str:
 
 
 def _holds(pid: int, info: os.stat_result) -> bool | None:
-    """Whether `pid` has an fd open right now that carries the flock on this inode, from its
-    fdinfo; None when we may not look (another user's process)."""
+    """Whether `pid` has an fd open right now that carries the exclusive flock on this inode,
+    from its fdinfo; None when we may not look (another user's process)."""
     needle = f" {_lock_needle(info)} "
     try:
         fds = os.listdir(f"/proc/{pid}/fdinfo")
@@ -219,8 +244,8 @@ def _holds(pid: int, info: os.stat_result) -> bool | None:
                 text = file.read(65536)
         except OSError:
             continue
-        if any(line.startswith("lock:") and "FLOCK" in line and needle in line
-               for line in text.splitlines()):
+        if any(line.startswith("lock:") and " FLOCK " in line and " WRITE " in line
+               and needle in line for line in text.splitlines()):
             return True
     return False
 
