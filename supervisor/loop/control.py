@@ -145,14 +145,20 @@ def _lock_repository(lock: Lock, repository: str) -> None:
     if directory is None:
         return  # not a repository: the git driver says so in its own words
     path = os.path.join(directory, REPO_LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return  # a git directory we cannot write: no fetch will work either, and git says why
     lock.fds.append(fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise LockHeld(_holder_from_kernel(os.fstat(fd)), repository) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:  # who holds it, for people looking; the flock is what counts
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        pass
 
 
 def _write_holder(state_dir: str) -> None:
