@@ -59,6 +59,7 @@ from supervisor.drivers.sockets import close_all, describe
 from supervisor.drivers.statefile import StateStore
 from supervisor.drivers.statsfile import Stats, StatsWatcher, read_stats
 from supervisor.loop import control
+from supervisor.loop.signals import SignalRoutes
 from supervisor.loop.status import StatusBoard, facts
 
 # systemd's variables are for us alone: an app or a build that inherited NOTIFY_SOCKET could
@@ -126,6 +127,8 @@ class Service:
         self.lock: control.Lock | None = None
         self.trigger: Any = None
         self.ready_sent = False
+        self.check_queued = False  # a CheckRequested from SIGUSR1 waits in the inbox
+        self.signals: SignalRoutes | None = None
 
     async def _prepare(self) -> None:
         """Everything that must hold before the first child starts; failures are StartupError."""
@@ -235,14 +238,14 @@ class Service:
         loop = asyncio.get_running_loop()
         # Signals are queued from the start, so a stop during a slow start-up (a stale child
         # being stopped) is honoured once the loop runs, instead of killing us half-way.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.inbox.put_nowait, StopRequested(signal=sig.name))
-        loop.add_signal_handler(signal.SIGUSR1, self.inbox.put_nowait, CheckRequested())
-        loop.add_signal_handler(signal.SIGUSR2, self._take_requests)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
-        # A flood of signals fills asyncio's wakeup socket; the signals still arrive, coalesced,
-        # but Python would print a 5-line warning to stderr (the journal) for each one.
-        signal.set_wakeup_fd(signal.set_wakeup_fd(-1), warn_on_full_buffer=False)
+        # Through SignalRoutes: a flood of one signal can neither lose another one (a SIGTERM
+        # after 10 s of SIGUSR1 went unhandled) nor fill stderr with warnings.
+        self.signals = SignalRoutes(loop, {
+            signal.SIGTERM: lambda: self.inbox.put_nowait(StopRequested(signal="SIGTERM")),
+            signal.SIGINT: lambda: self.inbox.put_nowait(StopRequested(signal="SIGINT")),
+            signal.SIGUSR1: self._check_requested,
+            signal.SIGUSR2: self._take_requests,
+            signal.SIGHUP: self._reload})
         watchdog = refresher = None
         if self.notifier is not None and self.watchdog_interval:
             # On the loop itself: a blocked loop stops the pings, and systemd steps in.
@@ -252,7 +255,7 @@ class Service:
         try:
             await self._prepare()
         except BaseException:
-            self._remove_signal_handlers(loop)
+            self._remove_signal_handlers()
             for task in (watchdog, refresher):
                 if task is not None:
                     task.cancel()
@@ -261,22 +264,31 @@ class Service:
         self._take_requests(stale=True)
         try:
             while self.state.phase != Phase.STOPPED:
-                self._handle(await self.inbox.get())
+                event = await self.inbox.get()
+                if isinstance(event, CheckRequested):
+                    self.check_queued = False
+                self._handle(event)
         finally:
             poller.cancel()
             await self._shut_down_drivers(poller)
-            self._remove_signal_handlers(loop)
+            self._remove_signal_handlers()
             for task in (watchdog, refresher):
                 if task is not None:
                     task.cancel()
         self.log.write("supervisor.stopped", {"pid": os.getpid()})
         return 0
 
-    @staticmethod
-    def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
-                    signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+    def _check_requested(self) -> None:
+        """SIGUSR1: fetch now. Signals that come while one such request still waits in the
+        inbox are that same request: a flood of them (hundreds of thousands in seconds) must
+        not queue an event each, tens of MB, with a SIGTERM waiting behind them all."""
+        if not self.check_queued:
+            self.check_queued = True
+            self.inbox.put_nowait(CheckRequested())
+
+    def _remove_signal_handlers(self) -> None:
+        if self.signals is not None:
+            self.signals.close()
 
     def _take_requests(self, stale: bool = False) -> None:
         """SIGUSR2: `supervisor deploy | restart | stop-child | start-child` left word for us.
