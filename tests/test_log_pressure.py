@@ -44,7 +44,6 @@ def test_a_flood_of_one_request_does_not_rotate_the_history_away(world):
     stopping = time.monotonic()
     assert supervisor.stop() == 0  # its lines end the run of repeats
     assert time.monotonic() - stopping < 3.0
-    print("TIMING", sent, time.monotonic() - stopping)
     records = [json.loads(line) for name in ("events.log.1", "events.log")
                if (world.tmp / name).exists()
                for line in (world.tmp / name).read_text().splitlines()]
