@@ -92,7 +92,9 @@ class Endpoint:
 
         self.deliveries += 1
         before = self.pushes
-        good = self.loop.run_until_complete(self.bounded(good_request(f"after-{self.deliveries}")))
+        delivery = f"after-{self.deliveries}"  # a new push: its own id and its own body
+        body = f'{{"ref": "refs/heads/main", "after": "{delivery}"}}'.encode()
+        good = self.loop.run_until_complete(self.bounded(good_request(delivery, body)))
         expect(good.startswith(b"HTTP/1.1 202 "), f"a good push after it got {good[:200]!r}")
         expect(self.pushes == before + 1, "a good push after it did not call on_push")
 

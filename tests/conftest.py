@@ -540,7 +540,7 @@ class World:
                 "stop_timeout": "2s",
                 "state_dir": str(self.state_dir),
             },
-            "git": {"repo": str(self.app), "poll_interval": "300ms", "timeout": "10s"},
+            "git": {"repo": str(self.app), "poll_interval": "1s", "timeout": "10s"},
             "build": {"command": "sh build.sh", "timeout": "10s"},
             "drain": {"stats_file": str(self.stats), "until": "n_clients == 0"},
             "restart": {"backoff_min": "100ms", "backoff_max": "1s"},

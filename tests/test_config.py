@@ -34,6 +34,7 @@ from supervisor.core.config import (
     format_config,
     load_config,
     parse_config,
+    parse_duration,
 )
 from tests.helpers_git import git, make_repos
 
@@ -108,7 +109,12 @@ CLI_CASES: list[tuple[str, str | bytes, list[str | tuple[str, ...]]]] = [
     ("boolean duration", MINIMAL + "[restart]\nreset_after = true\n",
      [("restart.reset_after: expected a duration", "got True")]),
     ("zero poll interval", MINIMAL + "[git]\npoll_interval = 0\n",
-     [("git.poll_interval: expected a duration", "more than zero")]),
+     [("git.poll_interval: expected a duration", "at least 1s")]),
+    ("poll interval in ms", MINIMAL + "[git]\npoll_interval = '1ms'\n",
+     [('git.poll_interval: expected a duration such as 10, "500ms", "30s", "5m" or "1h", at '
+       'least 1s (a fetch is a git process; did you mean minutes?), got "1ms"',)]),
+    ("poll interval just under a second", MINIMAL + "[git]\npoll_interval = 0.999\n",
+     [("git.poll_interval: expected", "at least 1s", "got 0.999")]),
     ("duration as a table", MINIMAL + "[build]\ncommand = 'make'\ntimeout = {s = 1}\n",
      ["build.timeout: expected a duration"]),
     ("unknown signal", MINIMAL + "stop_signal = 'SIGFOO'\n",
@@ -425,6 +431,8 @@ def config_of(data: dict[str, Any], path: Path = Path("/srv/app/supervisor.toml"
 ])
 @pytest.mark.parametrize(("section", "key"), DURATION_KEYS)
 def test_durations(section: str, key: str, value: object, seconds: float) -> None:
+    if (section, key) == ("git", "poll_interval") and seconds < 1:
+        return  # below its floor: see test_the_poll_interval_floor_is_one_second
     data = with_app(**{section: {key: value}})
     if (section, key) == ("restart", "backoff_min"):
         data["restart"]["backoff_max"] = 3600
@@ -593,8 +601,29 @@ def test_a_multiline_command_round_trips(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("seconds", [1234567, 0.1234567, 1e-7, 86400 * 365 * 2])
 def test_any_valid_duration_round_trips(tmp_path: Path, seconds: float) -> None:
-    config = config_of(with_app(git={"poll_interval": seconds}))
-    assert round_trip(config, tmp_path).git.poll_interval == seconds
+    config = config_of(with_app(restart={"reset_after": seconds}))
+    assert round_trip(config, tmp_path).restart.reset_after == seconds
+
+
+def test_the_poll_interval_floor_is_one_second(tmp_path: Path) -> None:
+    assert config_of(with_app(git={"poll_interval": 1})).git.poll_interval == 1.0
+    assert config_of(with_app(git={"poll_interval": "1s"})).git.poll_interval == 1.0
+
+
+def test_a_config_reached_through_a_symlink_is_the_same_app(tmp_path: Path) -> None:
+    """Relative paths follow the file, not the link: two names for one config must not give
+    two state directories (two supervisors for one app)."""
+    real = tmp_path / "srv" / "app"
+    real.mkdir(parents=True)
+    (real / "supervisor.toml").write_text(
+        '[app]\ncommand = "x"\nstate_dir = "state"\n[git]\nrepo = "."\n')
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "app.toml").symlink_to(real / "supervisor.toml")
+    direct = load_config(str(real / "supervisor.toml"))
+    linked = load_config(str(etc / "app.toml"))
+    assert linked.app.state_dir == direct.app.state_dir == str(real / "state")
+    assert linked.git.repo == direct.git.repo == str(real)
 
 
 _TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
@@ -621,7 +650,8 @@ def valid_data(draw: st.DrawFn) -> dict[str, Any]:
                     max_size=3)),
                 "stop_signal": draw(st.sampled_from(["TERM", "SIGINT", "SIGQUIT", "SIGHUP"])),
                 "stop_timeout": draw(_DURATION)},
-        "git": {"poll_interval": draw(_DURATION), "timeout": draw(_DURATION),
+        "git": {"poll_interval": draw(_DURATION.filter(lambda d: parse_duration(d) >= 1)),
+                "timeout": draw(_DURATION),
                 "branch": draw(_TEXT), "on_diverge": draw(st.sampled_from(["report", "reset"]))},
         "build": {"command": draw(_TEXT), "timeout": draw(_DURATION)},
         "drain": {"stats_file": draw(_NAME), "until": draw(_UNTIL), "timeout": draw(_DURATION)},
@@ -695,3 +725,18 @@ def test_every_problem_is_one_line_naming_its_key(data: dict[str, Any]) -> None:
             assert where in data or where == "app", problem
     except OverflowError:
         pass  # reported by test_parse_config_raises_only_config_error
+
+
+def test_the_apps_output_limit_defaults_to_1000_lines_per_10_seconds() -> None:
+    config = config_of(with_app())
+    assert (config.log.child_rate_limit_burst, config.log.child_rate_limit_interval) == (1000, 10.0)
+    config = config_of(with_app(log={"child_rate_limit_burst": 0,
+                                     "child_rate_limit_interval": "30s"}))
+    assert (config.log.child_rate_limit_burst, config.log.child_rate_limit_interval) == (0, 30.0)
+    for value in (-1, True, "many", 2.5):
+        with pytest.raises(ConfigError) as error:
+            config_of(with_app(log={"child_rate_limit_burst": value}))
+        assert error.value.problems[0].startswith(
+            "log.child_rate_limit_burst: expected a number of lines from 0 (no limit)")
+    with pytest.raises(ConfigError, match=r"log\.child_rate_limit_interval: expected a duration"):
+        config_of(with_app(log={"child_rate_limit_interval": 0}))

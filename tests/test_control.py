@@ -47,12 +47,12 @@ def test_the_lock_is_free_again_when_its_holder_dies_however_it_dies(tmp_path, h
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     assert control.running_pid(str(tmp_path)) is None
-    fd = control.acquire_lock(str(tmp_path))
+    lock = control.acquire_lock(str(tmp_path))
     try:
         assert control.running_pid(str(tmp_path)) == os.getpid()
-        assert os.get_inheritable(fd) is False  # a child never keeps it
+        assert all(os.get_inheritable(fd) is False for fd in lock.fds)  # a child never keeps it
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def test_requests_reach_the_holder_once_in_order_and_junk_is_dropped(tmp_path, holder):
@@ -81,7 +81,7 @@ def test_take_requests_keeps_order_and_ignores_unknown_words(tmp_path):
 
 
 def test_a_request_with_no_supervisor_running_says_so(tmp_path):
-    with pytest.raises(LookupError):
+    with pytest.raises(control.NotRunning):
         control.send_request(str(tmp_path), "restart")
     with pytest.raises(ValueError):
         control.send_request(str(tmp_path), "reboot")
@@ -126,6 +126,7 @@ def test_spans_read_like_people_write_them(seconds, text):
 def test_under_journald_each_line_carries_its_syslog_priority():
     assert priority("child.crash_looping") == priority("driver.crashed") == 3
     assert priority("git.fetch_failed") == priority("drain.timed_out") == 4
+    assert priority("child.output_suppressed") == 4 and priority("log.repeated") == 6
     assert priority("child.started") == priority("git.fetched") == 6
 
     import io

@@ -89,6 +89,6 @@ def test_a_poller_that_dies_of_a_bug_is_logged_and_fetching_resumes(world):
             assert [r["driver"] for r in lines.records if r["event"] == "driver.crashed"] == [
                 "poller"]
         finally:
-            os.close(taken.lock_fd)
+            taken.lock.release()
 
     asyncio.run(scenario())

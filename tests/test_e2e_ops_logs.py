@@ -77,7 +77,8 @@ def test_child_output_in_its_own_file_rotates_under_the_cap(world):
     child_log = world.state_dir / "child.log"
     supervisor = world.start(app={"command": [sys.executable, "-c", CHATTY]}, drain=None,
                              git={"poll_interval": "1h"},
-                             log={"child": "file", "max_bytes": "1MiB", "keep": KEEP})
+                             log={"child": "file", "max_bytes": "1MiB", "keep": KEEP,
+                                  "child_rate_limit_burst": 0})  # rotation, not the limit
     started = supervisor.wait_for("child.started")
     world.wait_until(lambda: DONE in last_line(child_log), 30,
                      "the child's last line in child.log", supervisor.tail)
@@ -97,7 +98,8 @@ def test_child_output_in_the_event_log_rotates_under_the_cap(world):
     supervisor = world.start(app={"command": [sys.executable, "-c", CHATTY]}, drain=None,
                              git={"poll_interval": "1h"}, log_file=event_log,
                              log={"file": str(event_log), "child": "events",
-                                  "max_bytes": "1MiB", "keep": KEEP})
+                                  "max_bytes": "1MiB", "keep": KEEP,
+                                  "child_rate_limit_burst": 0})
     started = supervisor.wait_for("child.started")
     supervisor.wait_for("child.output", line=DONE, timeout=30)
 

@@ -24,8 +24,9 @@ def post(port: int, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
         connection.close()
 
 
-def github_push(commit: str, delivery: str, secret: str = SECRET) -> tuple[bytes, dict]:
-    body = json.dumps({"ref": "refs/heads/main", "after": commit}).encode()
+def github_push(commit: str, delivery: str, secret: str = SECRET,
+                before: str = "0" * 40) -> tuple[bytes, dict]:
+    body = json.dumps({"ref": "refs/heads/main", "before": before, "after": commit}).encode()
     signature = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     return body, {"X-GitHub-Event": "push", "X-GitHub-Delivery": delivery,
                   "X-Hub-Signature-256": f"sha256={signature}"}
@@ -67,7 +68,7 @@ def test_a_signed_push_deploys_at_once_and_a_bad_signature_changes_nothing(world
     # The same delivery again (a replay): answered, but no second check.
     assert post(port, body, headers) == (200, "duplicate\n")
     replayed = supervisor.wait_for("trigger.duplicate", after=started, delivery="delivery-2")
-    body, headers = github_push(commit, "delivery-3")
+    body, headers = github_push(commit, "delivery-3", before=commit)  # another push
     assert post(port, body, headers)[0] == 202
     fresh = supervisor.wait_for("trigger.accepted", after=replayed, delivery="delivery-3")
     check = supervisor.wait_for("git.check_requested", after=started)

@@ -9,7 +9,16 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.core.events import BuildFailed, ChildExited, Note, StartChild, StartTimer, StatsRead
+from supervisor.core.events import (
+    BuildFailed,
+    CheckRequested,
+    ChildExited,
+    Fetch,
+    Note,
+    StartChild,
+    StartTimer,
+    StatsRead,
+)
 from supervisor.drivers.eventlog import MAX_ITEMS, MAX_TEXT, EventLog, timestamp
 
 
@@ -98,3 +107,88 @@ def test_lines_a_full_disk_lost_are_counted_in_the_next_line_that_is_written(ful
     reports = [e for e in events[1:-1] if e["event"] == "log.lines_dropped"]
     assert len(reports) == len(events) - 2 and sum(e["count"] for e in reports) == 2
     assert all(e["error"] == "No space left on device" for e in reports)
+
+
+# ---------------------------------------------------------------------------------------------
+# Under pressure: repeats, and a log file deleted or moved away
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_identical_lines_collapse_into_one_summary_line():
+    stream, clock = io.StringIO(), Clock()
+    log = EventLog(stream, clock=clock)
+    log.write("supervisor.started", {"pid": 1})
+    for _ in range(100_000):
+        clock.now += 0.00001
+        log.transition(CheckRequested(), "running", "running", [Fetch()])
+    log.write("git.fetched", {"upstream": "abc"})
+    events = [json.loads(line) for line in lines(stream)]
+    assert [e["event"] for e in events] == ["supervisor.started", "git.check_requested",
+                                            "log.repeated", "git.fetched"]
+    summary = events[2]
+    assert (summary["of"], summary["count"]) == ("git.check_requested", 99_999)
+    assert summary["first"] < summary["last"]
+
+
+def test_lines_that_differ_in_any_field_are_all_written():
+    stream = io.StringIO()
+    log = EventLog(stream)
+    for pid in (1, 1, 2, 1):
+        log.write("child.output", {"pid": pid, "line": "same"})
+    log.context = {"deploy": "x.1"}
+    log.write("child.output", {"pid": 1, "line": "same"})
+    assert [json.loads(line).get("pid") for line in lines(stream)] == [1, None, 2, 1, 1]
+    assert json.loads(lines(stream)[1]) | {"ts": ""} == {
+        "ts": "", "event": "log.repeated", "of": "child.output", "count": 1,
+        "first": json.loads(lines(stream)[1])["first"],
+        "last": json.loads(lines(stream)[1])["last"]}
+
+
+def test_a_flood_that_never_ends_is_summed_up_every_ten_seconds():
+    stream, clock = io.StringIO(), Clock()
+    log = EventLog(stream, clock=clock)
+    for _ in range(2500):  # 25 s of a line every 10 ms
+        clock.now += 0.01
+        log.write("git.check_requested", {})
+    events = [json.loads(line)["event"] for line in lines(stream)]
+    assert events == ["git.check_requested", "log.repeated", "log.repeated"]
+    counts = [json.loads(line)["count"] for line in lines(stream)[1:]]
+    assert all(1000 <= count <= 1002 for count in counts), counts  # 10 s, give or take a tick
+    log.flush_repeats()
+    assert sum(json.loads(line)["count"] for line in lines(stream)[1:]) == 2499
+
+
+def test_a_deleted_log_file_is_created_again_and_says_so(tmp_path):
+    from supervisor.drivers.childlog import RotatingFile
+
+    path = tmp_path / "events.log"
+    log = EventLog(RotatingFile(path, 1 << 20, 2))
+    log.write("supervisor.started", {})
+    path.unlink()
+    log.write("git.fetched", {})
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["log.reopened", "git.fetched"]
+    assert (events[0]["path"], events[0]["reason"]) == (str(path), "deleted")
+
+
+def test_a_log_file_moved_away_by_logrotate_is_followed_to_the_new_one(tmp_path):
+    """logrotate's default: rename the file, create an empty one in its place (`create`)."""
+    from supervisor.drivers.childlog import RotatingFile
+
+    path = tmp_path / "events.log"
+    log = EventLog(RotatingFile(path, 1 << 20, 2))
+    log.write("supervisor.started", {})
+    path.rename(tmp_path / "events.log-20261206")
+    path.touch()
+    log.write("git.fetched", {})
+    assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == [
+        "log.reopened", "git.fetched"]
+    assert [json.loads(line)["event"] for line in
+            (tmp_path / "events.log-20261206").read_text().splitlines()] == ["supervisor.started"]

@@ -110,8 +110,14 @@ def status(reply: bytes) -> int | None:
     return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else None
 
 
+def payload(delivery: str) -> bytes:
+    """Each real push has a body of its own (its commits, its timestamps)."""
+    return PAYLOAD if delivery == "d-1" else PAYLOAD[:-1] + f', "n": "{delivery}"}}'.encode()
+
+
 def good(source: str = "github", delivery: str = "d-1") -> bytes:
-    return request(signed(source, delivery=delivery))
+    body = payload(delivery)
+    return request(signed(source, body, delivery=delivery), body=body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +224,59 @@ def test_a_replayed_delivery_is_answered_but_calls_nothing():
     box = run(scenario)
     assert len(box.calls) == 2
     assert [f["delivery"] for f in box.events("trigger.duplicate")] == ["d-1", "d-1"]
+
+
+def test_a_captured_body_replayed_under_a_new_or_no_id_is_a_duplicate():
+    """The delivery id is not signed: anyone who saw one signed body could replay it forever
+    with fresh ids. The body is what the signature vouches for, so it is remembered too."""
+    no_id = {k: v for k, v in signed("github").items() if k != "X-GitHub-Delivery"}
+
+    async def scenario(box: Box) -> None:
+        await expect(box, good(delivery="d-1"), 202)
+        for headers in (signed("github", delivery="d-new"), no_id,
+                        signed("gitea", delivery="d-other")):
+            reply = await expect(box, request(headers), 200)
+            assert reply.endswith(b"duplicate\n")
+        # A new push (a new body) without an id is a new delivery, once.
+        body = payload("d-9")
+        fresh = {k: v for k, v in signed("github", body).items() if k != "X-GitHub-Delivery"}
+        await expect(box, request(fresh, body=body), 202)
+        await expect(box, request(fresh, body=body), 200)
+
+    box = run(scenario)
+    assert len(box.calls) == 2
+    assert [(f["delivery"], f["same"]) for f in box.events("trigger.duplicate")] == [
+        ("d-new", "body"), (None, "body"), ("d-other", "body"), (None, "body")]
+
+
+def test_a_body_refused_for_the_rate_is_not_remembered():
+    async def scenario(box: Box) -> None:
+        await expect(box, good(delivery="d-1"), 202)
+        await expect(box, good(delivery="d-2"), 429)
+        box.trigger.pushes.tokens = 1.0  # the bucket has refilled
+        await expect(box, good(delivery="d-2"), 202)
+
+    assert len(run(scenario, burst=1, refill=600.0).calls) == 2
+
+
+@pytest.mark.parametrize("data", [
+    b"POST / HTTP/1.1\nContent-Length: 0\n\n",
+    b"POST / HTTP/1.1\r\nHost: x\nContent-Length: 0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\n",
+], ids=["all LF", "one header LF", "LF at the end"])
+def test_a_request_with_bare_line_feeds_is_answered_400_at_once(data):
+    async def scenario(box: Box) -> None:
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", box.trigger.port)
+        writer.write(data)  # and the connection stays open, as a client awaiting its answer
+        reply = await reader.readuntil(b"\r\n\r\n")
+        assert status(reply) == 400
+        assert time.monotonic() - started < 1.0  # not the 5 s timeout
+        writer.close()
+
+    box = run(scenario)
+    assert box.calls == []
+    assert [f["status"] for f in box.events("trigger.rejected")] == [400]
 
 
 def test_only_the_last_64_deliveries_are_remembered():

@@ -279,8 +279,8 @@ def _ask(state_dir: str, request: str) -> int:
 
     try:
         pid = control.send_request(state_dir, request)
-    except LookupError:
-        return _fail([f"no supervisor is running for this app (state dir {state_dir})"])
+    except LookupError as error:  # none runs, or none provably: nothing was signalled
+        return _fail([str(error)])
     except OSError as error:
         return _fail([f"cannot reach the supervisor: {error.strerror}"])
     print(f"asked supervisor {pid} to {request}; `supervisor events` shows what it does")

@@ -112,6 +112,10 @@ class LogConfig:
     child_file: str | None = None  # with child = "file"; default: child.log in app.state_dir
     max_bytes: int = 1 << 20  # a log file past this size is rotated to FILE.1
     keep: int = 3  # rotated copies kept
+    # The app's captured lines: at most `burst` per `interval` (as journald's RateLimitBurst=
+    # and RateLimitIntervalSec=), the rest counted and dropped; 0: no limit.
+    child_rate_limit_burst: int = 1000
+    child_rate_limit_interval: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +193,19 @@ def _positive_duration(value: object) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
         raise _Bad(DURATION_HINT + ", more than zero")
+    return seconds
+
+
+# Nobody polls a git remote more than once a second: below that, a value is a slip of the unit
+# ("1ms" for "1m"), and each fetch is a git process (with ssh or TLS, a handshake) on a tiny box.
+MIN_POLL_INTERVAL = 1.0
+
+
+def _poll_interval(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds < MIN_POLL_INTERVAL:
+        raise _Bad(DURATION_HINT + f", at least {MIN_POLL_INTERVAL:g}s (a fetch is a git "
+                   "process; did you mean minutes?)")
     return seconds
 
 
@@ -303,7 +320,9 @@ def parse_config(data: Mapping[str, Any], path: str,
     environ = os.environ if environ is None else environ
     problems: list[str] = []
     path = os.fspath(path)
-    base = os.path.dirname(path)
+    # Relative paths are relative to the config file itself, not to a symlink that reaches it:
+    # one config is one app, with one state directory, however it is named.
+    base = os.path.dirname(os.path.realpath(path))
 
     def path_reader(value: object) -> str:
         return os.path.realpath(os.path.join(base, os.path.expanduser(_text(value))))
@@ -318,7 +337,7 @@ def parse_config(data: Mapping[str, Any], path: str,
         repo=repo,
         remote=git.get("remote", _text),
         branch=git.get("branch", _text),
-        poll_interval=git.get("poll_interval", _positive_duration, 300.0),
+        poll_interval=git.get("poll_interval", _poll_interval, 300.0),
         timeout=git.get("timeout", _positive_duration, 120.0),
         on_diverge=git.get("on_diverge", _choice("report", "reset"), "report"),
     )
@@ -386,6 +405,9 @@ def parse_config(data: Mapping[str, Any], path: str,
         or os.path.join(app_config.state_dir, "child.log"),
         max_bytes=log.get("max_bytes", _size, 1 << 20),
         keep=log.get("keep", _keep, 3),
+        child_rate_limit_burst=log.get("child_rate_limit_burst", _line_count, 1000),
+        child_rate_limit_interval=log.get("child_rate_limit_interval", _positive_duration,
+                                          10.0),
     )
     log.finish()
 
@@ -427,6 +449,12 @@ def parse_config(data: Mapping[str, Any], path: str,
 def _releases_kept(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
         raise _Bad("a whole number from 1 to 100 (the live release counts)")
+    return value
+
+
+def _line_count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**9:
+        raise _Bad("a number of lines from 0 (no limit) to 1000000000")
     return value
 
 

@@ -99,7 +99,8 @@ class Child:
         pipes = tail = None
         try:
             tail = _Tail(self.output) if self.output is not None else None
-            pipes = ChildPipes(tail) if tail is not None else None
+            pipes = (ChildPipes(tail, limit=self.output.limit)  # type: ignore[union-attr]
+                     if tail is not None else None)
             stdout, stderr = pipes.fds_for_child() if pipes else (None, None)
             process = proc.spawn(command, cwd=cwd or self.config.cwd, env=env, stdout=stdout,
                                  stderr=stderr, pass_fds=self.socket_fds)

@@ -1,14 +1,18 @@
 """The child's stdout and stderr, read line by line on the event loop (no thread), and where the
-lines go: the event log, or a file of their own that rotates by size under a fixed total. Nothing
-here holds more than one line per stream, and no write here ever raises.
+lines go: the event log, or a file of their own that rotates by size under a fixed total. A
+per-app limit drops (and counts) lines past a rate and caps the bytes read, so that an app
+flooding its stdout cannot take the supervisor's CPU. Nothing here holds more than one line per
+stream, and no write here ever raises.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import json
 import os
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -22,11 +26,72 @@ READ_SIZE = 65536
 # more, so that a writer that escaped the child's group cannot keep us reading.
 DRAIN_LIMIT = 1 << 20
 
+# While an app's lines are being dropped, its pipes are not read on every write but polled:
+# every FLOOD_TICK, at most FLOOD_READ bytes. That caps both the wake-ups (an app writing 8 KiB
+# at a time would otherwise wake the loop thousands of times a second) and the bytes copied, at
+# about 1% of a core; an app writing faster waits on its full pipe, as it would with journald.
+FLOOD_TICK = 0.05  # seconds
+FLOOD_READ = 1 << 19  # bytes per tick: 10 MiB/s
+
 Log = Callable[[str, dict[str, Any]], None]
 
 
+class OutputLimit:
+    """One app's allowance, shared by all its generations: `burst` lines at once, refilled at
+    `burst` per `interval` (a token bucket, as journald's per-unit limit); lines past it are
+    dropped without being decoded, and counted in one `child.output_suppressed` line when the
+    flood ends, when the child's pipes close, or every `interval` while it lasts."""
+
+    def __init__(self, burst: int, interval: float, log: Log,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if burst < 1 or interval <= 0:
+            raise ValueError("a limit needs burst >= 1 and interval > 0")
+        self.burst, self.interval, self.log, self.clock = burst, interval, log, clock
+        self.tokens, self.stamp = float(burst), clock()
+        self.dropped = 0
+        self.since = 0.0  # when the lines now being counted began to be dropped
+        self.total = 0  # every line ever dropped: tells whether a flood goes on
+
+    def has_room(self) -> bool:
+        now = self.clock()
+        self.tokens = min(float(self.burst),
+                          self.tokens + (now - self.stamp) * self.burst / self.interval)
+        self.stamp = now
+        return self.tokens >= 1
+
+    def admit(self, pid: int) -> bool:
+        """Take one line's token; False if the line is to be dropped."""
+        if self.has_room():
+            self.tokens -= 1
+            return True
+        self.drop(1, pid)
+        return False
+
+    def drop(self, count: int, pid: int) -> None:
+        if count <= 0:
+            return
+        if not self.dropped:
+            self.since = self.stamp
+        self.dropped += count
+        self.total += count
+        if self.stamp - self.since >= self.interval:
+            self.flush(pid)
+
+    def flush(self, pid: int) -> None:
+        if self.dropped:
+            self.log("child.output_suppressed", {
+                "pid": pid, "lines": self.dropped,
+                "seconds": round(self.clock() - self.since, 1),
+                "limit": f"{self.burst} lines per {self.interval:g}s"})
+            self.dropped = 0
+            self.since = self.clock()
+
+
 class Sink(Protocol):
-    """Where captured lines go. Called on the event loop; must not raise."""
+    """Where captured lines go. Called on the event loop; must not raise. `limit` is the app's
+    output limit, shared by the pipes of each of its generations."""
+
+    limit: OutputLimit | None
 
     def __call__(self, stream: str, pid: int, line: str, truncated: bool) -> None: ...
 
@@ -50,10 +115,12 @@ class ChildPipes:
     `close()` if the spawn failed), and `close()` when the child has exited.
     """
 
-    def __init__(self, sink: Sink, line_limit: int = LINE_LIMIT) -> None:
-        self.sink, self.line_limit = sink, line_limit
+    def __init__(self, sink: Sink, line_limit: int = LINE_LIMIT,
+                 limit: OutputLimit | None = None) -> None:
+        self.sink, self.line_limit, self.limit = sink, line_limit, limit
         self.pid = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._resume: asyncio.TimerHandle | None = None
         self._streams: list[_Stream] = []
         self._write_fds: list[int] = []
         try:
@@ -94,6 +161,9 @@ class ChildPipes:
         group wrote is in the pipes by then. A process that escaped the group and still writes
         gets EPIPE from now on."""
         self.after_spawn()
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
         for stream in self._streams:
             if stream.fd < 0:
                 continue
@@ -106,15 +176,61 @@ class ChildPipes:
                 drained += len(chunk)
                 self._feed(stream, chunk)
             self._close_stream(stream)
+        if self.limit is not None:
+            self.limit.flush(self.pid)  # what this child lost, before its child.exited
 
     def _on_readable(self, stream: _Stream) -> None:
         chunk = self._read(stream)
         if chunk is None:
             return
-        if chunk:
-            self._feed(stream, chunk)
-        else:
+        if not chunk:
             self._close_stream(stream)  # EOF: every writer is gone
+            return
+        dropped = self.limit.total if self.limit is not None else 0
+        self._feed(stream, chunk)
+        if self.limit is not None and self.limit.total != dropped:
+            self._poll_later()
+
+    def _poll_later(self) -> None:
+        """A flood: stop waking on every write; read on a timer instead (see FLOOD_TICK).
+        The pipes grow to hold a tick's worth, so the app is held back only past FLOOD_READ
+        (the kernel fills the pages only as they are written)."""
+        assert self._loop is not None
+        for stream in self._streams:
+            if stream.reading:
+                self._loop.remove_reader(stream.fd)
+                stream.reading = False
+                try:
+                    fcntl.fcntl(stream.fd, fcntl.F_SETPIPE_SZ, FLOOD_READ)
+                except OSError:
+                    pass  # above /proc/sys/fs/pipe-max-size: the app waits a little more
+        if self._resume is None:
+            self._resume = self._loop.call_later(FLOOD_TICK, self._poll)
+
+    def _poll(self) -> None:
+        """Read what the pipes hold, up to FLOOD_READ; poll again while lines are still
+        dropped or the pipes still full, else go back to waking on each write."""
+        self._resume = None
+        assert self._loop is not None and self.limit is not None
+        dropped, budget = self.limit.total, FLOOD_READ
+        for stream in self._streams:
+            while stream.fd >= 0 and budget > 0:
+                chunk = self._read(stream)
+                if chunk is None:
+                    break
+                if not chunk:
+                    self._close_stream(stream)
+                    break
+                budget -= len(chunk)
+                self._feed(stream, chunk)
+        if self.limit.total != dropped or budget <= 0:
+            self._resume = self._loop.call_later(FLOOD_TICK, self._poll)
+            return
+        self.limit.flush(self.pid)  # the flood is over: how much it cost
+        for stream in self._streams:
+            if stream.fd >= 0 and not stream.reading:
+                self._loop.add_reader(stream.fd, self._on_readable, stream)
+                stream.reading = True
 
     @staticmethod
     def _read(stream: _Stream) -> bytes | None:
@@ -138,10 +254,24 @@ class ChildPipes:
         stream.overlong = False
 
     def _feed(self, stream: _Stream, chunk: bytes) -> None:
+        limit = self.limit
+        if limit is not None and not limit.has_room():
+            # Over the limit: whole lines are only counted, never split or decoded.
+            last = chunk.rfind(b"\n")
+            if last >= 0:
+                ended = chunk.count(b"\n", 0, last + 1)
+                limit.drop(ended - (1 if stream.overlong else 0), self.pid)
+                stream.partial, stream.overlong = b"", False
+                chunk = chunk[last + 1:]
+                if not chunk:
+                    return
         *lines, partial = (stream.partial + chunk).split(b"\n")
-        for line in lines:
+        for index, line in enumerate(lines):
             if stream.overlong:  # the end of a line already passed on, capped
                 stream.overlong = False
+            elif limit is not None and not limit.has_room():
+                limit.drop(len(lines) - index, self.pid)  # the rest, without a loop
+                break
             else:
                 self._emit(stream, line, truncated=False)
         if stream.overlong and not lines:
@@ -154,6 +284,8 @@ class ChildPipes:
         stream.partial = partial
 
     def _emit(self, stream: _Stream, raw: bytes, truncated: bool) -> None:
+        if self.limit is not None and not self.limit.admit(self.pid):
+            return
         if len(raw) > self.line_limit:
             raw, truncated = raw[: self.line_limit], True
         line = raw.decode("utf-8", errors="replace").rstrip("\r")
@@ -169,6 +301,7 @@ class EventSink:
 
     def __init__(self, log: Log) -> None:
         self.log = log
+        self.limit: OutputLimit | None = None
 
     def __call__(self, stream: str, pid: int, line: str, truncated: bool) -> None:
         facts: dict[str, Any] = {"stream": stream, "pid": pid, "line": line}
@@ -187,6 +320,7 @@ class FileSink:
 
     def __init__(self, file: RotatingFile, log: Log) -> None:
         self.file, self.log = file, log
+        self.limit: OutputLimit | None = None
 
     def __call__(self, stream: str, pid: int, line: str, truncated: bool) -> None:
         record: dict[str, Any] = {"ts": timestamp(), "stream": stream, "pid": pid, "line": line}
@@ -208,15 +342,20 @@ class FileSink:
 
 
 def open_sink(mode: str, log: Log, file: str | None = None, max_bytes: int = 1 << 20,
-              keep: int = 3) -> Sink | None:
-    """The sink for `log.child`: "events", "file" (needs `file`), or None for "inherit"."""
+              keep: int = 3, burst: int = 0, interval: float = 10.0) -> Sink | None:
+    """The sink for `log.child`: "events", "file" (needs `file`), or None for "inherit";
+    with `burst` (lines per `interval`, `log.child_rate_limit_*`) its output limit."""
+    sink: EventSink | FileSink
     if mode == "events":
-        return EventSink(log)
-    if mode == "file":
+        sink = EventSink(log)
+    elif mode == "file":
         if file is None:
             raise ValueError("log.child = 'file' needs a file")
-        return FileSink(RotatingFile(file, max_bytes, keep), log)
-    return None
+        sink = FileSink(RotatingFile(file, max_bytes, keep), log)
+    else:
+        return None
+    sink.limit = OutputLimit(burst, interval, log) if burst > 0 else None
+    return sink
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,8 +380,10 @@ class RotatingFile:
         self.max_bytes, self.keep = max_bytes, keep
         self.dropped = 0
         self.error: str | None = None  # the first error since the last report
+        self.reopened: str | None = None  # why the file was last opened again, until taken
         self._fd = -1
         self._size = 0
+        self._identity: tuple[int, int] | None = None  # (device, inode) of what we write to
         self._torn = False  # a partial line could not be cut off: start the next on its own
 
     def open(self) -> None:
@@ -276,8 +417,28 @@ class RotatingFile:
                 pass
             self._fd = -1
 
+    def follow(self) -> str | None:
+        """Open the path again if the file we write to was deleted or moved away (logrotate's
+        `create` mode, or a person): writes must go where readers look, not to a lost inode.
+        Returns why ("deleted" or "moved"), else None. Raises OSError if it cannot reopen."""
+        if self._fd < 0:
+            return None
+        try:
+            info = os.stat(self.path)
+            if (info.st_dev, info.st_ino) == self._identity:
+                return None
+            reason = "moved"
+        except FileNotFoundError:
+            reason = "deleted"
+        self.close()
+        self._torn = False  # a half-written line stays in the file that went away
+        self._open()
+        self.reopened = reason
+        return reason
+
     def _append(self, data: bytes) -> bool:
         try:
+            self.follow()
             if self._fd < 0:
                 self._open()
             if self._size > 0 and self._size + len(data) > self.max_bytes:
@@ -316,7 +477,8 @@ class RotatingFile:
     def _open(self, truncate: bool = False) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         self._fd = os.open(self.path, flags | (os.O_TRUNC if truncate else 0), 0o640)
-        self._size = os.fstat(self._fd).st_size
+        info = os.fstat(self._fd)
+        self._size, self._identity = info.st_size, (info.st_dev, info.st_ino)
 
     def _undo(self) -> None:
         """Cut a partly written line off again, so that every line in the file stays whole."""

@@ -1,6 +1,7 @@
 """The event log: one JSON object per line (or a text line for people), written as it happens.
 Its event names and fields are a public interface (docs/events.md). Writing never raises:
-a closed stderr must not take the supervisor down.
+a closed stderr must not take the supervisor down; a flood of one identical line must not
+rotate the history away, so repeats become one `log.repeated` line.
 """
 
 from __future__ import annotations
@@ -67,31 +68,86 @@ def priority(event: str) -> int:
     if event.endswith(("crash_looping", "crashed", "reload_failed", "revert_failed", ".error")):
         return 3
     if event.endswith(("failed", "dirty", "diverged", "timed_out", "rejected", "dropped",
-                       "stale_found", "lines_ignored", "backing_off")):
+                       "stale_found", "lines_ignored", "backing_off", "suppressed")):
         return 4
     return 6
 
 
+# A run of identical lines is summed up at least this often (seconds), so that a flood that
+# never ends still shows in the log.
+REPEAT_REPORT = 10.0
+
+
 class EventLog:
-    def __init__(self, stream: IO[str] | None = None, format: str = "json") -> None:
+    def __init__(self, stream: IO[str] | None = None, format: str = "json",
+                 clock: Any = time.time) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.format = format
         self.context: dict[str, Any] = {}  # added to every line, e.g. the current deploy's id
         self.priority_prefix = False  # "<N>" before each line, for journald's priority
+        self.clock = clock
+        self._last: dict[str, Any] | None = None  # the last line written, without its time
+        self._repeats = 0  # identical lines since, not written
+        self._repeats_since = 0.0
+        self._repeated_at = 0.0
 
     def write(self, event: str, facts: dict[str, Any]) -> None:
-        record = {"ts": timestamp(), "event": event, **self.context}
+        record = {"ts": None, "event": event, **self.context}
         for key, value in facts.items():
             record["fact_" + key if key in record else key] = bounded(value)
+        now = self.clock()
+        if record == self._last:
+            # Only a count: the line says nothing the previous one did not. (A SIGUSR1 flood
+            # once made 25,598 lines and rotated `supervisor.started` away.)
+            if not self._repeats:
+                self._repeats_since = now
+            self._repeats += 1
+            self._repeated_at = now
+            if now - self._repeats_since >= REPEAT_REPORT:
+                self.flush_repeats()
+            return
+        self.flush_repeats()
+        self._last = record
+        self._emit(dict(record, ts=timestamp(now)))
+
+    def flush_repeats(self) -> None:
+        """Write the summary of identical lines not written, if any (also at shut-down)."""
+        if not self._repeats or self._last is None:
+            return
+        count, self._repeats = self._repeats, 0
+        repeated = self._last
+        self.write("log.repeated", {"of": repeated["event"], "count": count,
+                                    "first": timestamp(self._repeats_since),
+                                    "last": timestamp(self._repeated_at)})
+        self._last = repeated  # a flood that goes on still collapses after its summary
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        event = record["event"]
         line = self._json(record) if self.format == "json" else self._text(record)
         if self.priority_prefix:
             line = f"<{priority(event)}>{line}"
         self._report_dropped()
+        self._report_reopened()
         try:
             self.stream.write(line + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass  # nowhere left to report it; the supervisor's job goes on
+
+    def _report_reopened(self) -> None:
+        """`log.file` was deleted or moved away (logrotate): the new file starts by saying so."""
+        follow = getattr(self.stream, "follow", None)
+        if follow is None:
+            return
+        try:
+            reason = follow()
+        except OSError:
+            return  # the write that follows counts the line as dropped
+        if reason is None:
+            return
+        self.stream.reopened = None  # type: ignore[attr-defined]
+        self.write("log.reopened", {"path": str(getattr(self.stream, "path", "")),
+                                    "reason": reason})
 
     def _report_dropped(self) -> None:
         """A log file that could not be written (a full disk) counts the lines it lost; the

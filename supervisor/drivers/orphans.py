@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from supervisor.drivers import proc
+from supervisor.drivers.signals import add_handler
 
 PR_SET_CHILD_SUBREAPER = 36
 KILL_WAIT = 5.0  # seconds for SIGKILLed orphans to be gone (a port they hold is free then)
@@ -72,7 +73,7 @@ def _reap_on_sigchld() -> None:
     except RuntimeError:
         return
     if loop not in _reaping:
-        loop.add_signal_handler(signal.SIGCHLD, reap)
+        add_handler(loop, signal.SIGCHLD, reap)
         _reaping.add(loop)
 
 

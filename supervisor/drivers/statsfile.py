@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from supervisor.drivers.signals import add_handler
+
 MAX_BYTES = 64 * 1024
 _LINE = re.compile(
     r"""^(?P<key>[A-Za-z_][A-Za-z0-9_]*)=
@@ -367,7 +369,7 @@ _by_signal: set[StatsWatcher] = set()
 def _watching_by_signal(loop: asyncio.AbstractEventLoop, watcher: StatsWatcher) -> None:
     for stale in [other for other in _by_signal if other._loop is not loop]:
         stale.stop()  # left behind by a loop that is gone: signals reach only the current one
-    loop.add_signal_handler(StatsWatcher.SIGNAL, _signalled)  # raises off the main thread
+    add_handler(loop, StatsWatcher.SIGNAL, _signalled)  # raises off the main thread
     _by_signal.add(watcher)
 
 

@@ -122,6 +122,27 @@ def response(status: int, text: str, header: str = "") -> bytes:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n{header}\r\n{body}").encode()
 
 
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    """The request line and headers, up to the empty line, line by line: a line ended by a bare
+    LF is refused at once (400), instead of waiting for a CRLF CRLF that never comes until the
+    timeout. Raises Refused(431) past MAX_HEAD."""
+    head = b""
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            raise Refused(431, "bad request") from None
+        if not line.endswith(b"\r\n"):
+            raise Refused(400, "bad request")
+        head += line
+        if len(head) > MAX_HEAD:
+            raise Refused(431, "bad request")
+        if line == b"\r\n":
+            if len(head) == 2:
+                raise Refused(400, "bad request")  # no request line
+            return head
+
+
 def parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
     """Method, path and lower-cased headers of a head that ends in CRLF CRLF."""
     lines = head[:-4].split(b"\r\n")
@@ -180,6 +201,7 @@ class Trigger:
         self.log_lines = Bucket(LOG_BURST, LOG_REFILL, 0.0)
         self.suppressed = 0
         self.deliveries: dict[str, None] = {}  # insertion-ordered: the oldest goes first
+        self.bodies: dict[bytes, None] = {}  # the keyed digests of recent accepted bodies
         self.connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self.server: asyncio.Server | None = None
         self.deferred: asyncio.TimerHandle | None = None
@@ -261,11 +283,7 @@ class Trigger:
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       remote: str) -> tuple[int, str, str]:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            raise Refused(431, "bad request") from None
-        method, path, headers = parse_head(head)
+        method, path, headers = parse_head(await read_head(reader))
         if method != "POST":
             raise Refused(405, "method", header="Allow: POST\r\n")
         if self.path is not None and path != self.path:
@@ -285,16 +303,16 @@ class Trigger:
                 raise asyncio.IncompleteReadError(b"?", length)
             inner.update(piece)
             length -= len(piece)
-        if not self._signed(headers, hex_signatures, inner):
+        digest = self.signer.hexdigest(inner)
+        if not self._signed(headers, hex_signatures, inner, digest):
             raise Refused(401, "bad signature", read_all=True)
-        return self._push(headers, hex_signatures, remote)
+        return self._push(headers, hex_signatures, remote, digest)
 
     def _signed(self, headers: dict[str, str], hex_signatures: list[tuple[str, str]],
-                inner: Any) -> bool:
+                inner: Any, expected: bytes) -> bool:
         """Every signature present must match; a missing one was refused before."""
         valid = True
         if hex_signatures:
-            expected = self.signer.hexdigest(inner)
             for name, value in hex_signatures:
                 given = value.encode("latin-1").lower()
                 prefix = HEX_SIGNATURES[name][1]
@@ -305,12 +323,18 @@ class Trigger:
         return valid
 
     def _push(self, headers: dict[str, str], hex_signatures: list[tuple[str, str]],
-              remote: str) -> tuple[int, str, str]:
+              remote: str, digest: bytes) -> tuple[int, str, str]:
+        """A delivery is new only if neither its id nor its body was seen lately. The id is
+        not signed, so a captured body replayed under a new id (or none) is the same delivery:
+        a forge's own redelivery repeats both, and two real pushes never send equal bodies
+        (each names its before and after commits and carries its own timestamps)."""
         source = HEX_SIGNATURES[hex_signatures[0][0]][0] if hex_signatures else "gitlab"
         delivery = first(headers, DELIVERY_IDS)
-        if delivery is not None and delivery in self.deliveries:
+        same = ("delivery" if delivery is not None and delivery in self.deliveries
+                else "body" if digest in self.bodies else None)
+        if same is not None:
             self.log("trigger.duplicate", {"remote": remote, "source": source,
-                                           "delivery": delivery})
+                                           "delivery": delivery, "same": same})
             return 200, "duplicate", ""
         loop = asyncio.get_running_loop()
         wait = self.pushes.take(loop.time())
@@ -323,10 +347,11 @@ class Trigger:
             self._rejected(remote, "rate limited", 429, source=source, delivery=delivery,
                            check_in=round(wait, 1))
             return 429, "rate limited; a check follows", f"Retry-After: {retry}\r\n"
-        if delivery is not None:
-            self.deliveries[delivery] = None
-            if len(self.deliveries) > DELIVERIES_KEPT:
-                del self.deliveries[next(iter(self.deliveries))]
+        for seen, key in ((self.deliveries, delivery), (self.bodies, digest)):
+            if key is not None:
+                seen[key] = None
+                if len(seen) > DELIVERIES_KEPT:
+                    del seen[next(iter(seen))]
         self.log("trigger.accepted", {"remote": remote, "source": source, "delivery": delivery,
                                       "kind": first(headers, EVENT_KINDS)})
         self.on_push()

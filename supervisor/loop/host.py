@@ -18,6 +18,7 @@ from supervisor.core.hostconfig import HostConfig
 from supervisor.core.machine import Phase
 from supervisor.drivers.eventlog import EventLog
 from supervisor.drivers.sdnotify import Notifier, watchdog_interval, watchdog_pings
+from supervisor.drivers.signals import SignalRoutes
 from supervisor.loop.limits import BuildQueue, FetchGate, stagger
 from supervisor.loop.service import Service
 from supervisor.loop.startup import Claim, StartupError, claim
@@ -83,6 +84,7 @@ class Host:
         self.tasks: dict[str, asyncio.Task[int]] = {}
         self.claims = dict(claims)
         self.drivers = DriverTasks(self.own_log.write)
+        self.signals: SignalRoutes | None = None
         self.ready_sent = False
         self.stopping = False
         self.removing: set[str] = set()  # apps whose files are gone, stopping
@@ -165,17 +167,18 @@ class Host:
     # Signals: each becomes an event for every app (SIGHUP: a reload of the config)
 
     def _add_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop, sig.name)
-        loop.add_signal_handler(signal.SIGUSR1, self._each, lambda s: s.check())
-        loop.add_signal_handler(signal.SIGUSR2, self._each, lambda s: s.take_requests())
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        # Through SignalRoutes: a flood of one signal can neither lose another one (a SIGTERM
+        # after 10 s of SIGUSR1 once went unhandled) nor fill stderr with warnings.
+        self.signals = SignalRoutes(loop, {
+            signal.SIGTERM: lambda: self.stop("SIGTERM"),
+            signal.SIGINT: lambda: self.stop("SIGINT"),
+            signal.SIGUSR1: lambda: self._each(lambda s: s.check()),
+            signal.SIGUSR2: lambda: self._each(lambda s: s.take_requests()),
+            signal.SIGHUP: self.reload})
 
-    @staticmethod
-    def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
-                    signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+    def _remove_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.signals is not None:
+            self.signals.close()
 
     def _each(self, act: Callable[[Service], None]) -> None:
         for service in list(self.services.values()):
@@ -248,7 +251,7 @@ class Host:
             self.own_log.write("app.start_failed", {"app_name": name, "error": str(error)})
             return
         if self.stopping:  # a stop came while its lock was taken: it never starts
-            os.close(taken.lock_fd)
+            taken.lock.release()
             return
         service = self._add(app, taken)
         try:

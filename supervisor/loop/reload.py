@@ -16,7 +16,8 @@ FIXED = {
     "app": ("name", "state_dir"),
     "git": ("repo", "remote", "branch"),
     "drain": ("stats_file",),
-    "log": ("file", "child", "child_file", "max_bytes", "keep"),
+    "log": ("file", "child", "child_file", "max_bytes", "keep", "child_rate_limit_burst",
+            "child_rate_limit_interval"),
 }
 WHOLE_SECTIONS = ("build", "drain", "trigger")  # adding or removing these needs a restart
 

@@ -83,7 +83,7 @@ class Service:
         or None for an app on its own."""
         self.config, self.log, self.claim = config, log, claim
         self.listeners, self.listeners_inherited = claim.listeners, claim.inherited
-        self.lock_fd = claim.lock_fd
+        self.check_queued = False  # a CheckRequested from SIGUSR1 waits in the inbox
         self.log_format_forced = log_format_forced  # --log-format outlives a reload
         self.host = host
         self.builds = host.builds if host is not None else BuildQueue(1)
@@ -112,7 +112,9 @@ class Service:
                                      self.log.write)
         stats_file = config.drain.stats_file if config.drain else None
         self.output = open_sink(config.log.child, self.log.write, config.log.child_file,
-                                config.log.max_bytes, config.log.keep)
+                                config.log.max_bytes, config.log.keep,
+                                config.log.child_rate_limit_burst,
+                                config.log.child_rate_limit_interval)
         self.child = Child(config.app, self.store, self.inbox.put_nowait, stats_file,
                            output=self.output, sockets=config.sockets,
                            socket_fds=[listener.fileno() for listener in self.listeners])
@@ -237,7 +239,10 @@ class Service:
         self.take_requests(stale=True)
         try:
             while self.state.phase != Phase.STOPPED:
-                self._handle(await self.inbox.get())
+                event = await self.inbox.get()
+                if isinstance(event, CheckRequested):
+                    self.check_queued = False
+                self._handle(event)
         finally:
             await self._shut_down_drivers()
             await self.drivers.close()
@@ -246,14 +251,15 @@ class Service:
     def release(self) -> None:
         """An app that could not start gives back what it claimed: its lock and its sockets."""
         self._close_listeners()
-        try:
-            os.close(self.lock_fd)
-        except OSError:
-            pass
+        self.claim.lock.release()
 
     def check(self) -> None:
-        """SIGUSR1: fetch now."""
-        self.inbox.put_nowait(CheckRequested())
+        """SIGUSR1: fetch now. Signals that come while one such request still waits in the
+        inbox are that same request: a flood of them (hundreds of thousands in seconds) must
+        not queue an event each, tens of MB, with a SIGTERM waiting behind them all."""
+        if not self.check_queued:
+            self.check_queued = True
+            self.inbox.put_nowait(CheckRequested())
 
     @property
     def settled(self) -> bool:

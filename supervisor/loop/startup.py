@@ -27,7 +27,7 @@ class StartupError(Exception):
 
 @dataclass
 class Claim:
-    lock_fd: int
+    lock: control.Lock
     listeners: list[socket.socket] = field(default_factory=list)
     inherited: bool = False  # the sockets came from systemd (their files are systemd's)
     notes: Notes = field(default_factory=list)  # what happened before the log existed
@@ -42,8 +42,8 @@ def claim(config: Config, environ: MutableMapping[str, str],
     that app no longer holds their ports. `place_sockets`: at fds 3.. (one app per process, or
     from systemd's socket activation); many apps' sockets stay where they are bound, and each
     app gets its own at 3.. when it starts."""
-    fd = _lock(config.app.state_dir, above=FIRST_FD + len(config.sockets) * place_sockets)
-    taken = Claim(lock_fd=fd)
+    lock = _lock(config, above=FIRST_FD + len(config.sockets) * place_sockets)
+    taken = Claim(lock=lock, notes=list(lock.notes))
     try:
         _check_directories(config)  # a run that cannot start leaves a stale app serving
         with _stops_held(taken.stop_signals):
@@ -57,33 +57,42 @@ def claim(config: Config, environ: MutableMapping[str, str],
             except SocketError as error:
                 raise StartupError(str(error)) from None
     except BaseException:
-        os.close(fd)
+        lock.release()
         raise
     return taken
 
 
-def _lock(state_dir: str, above: int) -> int:
-    """The app's lock, moved above the fds the sockets must take (3..): flock belongs to the
-    open file, so the copy holds it."""
+def _lock(config: Config, above: int) -> control.Lock:
+    """The app's lock (the state directory itself, and the repository's), its fds moved above
+    the ones the sockets must take (3..): flock belongs to the open file, so the copy holds it."""
+    state_dir = config.app.state_dir
     try:
-        os.makedirs(state_dir, exist_ok=True)
-        fd = control.acquire_lock(state_dir)
+        os.makedirs(state_dir, mode=0o711, exist_ok=True)  # closed to others: see control
+        lock = control.acquire_lock(state_dir, config.git.repo)
     except control.LockHeld as held:
         who = f"pid {held.pid}" if held.pid else "another process"
+        if held.repository is not None:
+            raise StartupError(f"git.repo: {who} already runs a supervisor on this "
+                               f"repository ({held.repository})") from None
         raise StartupError(f"app.state_dir: {who} already runs a supervisor for this app "
                            f"({state_dir})") from None
     except OSError as error:
-        raise StartupError(f"app.state_dir: cannot take the lock in {state_dir}: "
+        raise StartupError(f"app.state_dir: cannot take {state_dir} for this supervisor: "
                            f"{error.strerror or error}") from None
     try:
-        moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above)
-        control.make_control_dir(state_dir)
+        lock.fds = [_moved(fd, above) for fd in lock.fds]
     except OSError as error:
+        lock.release()
         raise StartupError(f"app.state_dir: cannot use {state_dir}: "
                            f"{error.strerror or error}") from None
+    return lock
+
+
+def _moved(fd: int, above: int) -> int:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above)
     finally:
         os.close(fd)
-    return moved
 
 
 def _check_directories(config: Config) -> None:

@@ -57,7 +57,7 @@ EXAMPLE_APP = PROJECT_ROOT / "supervisor" / "example_app"
 
 # The config under test. Short intervals keep a step to a second or two; each one has room
 # on a busy 2-core machine.
-POLL_INTERVAL = 0.4  # git.poll_interval
+POLL_INTERVAL = 1.0  # git.poll_interval (its floor)
 GIT_TIMEOUT = 3.0  # git.timeout: what a hanging remote costs per fetch
 DRAIN_TIMEOUT = 3.0  # drain.timeout
 STOP_TIMEOUT = 2.0  # app.stop_timeout: a stopped (SIGSTOP) app is killed after this
