@@ -81,8 +81,10 @@ def test_stop_child_holds_the_app_and_start_child_brings_it_back_with_what_was_p
     assert fetched["after"] == "held" and fetched["actions"] == []
     status = world.wait_status(lambda s: s["pending"] == commit, "the pending commit", supervisor)
     assert status["phase"] == "held" and status["child"] is None
-    # A second stop-child changes nothing, and the loop has handled everything before it.
-    ask(world, "stop-child", supervisor)
+    # A second stop-child changes nothing, and the loop has handled everything before it; the
+    # command says so and exits 1 (it cannot apply).
+    refused = world.cli("stop-child")
+    assert refused.returncode == 1 and "already stopped" in refused.stderr, refused
     again = supervisor.wait_for("control.stop_child", after=fetched)
     assert again["after"] == "held" and again["actions"] == []
     assert not supervisor.select("child.started", after=mark), "a held app was started"

@@ -215,3 +215,22 @@ def test_the_drain_status_counts_the_seconds_it_waits(world, manager):
     assert manager.received[later].at - manager.received[first].at < 4
     client.release()
     supervisor.wait_for("child.started", commit=commit)
+
+
+def test_a_failed_reload_shows_in_the_status_line_until_a_good_one(world, manager):
+    """Issue 14, rough edge 4: `systemctl reload` with a broken config once left `systemctl
+    status` saying nothing; only the journal had config.reload_failed."""
+    supervisor, _ = world.start_serving(env={"NOTIFY_SOCKET": str(manager.path)})
+    config = world.tmp / "supervisor.toml"
+    good = config.read_text()
+    config.write_text(good.replace("[restart]", "[restart]\nbackof_max = \"9s\""))
+    command = world.cli("reload")
+    assert command.returncode == 2 and "restart.backof_max: unknown key" in command.stderr
+    mark = len(manager.received)
+    supervisor.send(signal.SIGHUP)
+    failed = manager.wait("STATUS", lambda v: v.startswith("reload failed: "), after=mark)
+    assert "restart.backof_max" in manager.received[failed].get("STATUS")
+    config.write_text(good)
+    result = world.cli("reload")
+    assert result.returncode == 0 and "it did" in result.stdout, result
+    manager.wait("STATUS", lambda v: not v.startswith("reload failed"), after=failed + 1)

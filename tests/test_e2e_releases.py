@@ -177,9 +177,9 @@ def test_the_rollback_command_goes_back_and_holds_the_release(world):
     status = world.cli("status", "--json", config=supervisor.config)
     assert json.loads(status.stdout)["failed"] == second
 
-    # Nothing older is good now: a second rollback has nowhere to go.
+    # Nothing older is good now: a second rollback has nowhere to go, and the command says so.
     result = world.cli("rollback", config=supervisor.config)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1 and "no earlier good release" in result.stderr, result
     supervisor.wait_for("control.ignored", request="rollback", reason="no earlier good release")
 
 

@@ -85,6 +85,7 @@ CONTROL_HELP = {
     "stop-child": "stop the app and keep it stopped (no crash restarts)",
     "start-child": "start the app again after stop-child",
     "rollback": "release mode: go back to the previous good release; hold this one",
+    "reload": "read the config again (like systemctl reload); exits 1 with its problems",
 }
 
 
@@ -120,6 +121,8 @@ def _with_config(args: dict[str, object]) -> int:
         return _check(host)
     if command == "status":
         return _statuses(host, args.get("app"), bool(args["json"]))  # type: ignore[arg-type]
+    if command == "reload":  # the process's, not one app's: any app's state dir reaches it
+        return _ask(host.apps[0].app.state_dir, command)
     if command in CONTROL_HELP:
         config = _one_app(host, args.get("app"))  # type: ignore[arg-type]
         if config is None:
@@ -275,15 +278,26 @@ def _tree_problem(config: Config) -> str | None:
 
 
 def _ask(state_dir: str, request: str) -> int:
+    """Send the request and wait (briefly) for the supervisor's answer: exit 0 once it took
+    the request, 1 with its reason when the request cannot apply now, or when no answer came."""
     from supervisor.loop import control
 
     try:
-        pid = control.send_request(state_dir, request)
+        pid, answer = control.ask(state_dir, request)
     except LookupError as error:  # none runs, or none provably: nothing was signalled
         return _fail([str(error)])
     except OSError as error:
         return _fail([f"cannot reach the supervisor: {error.strerror}"])
-    print(f"asked supervisor {pid} to {request}; `supervisor events` shows what it does")
+    if answer is None:
+        _fail([f"asked supervisor {pid} to {request}, but it did not answer within 5s: "
+               "`supervisor events` shows what it does"])
+        return 1
+    if not answer.get("ok"):
+        _fail([f"supervisor {pid} did not {request}: {answer.get('reason')} "
+               f"(phase {answer.get('phase')})"])
+        return 1
+    print(f"asked supervisor {pid} to {request}; it did (now {answer.get('phase')}): "
+          "`supervisor events` shows what follows")
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from supervisor.core.display import duration, short_commit
 from supervisor.drivers.procfs import boot_id, start_ticks
 
-REQUESTS = ("deploy", "restart", "stop-child", "start-child", "rollback")
+REQUESTS = ("deploy", "restart", "stop-child", "start-child", "rollback", "reload")
 LOCK_NAME = "supervisor.lock"  # names the holder: "PID START_TICKS BOOT_ID"
 REPO_LOCK_NAME = "tiny-supervisor.lock"  # in the repository's git directory
 STATUS_NAME = "status.json"
@@ -311,6 +311,42 @@ def send_request(state_dir: str, request: str) -> int:
 
     Raises NotRunning or Unproven (both LookupError) when no supervisor provably runs for
     this state directory: a pid alone is never signalled, it may have been reused."""
+    return _send(state_dir, request)[0]
+
+
+ANSWER_PREFIX = ".answer-"  # beside the request it answers; "." files are never requests
+
+
+def ask(state_dir: str, request: str, timeout: float = 5.0) -> tuple[int, dict[str, Any] | None]:
+    """Send a request and wait, `timeout` seconds at most, for the supervisor's answer:
+    {"ok": true, "phase": ...} or {"ok": false, "reason": ...}; None if none came in time."""
+    pid, name = _send(state_dir, request)
+    path = os.path.join(state_dir, CONTROL_DIR, ANSWER_PREFIX + name)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path, "rb") as file:
+                answer = json.loads(file.read(65536))
+            os.unlink(path)
+            return pid, answer if isinstance(answer, dict) else None
+        except FileNotFoundError:
+            time.sleep(0.02)
+        except (OSError, ValueError):
+            return pid, None
+    return pid, None
+
+
+def answer(state_dir: str, name: str, facts: dict[str, Any]) -> None:
+    """The supervisor's answer to the request file `name`, for the command that waits on it."""
+    path = os.path.join(state_dir, CONTROL_DIR, ANSWER_PREFIX + name)
+    temporary = path + ".tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+    with open(os.open(temporary, flags, 0o600), "w") as file:
+        json.dump(facts, file, default=str)
+    os.replace(temporary, path)
+
+
+def _send(state_dir: str, request: str) -> tuple[int, str]:
     if request not in REQUESTS:
         raise ValueError(request)
     pid, pidfd = _claim(state_dir)
@@ -328,7 +364,7 @@ def send_request(state_dir: str, request: str) -> int:
         signal.pidfd_send_signal(pidfd, signal.SIGUSR2)
     finally:
         os.close(pidfd)
-    return pid
+    return pid, name
 
 
 def make_control_dir(state_dir: str) -> None:
@@ -354,6 +390,11 @@ def take_requests(state_dir: str) -> list[str]:
     """Requests waiting in the control directory, oldest first; each is taken once.
 
     Only the known words count: whatever else is there is removed and ignored."""
+    return [request for _, request in take_named_requests(state_dir)]
+
+
+def take_named_requests(state_dir: str) -> list[tuple[str, str]]:
+    """As take_requests, each with the name of its file, which its answer is named after."""
     directory = os.path.join(state_dir, CONTROL_DIR)
     try:
         names = sorted(n for n in os.listdir(directory) if not n.startswith("."))
@@ -368,7 +409,7 @@ def take_requests(state_dir: str) -> list[str]:
         parts = name.split("-", 2)  # TIME-PID-REQUEST, and a request may hold a "-"
         request = parts[2] if len(parts) == 3 else ""
         if request in REQUESTS:
-            requests.append(request)
+            requests.append((name, request))
     return requests
 
 

@@ -174,7 +174,7 @@ class Host:
             signal.SIGINT: lambda: self.stop("SIGINT"),
             signal.SIGUSR1: lambda: self._each(lambda s: s.check()),
             signal.SIGUSR2: lambda: self._each(lambda s: s.take_requests()),
-            signal.SIGHUP: self.reload})
+            signal.SIGHUP: lambda: self.reload() and None})
 
     def _remove_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.signals is not None:
@@ -197,7 +197,8 @@ class Host:
     # Reload: the apps whose files appeared start, those whose files are gone stop, changed
     # ones apply their changes, and untouched ones are left alone
 
-    def reload(self) -> None:
+    def reload(self) -> list[str]:
+        """SIGHUP or `supervisor reload`: the problems found (none: applied)."""
         from supervisor.core.hostconfig import load_host
         from supervisor.loop.footprint import forget_startup_modules
 
@@ -218,6 +219,8 @@ class Host:
         if self.notifier is not None:
             self.notifier.ready()
         self.changed()
+        broken = [f"{b.path}: {p}" for b in (new.broken if new else ()) for p in b.problems]
+        return self.reload_problems + broken
 
     def _reconcile(self, new: HostConfig) -> None:
         if not new.main:  # a single app: its changes, as always

@@ -26,6 +26,7 @@ from supervisor.core.events import (
     Fetch,
     KillChild,
     Note,
+    NoteName,
     OverlapChecked,
     ProbeHealth,
     PruneReleases,
@@ -84,6 +85,7 @@ class Service:
         self.config, self.log, self.claim = config, log, claim
         self.listeners, self.listeners_inherited = claim.listeners, claim.inherited
         self.check_queued = False  # a CheckRequested from SIGUSR1 waits in the inbox
+        self.asked: dict[int, tuple[str, Event]] = {}  # requests from the shell, by event
         self.log_format_forced = log_format_forced  # --log-format outlives a reload
         self.host = host
         self.builds = host.builds if host is not None else BuildQueue(1)
@@ -273,14 +275,43 @@ class Service:
         """SIGUSR2: `supervisor deploy | restart | stop-child | start-child` left word for us.
         With `stale`, at start-up, what a previous run left behind is only cleared away."""
         try:
-            requests = control.take_requests(self.config.app.state_dir)
+            requests = control.take_named_requests(self.config.app.state_dir)
         except OSError as error:
             self.log.write("control.failed", {"error": error.strerror})
             return
         if stale:
             return
-        for request in requests:
-            self.inbox.put_nowait(REQUEST_EVENTS[request]())
+        for name, request in requests:
+            if request == "reload":  # the whole process's: the config file is read again
+                self._reload_requested(name)
+                continue
+            event = REQUEST_EVENTS[request]()
+            self.asked[id(event)] = (name, event)  # answered once decided (see _answer)
+            self.inbox.put_nowait(event)
+
+    def _reload_requested(self, name: str) -> None:
+        """`supervisor reload`: as SIGHUP, answered with what the reload found wrong."""
+        problems = self.host.reload() if self.host is not None else ["not under a host"]
+        facts: dict[str, Any] = {"ok": not problems, "phase": str(self.state.phase)}
+        if problems:
+            facts["reason"] = "; ".join(problems)
+        try:
+            control.answer(self.config.app.state_dir, name, facts)
+        except OSError as error:
+            self.log.write("control.failed", {"error": error.strerror})
+
+    def _answer(self, event: Event, actions: list[Action]) -> None:
+        """The command that sent a request waits for this: refused (and why) or accepted."""
+        name, _ = self.asked.pop(id(event))
+        refusal = next((a.facts.get("reason") for a in actions if isinstance(a, Note)
+                        and a.event == NoteName.CONTROL_IGNORED), None)
+        facts: dict[str, Any] = {"ok": refusal is None, "phase": str(self.state.phase)}
+        if refusal is not None:
+            facts["reason"] = refusal
+        try:
+            control.answer(self.config.app.state_dir, name, facts)
+        except OSError as error:
+            self.log.write("control.failed", {"error": error.strerror})
 
     def reload(self, new: Config) -> None:
         """SIGHUP re-read this app's config: apply what can change live, report what cannot."""
@@ -312,6 +343,8 @@ class Service:
             event = queue.popleft()
             before = self.state
             self.state, actions = decide(before, event)
+            if id(event) in self.asked:
+                self._answer(event, actions)
             if before.phase in DEPLOYING or self.state.phase in DEPLOYING:
                 # Every line of one deploy attempt carries its id, build output included.
                 self.log.context = {"deploy": f"{self.run_id}.{self.state.deploys}"}
