@@ -22,7 +22,6 @@ from supervisor.core.events import (
     CheckRequested,
     ChildStartFailed,
     Event,
-    Exit,
     Fetch,
     KillChild,
     Note,
@@ -416,28 +415,14 @@ class Service:
         return self.child.start(commit, cwd=self._child_directory(), extra_env=extra)
 
     def _perform(self, action: Action) -> list[Event]:
+        """Carry out one action; the events that answer it at once go back to `decide`."""
         match action:
             case StartChild(commit=commit):
                 return [self._start_child(commit)]
-            case ProbeHealth(pid=pid) if self.prober is not None:
-                self.prober.start(pid, self._child_directory(),
-                                  {**os.environ, **self.config.app.env})
-            case StopProbe() if self.prober is not None:
-                self.prober.stop()
-            case SetAside(commit=commit) if self.releases is not None:
-                self.releases.set_aside(commit)
-            case SaveState(failed=failed, held=held, good=good):
-                self.store.save(failed=failed, held=held, good=good)
-            case PruneReleases(keep=keep) if self.releases is not None:
-                self.releases.prune(keep)
             case CheckOverlap(pid=pid):
                 return [self._check_overlap(pid)]
-            case SwitchRelease(commit=commit) if self.releases is not None:
-                try:
-                    self.releases.switch(commit)
-                except OSError as error:
-                    self.log.write("release.switch_failed", {"commit": commit,
-                                                             "error": error.strerror})
+            case SaveState(failed=failed, held=held, good=good):
+                self.store.save(failed=failed, held=held, good=good)
             case StopChild(pid=pid):
                 self.child.stop(pid)
             case KillChild(pid=pid):
@@ -449,21 +434,51 @@ class Service:
                     self._update_tree(commit, reset, reuse))
             case StartBuild(commit=commit) if self.builder is not None:
                 self._start_build(commit)
+            case SetAside() | PruneReleases() | SwitchRelease() if self.releases is not None:
+                self._release_action(action)
+            case ProbeHealth() | StopProbe() | WatchStats() | UnwatchStats():
+                self._watch_action(action)
+            case StartTimer() | CancelTimer():
+                self._timer_action(action)
+            case Note(event=name, facts=facts):
+                self.log.write(name, facts)
+        return []  # Exit: the loop ends once the machine reaches STOPPED
+
+    def _release_action(self, action: Action) -> None:
+        assert self.releases is not None
+        match action:
+            case SetAside(commit=commit):
+                self.releases.set_aside(commit)
+            case PruneReleases(keep=keep):
+                self.releases.prune(keep)
+            case SwitchRelease(commit=commit):
+                try:
+                    self.releases.switch(commit)
+                except OSError as error:
+                    self.log.write("release.switch_failed", {"commit": commit,
+                                                             "error": error.strerror})
+
+    def _watch_action(self, action: Action) -> None:
+        """The probes of a generation on probation, and the stats watcher of a drain."""
+        match action:
+            case ProbeHealth(pid=pid) if self.prober is not None:
+                self.prober.start(pid, self._child_directory(),
+                                  {**os.environ, **self.config.app.env})
+            case StopProbe() if self.prober is not None:
+                self.prober.stop()
             case WatchStats() if self.watcher is not None:
                 self.watcher.start()
             case UnwatchStats() if self.watcher is not None:
                 self.watcher.stop()
+
+    def _timer_action(self, action: Action) -> None:
+        match action:
             case StartTimer(timer=name, seconds=seconds, serial=serial):
                 self._cancel_timer(name)
                 self.timers[name] = asyncio.get_running_loop().call_later(
                     seconds, self.inbox.put_nowait, TimerFired(timer=name, serial=serial))
             case CancelTimer(timer=name):
                 self._cancel_timer(name)
-            case Note(event=name, facts=facts):
-                self.log.write(name, facts)
-            case Exit():
-                pass  # the loop ends once the machine reaches STOPPED
-        return []
 
     def _start_build(self, commit: str) -> None:
         """At most `max_builds` builds run at once across the apps; this one may wait its turn."""

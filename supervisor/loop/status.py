@@ -69,6 +69,11 @@ class StatusBoard:
         self.backoff: float | None = None
 
     def observe(self, event: Event, actions: list[Action], now: float) -> None:
+        self._observe_event(event, now)
+        for action in actions:
+            self._observe_action(action, now)
+
+    def _observe_event(self, event: Event, now: float) -> None:
         match event:
             case FetchSucceeded() | FetchFailed():
                 self.next_fetch = now + self.poll_interval
@@ -89,31 +94,32 @@ class StatusBoard:
                 self._error(event.name, reason, now)
             case ChildStartFailed(error=error):
                 self._error(event.name, error, now)
-        for action in actions:
-            match action:
-                case StartChild(reason=reason):
-                    self.start_reason = reason
-                case WatchStats():
-                    self.drain_since, self.stats = now, None
-                case StartTimer(timer=Timer.BACKOFF, seconds=seconds):
-                    self.backoff, self.backoff_until = seconds, now + seconds
-                case Note(event=NoteName.DEPLOY_FAILED, facts=facts):
-                    self.last_deploy = {"commit": facts.get("commit"), "result": "failed",
-                                        "reason": facts.get("reason"), "at": timestamp(now)}
-                case Note(event=NoteName.HEALTH_PASSED, facts=facts) if (
-                        self.last_deploy and self.last_deploy["result"] == "proving healthy"):
-                    self.last_deploy = self.last_deploy | {"result": "succeeded",
-                                                           "at": timestamp(now)}
-                case Note(event=NoteName.HEALTH_FAILED, facts=facts):
-                    self._error(NoteName.HEALTH_FAILED, str(facts.get("reason")), now)
-                    if facts.get("rollback_to"):
-                        self.last_deploy = {"commit": facts.get("commit"),
-                                            "result": "rolled back",
-                                            "reason": facts.get("reason"),
-                                            "at": timestamp(now)}
-                case Note(event=NoteName.CHILD_CRASH_LOOPING | NoteName.CHILD_BACKING_OFF,
-                          facts=facts):
-                    self._error("child.exited", str(facts.get("reason")), now)
+
+    def _observe_action(self, action: Action, now: float) -> None:
+        match action:
+            case StartChild(reason=reason):
+                self.start_reason = reason
+            case WatchStats():
+                self.drain_since, self.stats = now, None
+            case StartTimer(timer=Timer.BACKOFF, seconds=seconds):
+                self.backoff, self.backoff_until = seconds, now + seconds
+            case Note(event=NoteName.DEPLOY_FAILED, facts=facts):
+                self.last_deploy = {"commit": facts.get("commit"), "result": "failed",
+                                    "reason": facts.get("reason"), "at": timestamp(now)}
+            case Note(event=NoteName.HEALTH_PASSED, facts=facts) if (
+                    self.last_deploy and self.last_deploy["result"] == "proving healthy"):
+                self.last_deploy = self.last_deploy | {"result": "succeeded",
+                                                       "at": timestamp(now)}
+            case Note(event=NoteName.HEALTH_FAILED, facts=facts):
+                self._error(NoteName.HEALTH_FAILED, str(facts.get("reason")), now)
+                if facts.get("rollback_to"):
+                    self.last_deploy = {"commit": facts.get("commit"),
+                                        "result": "rolled back",
+                                        "reason": facts.get("reason"),
+                                        "at": timestamp(now)}
+            case Note(event=NoteName.CHILD_CRASH_LOOPING | NoteName.CHILD_BACKING_OFF,
+                      facts=facts):
+                self._error("child.exited", str(facts.get("reason")), now)
 
     def _error(self, event: str, message: str, now: float) -> None:
         self.last_error = {"event": event, "message": message, "at": timestamp(now)}
