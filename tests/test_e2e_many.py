@@ -94,10 +94,10 @@ def test_three_apps_in_one_process_deploy_drain_and_crash_loop_without_waiting_o
     api_commit = api.release("2")
     started = supervisor.wait_for("child.started", app="api", commit=api_commit, after=draining)
     api.wait_http("hello from 2", supervisor)
-    # Meanwhile web still drains and crashy still restarts: each at its own pace.
+    # Meanwhile crashy still restarts at its own pace, and web still drains.
+    again = supervisor.wait_for("child.exited", app="crashy", after=draining)
+    supervisor.wait_for("child.exited", app="crashy", after=again)
     assert not supervisor.select("child.started", app="web", after=draining)
-    restarts = supervisor.select("child.exited", app="crashy", after=draining)
-    assert len(restarts) >= 2, "crashy's restarts went on while the others deployed"
     client.release()
     supervisor.wait_for("child.started", app="web", commit=web_commit, after=started)
     web.wait_http("hello from 2", supervisor)
