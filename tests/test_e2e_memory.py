@@ -184,8 +184,8 @@ def test_the_build_is_first_for_the_oom_killer_and_the_app_gets_its_own_score(wo
     # The supervisor may not lower its own score here (no CAP_SYS_RESOURCE); either way the
     # build runs at 1000 (its workers inherit it) and the app at app.oom_score_adj.
     supervisor = world.start(app={"oom_score_adj": 300}, drain=None,
-                             build={"command": "echo build $(cat /proc/self/oom_score_adj); "
-                                               "sh -c 'echo worker $(cat /proc/self/oom_score_adj)'"})
+                             build={"command": "echo build $(cat /proc/self/oom_score_adj); sh "
+                                               "-c 'echo worker $(cat /proc/self/oom_score_adj)'"})
     started = supervisor.wait_for("child.started")
     # Two different lines: identical ones would be collapsed into one log.repeated line.
     lines = [r["line"] for r in supervisor.select("build.output")]

@@ -54,9 +54,22 @@ def test_text_format_reads_as_one_line_per_event_for_people():
     log = EventLog(stream, format="text")
     log.transition(ChildExited(pid=42, signal="SIGKILL"), "running", "running",
                    [StartChild("abc", "crash restart")])
+    log.verbose = True  # `supervisor run -v`: the actions too
+    log.transition(ChildExited(pid=43, signal="SIGKILL"), "running", "running",
+                   [StartChild("a" * 40, "crash restart")])
+    quiet, verbose = lines(stream)
+    assert quiet.endswith(" child.exited running pid=42 signal=SIGKILL")
+    assert "exit_code" not in quiet  # empty facts are left out for people
+    assert " => start_child(commit=" + "a" * 40 in verbose
+
+
+def test_text_format_shows_commits_as_people_read_them():
+    stream = io.StringIO()
+    EventLog(stream, format="text").write("git.fetched", {"head": "a" * 40, "upstream": "b" * 40,
+                                                          "good": ["c" * 40], "word": "d" * 41})
     (line,) = lines(stream)
-    assert " child.exited running pid=42 signal=SIGKILL => start_child(commit=abc, " in line
-    assert "exit_code" not in line  # empty facts are left out for people
+    assert f"head={'a' * 12} upstream={'b' * 12}" in line and "c" * 13 not in line
+    assert "d" * 41 in line  # not a commit: left whole
 
 
 def test_huge_fields_are_cut_so_no_line_can_grow_without_bound():

@@ -68,6 +68,8 @@ def _parse(argv: list[str] | None) -> dict[str, object]:
                              metavar="PATH", help="config file (default: ./supervisor.toml)")
     run.add_argument("--log-format", choices=("json", "text"),
                      help="event log format (overrides log.format)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="with the text format, show each step's actions too")
     demo = commands.add_parser("demo", help="show a whole deploy cycle in a temporary directory")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
     return dict(vars(parser.parse_args(argv)))
@@ -128,7 +130,7 @@ def _with_config(args: dict[str, object]) -> int:
         if config is None:
             return EXIT_USAGE
         return _ask(config.app.state_dir, command)
-    return _run(host, args.get("log_format"))  # type: ignore[arg-type]
+    return _run(host, args.get("log_format"), bool(args.get("verbose")))  # type: ignore[arg-type]
 
 
 def _one_app(host: HostConfig, name: str | None) -> Config | None:
@@ -329,7 +331,7 @@ def under_journald() -> bool:
     return stream == f"{info.st_dev}:{info.st_ino}"
 
 
-def _run(host: HostConfig, log_format: str | None) -> int:
+def _run(host: HostConfig, log_format: str | None, verbose: bool = False) -> int:
     from supervisor.drivers.proc import seal_inherited_fds
     from supervisor.loop.footprint import forget_startup_modules, without_tls
     from supervisor.loop.startup import StartupError, claim
@@ -354,7 +356,7 @@ def _run(host: HostConfig, log_format: str | None) -> int:
     except OSError as error:
         return _fail([f"log.file: cannot open {host.log.file}: {error.strerror}"])
     try:
-        return _serve(host, claims, refused, stream, log_format)
+        return _serve(host, claims, refused, stream, log_format, verbose)
     except StartupError as error:
         return _fail([str(error)])
     except KeyboardInterrupt:
@@ -378,7 +380,7 @@ def _open_log_file(log: object) -> RotatingFile | None:
 
 
 def _serve(host: HostConfig, claims: dict[str, Claim], refused: list[tuple[str, str]],
-           stream: RotatingFile | None, log_format: str | None) -> int:
+           stream: RotatingFile | None, log_format: str | None, verbose: bool = False) -> int:
     import asyncio
 
     from supervisor.drivers.eventlog import EventLog
@@ -386,6 +388,7 @@ def _serve(host: HostConfig, claims: dict[str, Claim], refused: list[tuple[str, 
 
     log: EventLog = EventLog(stream, log_format or host.log.format)
     log.priority_prefix = stream is None and under_journald()
+    log.verbose = verbose
     for name, error in refused:  # claimed by nobody: another supervisor, or a bad directory
         log.write("app.start_failed", {"app": None, "app_name": name, "error": error})
     runner = Host(host, log, claims, log_format_forced=log_format is not None)

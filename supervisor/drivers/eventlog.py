@@ -85,6 +85,7 @@ class EventLog:
         self.format = format
         self.context: dict[str, Any] = {}  # added to every line, e.g. the current deploy's id
         self.priority_prefix = False  # "<N>" before each line, for journald's priority
+        self.verbose = False  # the text format shows each step's actions only when asked
         self.clock = clock
         self._last: dict[str, Any] | None = None  # the last line written, without its time
         self._repeats = 0  # identical lines since, not written
@@ -123,7 +124,7 @@ class EventLog:
 
     def _emit(self, record: dict[str, Any]) -> None:
         event = record["event"]
-        line = self._json(record) if self.format == "json" else self._text(record)
+        line = self._json(record) if self.format == "json" else self._text(record, self.verbose)
         if self.priority_prefix:
             line = f"<{priority(event)}>{line}"
         self._report_dropped()
@@ -173,7 +174,9 @@ class EventLog:
         return json.dumps(record, default=str, ensure_ascii=True, separators=(",", ":"))
 
     @staticmethod
-    def _text(record: dict[str, Any]) -> str:
+    def _text(record: dict[str, Any], verbose: bool = False) -> str:
+        """For people: commits cut to 12 characters, the machine's actions only with -v (the
+        notes that matter have lines of their own), nothing empty."""
         parts = [record.pop("ts"), record.pop("event")]
         before, after = record.pop("before", None), record.pop("after", None)
         if before is not None:
@@ -182,12 +185,22 @@ class EventLog:
         for key, value in record.items():
             if value is None or value == "" or value == {}:
                 continue
+            value = _short(value)
             plain = isinstance(value, str) and value.isprintable() and " " not in value
             text = value if plain else json.dumps(value, default=str)
             parts.append(f"{key}={text}")
-        if actions:
+        if actions and verbose:
             parts.append("=> " + ", ".join(_action_text(a) for a in actions))
         return " ".join(str(p) for p in parts)
+
+
+def _short(value: Any) -> Any:
+    """A commit (40 hexadecimal digits) as people read it; anything else as it is."""
+    if isinstance(value, str) and len(value) == 40 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    if isinstance(value, list):
+        return [_short(item) for item in value]
+    return value
 
 
 def _action_text(action: dict[str, Any]) -> str:
