@@ -65,7 +65,12 @@ def render(config_dir: str, top: str, command: list[str]) -> str:
     inside = os.path.commonpath([top, config_dir]) == top
     repo = os.path.relpath(top, config_dir) if inside else top  # /etc/... names /srv/... whole
     makefile = next((m for m in MAKEFILES if os.path.isfile(os.path.join(top, m))), None)
-    lines = [
+    return "\n".join([*_app_lines(name, command), *_git_lines(repo, remote, branch),
+                      *_build_lines(makefile), *_optional_lines()])
+
+
+def _app_lines(name: str, command: list[str]) -> list[str]:
+    return [
         f"# supervisor.toml for {name}, written by `supervisor init`. Check it with",
         "# `supervisor check` (it prints every default), run it with `supervisor run`.",
         "# Every key is described in docs/configuration.md. Relative paths are relative to",
@@ -81,8 +86,13 @@ def render(config_dir: str, top: str, command: list[str]) -> str:
         "# state_dir: default $STATE_DIRECTORY under systemd, else",
         f"# ~/.local/state/supervisor/{name}",
         "",
-        "[git]",
     ]
+
+
+def _git_lines(repo: str, remote: str, branch: str) -> list[str]:
+    """`repo` only where the clone is not the config's directory, so a config beside the code
+    stays movable with it."""
+    lines = ["[git]"]
     if repo != ".":
         lines.append(f"repo = {_toml(repo)}")
     lines += [
@@ -92,16 +102,24 @@ def render(config_dir: str, top: str, command: list[str]) -> str:
         "poll_interval = \"5m\"            # `supervisor deploy` fetches at once",
         "",
     ]
+    return lines
+
+
+def _build_lines(makefile: str | None) -> list[str]:
+    """A build step only where a Makefile says there is one to run."""
     if makefile is not None:
-        lines += ["[build]",
-                  f"# Run in the clone after each update, before the restart ({makefile} found).",
-                  "# A failed build leaves the running version alone.",
-                  "command = \"make\"",
-                  "timeout = \"10m\""]
-    else:
-        lines += ["# [build]                        # no Makefile here: no build step",
-                  "# command = \"make\""]
-    lines += [
+        return ["[build]",
+                f"# Run in the clone after each update, before the restart ({makefile} found).",
+                "# A failed build leaves the running version alone.",
+                "command = \"make\"",
+                "timeout = \"10m\""]
+    return ["# [build]                        # no Makefile here: no build step",
+            "# command = \"make\""]
+
+
+def _optional_lines() -> list[str]:
+    """The sections a first config leaves out, commented, with where to read more."""
+    return [
         "",
         "# Wait for clients to leave before a restart. The server writes KEY=value lines",
         "# (n_clients=\"2\") to the stats file; see docs/configuration.md#the-stats-file.",
@@ -120,7 +138,6 @@ def render(config_dir: str, top: str, command: list[str]) -> str:
         "# see docs/release-mode.md ([deploy] mode = \"releases\", [health]).",
         "",
     ]
-    return "\n".join(lines)
 
 
 def write_config(path: str, command: list[str]) -> str:

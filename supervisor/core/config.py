@@ -330,11 +330,37 @@ def parse_config(data: Mapping[str, Any], path: str,
     for section in sorted(set(data) - set(_SECTIONS) - set(_ARRAYS)):
         problems.append(f"{_key(section)}: unknown section "
                         f"(expected one of {', '.join(_SECTIONS)})")
+    # The readers run in this order so that problems are listed as the sections are read.
+    git_config = _git(data, base, path_reader, problems)
+    app_config = _app(data, git_config.repo, path_reader, environ, problems)
+    build_config = _build(data, problems)
+    drain_config = _drain(data, base, path_reader, problems)
+    restart_config = _restart(data, problems)
+    log_config = _log(data, app_config.state_dir, path_reader, problems)
+    trigger_config = None
+    if "trigger" in data:
+        trigger_config = _trigger(_Section("trigger", data["trigger"], problems), base, problems)
+    sockets = _sockets(data.get("socket", []), base, problems)
+    deploy_config = _deploy(data, app_config.state_dir, path_reader, problems)
+    health_config = None
+    if "health" in data:
+        health_config = _health(_Section("health", data["health"], problems), problems)
+    elif deploy_config.mode == "releases" or restart_config.style == "overlap":
+        health_config = HealthConfig()  # rollback needs probation: by default, staying up
+    if restart_config.style == "overlap":
+        _overlap_problems(deploy_config, sockets, health_config, problems)
 
+    if problems:
+        raise ConfigError(problems)
+    return Config(path, app_config, git_config, build_config, drain_config, restart_config,
+                  log_config, trigger_config, sockets, deploy_config, health_config)
+
+
+def _git(data: Mapping[str, Any], base: str, path_reader: Callable[[object], str],
+         problems: list[str]) -> GitConfig:
     git = _Section("git", data.get("git", {}), problems)
-    repo = git.get("repo", path_reader, os.path.realpath(base))
-    git_config = GitConfig(
-        repo=repo,
+    config = GitConfig(
+        repo=git.get("repo", path_reader, os.path.realpath(base)),
         remote=git.get("remote", _text),
         branch=git.get("branch", _text),
         poll_interval=git.get("poll_interval", _poll_interval, 300.0),
@@ -342,7 +368,12 @@ def parse_config(data: Mapping[str, Any], path: str,
         on_diverge=git.get("on_diverge", _choice("report", "reset"), "report"),
     )
     git.finish()
+    return config
 
+
+def _app(data: Mapping[str, Any], repo: str, path_reader: Callable[[object], str],
+         environ: Mapping[str, str], problems: list[str]) -> AppConfig:
+    """[app]: its name defaults to the repository's, and names the default state directory."""
     app = _Section("app", data.get("app"), problems) if "app" in data else None
     if app is None:
         problems.append("app: missing section; expected [app] with at least command = \"...\"")
@@ -350,7 +381,7 @@ def parse_config(data: Mapping[str, Any], path: str,
     name = app.get("name", _text, os.path.basename(repo) or "app")
     if "/" in name or name in (".", ".."):
         problems.append(f"app.name: expected a name without '/', got {_describe(name)}")
-    app_config = AppConfig(
+    config = AppConfig(
         name=name,
         command=app.get("command", _command, ("/bin/false",), required=True),
         cwd=app.get("cwd", path_reader, repo),
@@ -361,48 +392,62 @@ def parse_config(data: Mapping[str, Any], path: str,
         oom_score_adj=app.get("oom_score_adj", _oom_score_adj, 0),
     )
     app.finish()
+    return config
 
-    build_config = None
-    if "build" in data:
-        build = _Section("build", data["build"], problems)
-        build_config = BuildConfig(
-            command=build.get("command", _command, ("/bin/true",), required=True),
-            timeout=build.get("timeout", _positive_duration, 600.0),
-            min_free=build.get("min_free", _free_memory, 0),
-            nice=build.get("nice", _nice, 10),
-            memory_max=build.get("memory_max", _memory_max, 0),
-        )
-        build.finish()
 
-    drain_config = None
-    if "drain" in data:
-        drain = _Section("drain", data["drain"], problems)
-        drain_config = DrainConfig(
-            stats_file=drain.get("stats_file", path_reader, base, required=True),
-            until=drain.get("until", _condition, Condition(()), required=True),
-            timeout=drain.get("timeout", parse_duration, 0.0),
-        )
-        drain.finish()
+def _build(data: Mapping[str, Any], problems: list[str]) -> BuildConfig | None:
+    if "build" not in data:
+        return None
+    build = _Section("build", data["build"], problems)
+    config = BuildConfig(
+        command=build.get("command", _command, ("/bin/true",), required=True),
+        timeout=build.get("timeout", _positive_duration, 600.0),
+        min_free=build.get("min_free", _free_memory, 0),
+        nice=build.get("nice", _nice, 10),
+        memory_max=build.get("memory_max", _memory_max, 0),
+    )
+    build.finish()
+    return config
 
+
+def _drain(data: Mapping[str, Any], base: str, path_reader: Callable[[object], str],
+           problems: list[str]) -> DrainConfig | None:
+    if "drain" not in data:
+        return None
+    drain = _Section("drain", data["drain"], problems)
+    config = DrainConfig(
+        stats_file=drain.get("stats_file", path_reader, base, required=True),
+        until=drain.get("until", _condition, Condition(()), required=True),
+        timeout=drain.get("timeout", parse_duration, 0.0),
+    )
+    drain.finish()
+    return config
+
+
+def _restart(data: Mapping[str, Any], problems: list[str]) -> RestartConfig:
     restart = _Section("restart", data.get("restart", {}), problems)
-    restart_config = RestartConfig(
+    config = RestartConfig(
         backoff_min=restart.get("backoff_min", _positive_duration, 1.0),
         backoff_max=restart.get("backoff_max", _positive_duration, 60.0),
         reset_after=restart.get("reset_after", parse_duration, 10.0),
         style=restart.get("style", _choice("stop-start", "overlap"), "stop-start"),
         overlap_reserve=restart.get("overlap_reserve", _free_memory, 32 << 20),
     )
-    if restart_config.backoff_max < restart_config.backoff_min:
+    if config.backoff_max < config.backoff_min:
         problems.append("restart.backoff_max: expected a duration not below restart.backoff_min")
     restart.finish()
+    return config
 
+
+def _log(data: Mapping[str, Any], state_dir: str, path_reader: Callable[[object], str],
+         problems: list[str]) -> LogConfig:
     log = _Section("log", data.get("log", {}), problems)
-    log_config = LogConfig(
+    config = LogConfig(
         format=log.get("format", _choice("json", "text"), "json"),
         file=log.get("file", path_reader),
         child=log.get("child", _choice("events", "file", "inherit"), "events"),
         child_file=log.get("child_file", path_reader)
-        or os.path.join(app_config.state_dir, "child.log"),
+        or os.path.join(state_dir, "child.log"),
         max_bytes=log.get("max_bytes", _size, 1 << 20),
         keep=log.get("keep", _keep, 3),
         child_rate_limit_burst=log.get("child_rate_limit_burst", _line_count, 1000),
@@ -410,40 +455,35 @@ def parse_config(data: Mapping[str, Any], path: str,
                                           10.0),
     )
     log.finish()
+    return config
 
-    trigger_config = None
-    if "trigger" in data:
-        trigger_config = _trigger(_Section("trigger", data["trigger"], problems), base, problems)
-    sockets = _sockets(data.get("socket", []), base, problems)
 
+def _deploy(data: Mapping[str, Any], state_dir: str, path_reader: Callable[[object], str],
+            problems: list[str]) -> DeployConfig:
     deploy = _Section("deploy", data.get("deploy", {}), problems)
-    deploy_config = DeployConfig(
+    config = DeployConfig(
         mode=deploy.get("mode", _choice("in-place", "releases"), "in-place"),
-        dir=deploy.get("dir", path_reader, None) or app_config.state_dir,
+        dir=deploy.get("dir", path_reader, None) or state_dir,
         keep=deploy.get("keep", _releases_kept, 3),
     )
     deploy.finish()
-    health_config = None
-    if "health" in data:
-        health_config = _health(_Section("health", data["health"], problems), problems)
-    elif deploy_config.mode == "releases" or restart_config.style == "overlap":
-        health_config = HealthConfig()  # rollback needs probation: by default, staying up
-    if restart_config.style == "overlap" and (deploy_config.mode != "releases" or not sockets):
+    return config
+
+
+def _overlap_problems(deploy: DeployConfig, sockets: tuple[SocketConfig, ...],
+                   health: HealthConfig | None, problems: list[str]) -> None:
+    """What restart.style = "overlap" needs of the other sections."""
+    if deploy.mode != "releases" or not sockets:
         problems.append('restart.style: "overlap" needs deploy.mode = "releases" (each '
                         "generation runs from its own release) and a [[socket]] (both serve on "
                         "the socket the supervisor holds)")
-    if restart_config.style == "overlap" and health_config is not None:
+    if health is not None:
         shared = {s.listen for s in sockets}
-        probed = health_config.tcp or _http_address(health_config.http)
+        probed = health.tcp or _http_address(health.http)
         if probed in shared:
-            problems.append(f"health.{health_config.probe}: expected notify, a command or grace "
+            problems.append(f"health.{health.probe}: expected notify, a command or grace "
                             f'with restart.style = "overlap": {probed} is the shared socket, '
                             "where the old generation would answer for the new one")
-
-    if problems:
-        raise ConfigError(problems)
-    return Config(path, app_config, git_config, build_config, drain_config, restart_config,
-                  log_config, trigger_config, sockets, deploy_config, health_config)
 
 
 def _releases_kept(value: object) -> int:
@@ -562,16 +602,7 @@ def _sockets(tables: object, base: str, problems: list[str]) -> tuple[SocketConf
     sockets = []
     for index, table in enumerate(tables):
         section = _Section("socket", table, problems)
-        listen = section.get("listen", _text, "", required=True)
-        if listen.startswith(("/", "./", "../", "~")):
-            listen = os.path.realpath(os.path.join(base, os.path.expanduser(listen)))
-        elif listen and not _LISTEN.match(listen):
-            problems.append(f'socket.listen: expected "127.0.0.1:8080", "[::1]:8080" or a Unix '
-                            f'socket path such as "/run/app.sock", got {_describe(listen)}')
-        elif listen:
-            port = int(_LISTEN.match(listen).group(2))  # type: ignore[union-attr]
-            if not 0 < port < 65536:
-                problems.append(f"socket.listen: expected a port from 1 to 65535, got {port}")
+        listen = _socket_listen(section.get("listen", _text, "", required=True), base, problems)
         mode = section.get("mode", _mode)
         if mode is not None and listen and not listen.startswith("/"):
             problems.append("socket.mode: expected only for a Unix socket path")
@@ -585,6 +616,20 @@ def _sockets(tables: object, base: str, problems: list[str]) -> tuple[SocketConf
     if len(set(listens)) != len(listens):
         problems.append("socket.listen: expected a different address for each [[socket]]")
     return tuple(sockets)
+
+
+def _socket_listen(listen: str, base: str, problems: list[str]) -> str:
+    """A Unix socket path made absolute, or an address whose form and port are checked."""
+    if listen.startswith(("/", "./", "../", "~")):
+        return os.path.realpath(os.path.join(base, os.path.expanduser(listen)))
+    if listen and not _LISTEN.match(listen):
+        problems.append(f'socket.listen: expected "127.0.0.1:8080", "[::1]:8080" or a Unix '
+                        f'socket path such as "/run/app.sock", got {_describe(listen)}')
+    elif listen:
+        port = int(_LISTEN.match(listen).group(2))  # type: ignore[union-attr]
+        if not 0 < port < 65536:
+            problems.append(f"socket.listen: expected a port from 1 to 65535, got {port}")
+    return listen
 
 
 def _listen(value: object) -> str:
@@ -701,6 +746,18 @@ def read_toml(path: str) -> dict[str, Any]:
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, tuple) and value[:2] == ("/bin/sh", "-c") and len(value) == 3:
+        return _toml_value(value[2])
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
+    return _toml_scalar(value)
+
+
+def _toml_scalar(value: object) -> str:
+    # bool and Signals are ints too: they are told apart first.
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, signal.Signals):
@@ -711,15 +768,6 @@ def _toml_value(value: object) -> str:
         if value.is_integer():
             return f'"{int(value)}s"'
         return f'"{value!r}s"' if "e" not in repr(value) else repr(value)
-    if isinstance(value, signal.Signals):
-        return f'"{value.name}"'
-    if isinstance(value, tuple) and value[:2] == ("/bin/sh", "-c") and len(value) == 3:
-        return _toml_value(value[2])
-    if isinstance(value, tuple | list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
-        return "{ " + items + " }" if items else "{}"
     return _toml_string(str(value))
 
 

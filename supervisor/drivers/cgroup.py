@@ -39,28 +39,45 @@ def memory_hierarchy(self_cgroup: str = SELF_CGROUP,
         number, controllers, path = line.split(":", 2)
         own["" if number == "0" else controllers] = path
     for mount in mounts:
-        fields = mount.split(" ")
-        try:
-            separator = fields.index("-")
-        except ValueError:
-            continue
-        root, point = fields[3], _unescape(fields[4])
-        fstype, options = fields[separator + 1], fields[separator + 3].split(",")
-        if fstype == "cgroup" and "memory" in options:
-            controllers = next((c for c in own if "memory" in c.split(",")), None)
-            version, path = 1, own.get(controllers) if controllers else None
-        elif fstype == "cgroup2" and "" in own:
-            version, path = 2, own[""]
-        else:
-            continue
-        if path is None:
-            continue
-        inside = os.path.relpath(path, root) if path.startswith(root) else path.lstrip("/")
-        directory = os.path.normpath(os.path.join(point, inside))
-        if version == 2 and "memory" not in _read(os.path.join(point, "cgroup.controllers")):
-            continue
-        if os.path.isdir(directory):
-            return Hierarchy(version, point, directory)
+        hierarchy = _mounted_hierarchy(mount, own)
+        if hierarchy is not None:
+            return hierarchy
+    return None
+
+
+def _mounted_hierarchy(mount: str, own: dict[str, str]) -> Hierarchy | None:
+    """The hierarchy of one mountinfo line, if it holds our memory controller and our
+    cgroup's directory is there; `own` maps controllers ("" for v2) to our cgroup's path."""
+    fields = mount.split(" ")
+    try:
+        separator = fields.index("-")
+    except ValueError:
+        return None
+    root, point = fields[3], _unescape(fields[4])
+    fstype, options = fields[separator + 1], fields[separator + 3].split(",")
+    found = _our_cgroup(fstype, options, own)
+    if found is None:
+        return None
+    version, path = found
+    inside = os.path.relpath(path, root) if path.startswith(root) else path.lstrip("/")
+    directory = os.path.normpath(os.path.join(point, inside))
+    if version == 2 and "memory" not in _read(os.path.join(point, "cgroup.controllers")):
+        return None
+    if os.path.isdir(directory):
+        return Hierarchy(version, point, directory)
+    return None
+
+
+def _our_cgroup(fstype: str, options: list[str], own: dict[str, str]
+                ) -> tuple[int, str] | None:
+    """The version of a cgroup mount and our cgroup's path in it, if it has our memory
+    controller."""
+    if fstype == "cgroup" and "memory" in options:
+        controllers = next((c for c in own if "memory" in c.split(",")), None)
+        path = own.get(controllers) if controllers else None
+        return None if path is None else (1, path)
+    if fstype == "cgroup2" and "" in own:
+        return 2, own[""]
     return None
 
 

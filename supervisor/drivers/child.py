@@ -84,11 +84,24 @@ class Child:
             # Numbers written by a previous process must never count for this one. (In an
             # overlap the previous generation still writes them; see _on_exit.)
             try:
-                os.unlink(self.stats_file)
-            except FileNotFoundError:
-                pass
+                _unlink_if_any(self.stats_file)
             except OSError as error:
                 return ChildStartFailed(error=f"cannot remove stats file: {error.strerror}")
+        command, env = self._command_and_env(commit, extra_env)
+        spawned = self._spawn(command, cwd or self.config.cwd, env)
+        if isinstance(spawned, ChildStartFailed):
+            return spawned
+        process, pipes, tail = spawned
+        if pipes is not None:
+            pipes.started(process.pid)
+        self.processes[process.pid] = process
+        self._remember(process.pid, commit)
+        process.exited.add_done_callback(
+            lambda future: self._on_exit(process, pipes, tail, future))
+        return ChildStarted(pid=process.pid, commit=commit)
+
+    def _command_and_env(self, commit: str | None, extra_env: Mapping[str, str] | None
+                         ) -> tuple[tuple[str, ...], dict[str, str]]:
         env = {**self.environ, **self.config.env, **(extra_env or {})}
         if commit:
             env["SUPERVISOR_COMMIT"] = commit
@@ -96,52 +109,41 @@ class Child:
         if self.sockets:
             env.update(child_environment(self.sockets))
             command = wrap(command)
+        return command, env
+
+    def _spawn(self, command: tuple[str, ...], cwd: str, env: dict[str, str]
+               ) -> tuple[proc.Process, ChildPipes | None, _Tail | None] | ChildStartFailed:
         pipes = tail = None
         try:
             tail = _Tail(self.output) if self.output is not None else None
             pipes = (ChildPipes(tail, limit=self.output.limit)  # type: ignore[union-attr]
                      if tail is not None else None)
             stdout, stderr = pipes.fds_for_child() if pipes else (None, None)
-            process = proc.spawn(command, cwd=cwd or self.config.cwd, env=env, stdout=stdout,
+            process = proc.spawn(command, cwd=cwd, env=env, stdout=stdout,
                                  stderr=stderr, pass_fds=self.socket_fds)
         except OSError as error:
             if pipes is not None:
                 pipes.close()
             return ChildStartFailed(error=f"{self.config.command[0]}: {error.strerror or error}")
-        if pipes is not None:
-            pipes.started(process.pid)
-        self.processes[process.pid] = process
-        ticks = start_ticks(process.pid)
-        if ticks is not None:
-            owner = orphans.Owner(process.pid, ticks, self._set_oom_score_adj(process.pid))
-            self.owners[process.pid] = owner
-            orphans.started(owner)
-            older = self.store.current.child if len(self.processes) > 1 else None
-            self.store.save(child=ChildRecord(process.pid, ticks, boot_id(), commit),
-                            old_child=older)
-        process.exited.add_done_callback(
-            lambda future: self._on_exit(process, pipes, tail, future))
-        return ChildStarted(pid=process.pid, commit=commit)
+        return process, pipes, tail
+
+    def _remember(self, pid: int, commit: str | None) -> None:
+        """Owner of what the child starts, and the record that lets a restarted supervisor
+        recognise it; a child already gone has no start time, so nothing to recognise."""
+        ticks = start_ticks(pid)
+        if ticks is None:
+            return
+        owner = orphans.Owner(pid, ticks, self._set_oom_score_adj(pid))
+        self.owners[pid] = owner
+        orphans.started(owner)
+        older = self.store.current.child if len(self.processes) > 1 else None
+        self.store.save(child=ChildRecord(pid, ticks, boot_id(), commit), old_child=older)
 
     def _on_exit(self, process: proc.Process, pipes: ChildPipes | None, tail: _Tail | None,
                  future: asyncio.Future[int]) -> None:
         if pipes is not None:
             pipes.close()  # its last lines belong before the child.exited line
-        was_oldest = next(iter(self.processes), None) == process.pid
-        self.processes.pop(process.pid, None)
-        records = self.store.current
-        if records.child and records.child.pid == process.pid:
-            # A failed overlap: the older generation, still running, is the one to recognise.
-            self.store.save(child=records.old_child, old_child=None)
-        elif records.old_child and records.old_child.pid == process.pid:
-            self.store.save(old_child=None)
-        if was_oldest and self.processes and self.stats_file is not None:
-            # The previous generation is gone after an overlap: what it wrote last must not
-            # count for the one that replaced it, which rewrites the file at its next change.
-            try:
-                os.unlink(self.stats_file)
-            except OSError:
-                pass
+        self._forget(process.pid)
         exit_code, signal_name = proc.describe_returncode(future.result())
         exited = ChildExited(pid=process.pid, exit_code=exit_code, signal=signal_name,
                              tail="\n".join(tail.lines) if tail is not None else "")
@@ -160,6 +162,24 @@ class Child:
         sweep = asyncio.get_running_loop().create_task(self._post_when_gone(pidfds, exited))
         self.sweeps.add(sweep)
         sweep.add_done_callback(self.sweeps.discard)
+
+    def _forget(self, pid: int) -> None:
+        """The exited generation leaves the records, and its stats file if another runs on."""
+        was_oldest = next(iter(self.processes), None) == pid
+        self.processes.pop(pid, None)
+        records = self.store.current
+        if records.child and records.child.pid == pid:
+            # A failed overlap: the older generation, still running, is the one to recognise.
+            self.store.save(child=records.old_child, old_child=None)
+        elif records.old_child and records.old_child.pid == pid:
+            self.store.save(old_child=None)
+        if was_oldest and self.processes and self.stats_file is not None:
+            # The previous generation is gone after an overlap: what it wrote last must not
+            # count for the one that replaced it, which rewrites the file at its next change.
+            try:
+                os.unlink(self.stats_file)
+            except OSError:
+                pass
 
     async def _post_when_gone(self, pidfds: dict[int, int], exited: ChildExited) -> None:
         try:
@@ -291,6 +311,13 @@ def stop_stale_child(record: ChildRecord, stop_signal: int, stop_timeout: float,
     finally:
         os.close(pidfd)
     return True
+
+
+def _unlink_if_any(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _signal_verified(pid: int, pgid: int, not_before: int, sig: int) -> None:

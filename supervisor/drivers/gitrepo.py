@@ -289,43 +289,9 @@ class GitRepo:
         journal = self._read_journal()
         try:
             if journal is not None:
-                await self._end_earlier_git(journal)
-                started = journal.get("started")
-                self._clear_locks(started - _CLOCK_SLACK
-                                  if isinstance(started, (int, float)) else None)
-                # The tree was clean when that update began, so every change in it since is
-                # the cut-short git's own work: reset it all, and delete the files it added.
-                await self._remove_written(
-                    [journal.get("to"), journal.get("from")], commit,
-                    started - _CLOCK_SLACK if isinstance(started, (int, float)) else None)
-                if self._index_written_since(started):
-                    # The cut-short git got as far as writing the index: it lists the new
-                    # commit's files, which a reset would delete whoever wrote them. Start the
-                    # index from `commit` instead, with the stat data of the files that match
-                    # it, so the reset rewrites only what differs (a smudge filter, git-lfs,
-                    # runs for those alone).
-                    await self._git("read-tree", commit)
-                    try:
-                        await self._git("update-index", "-q", "--refresh")
-                    except GitTimedOut:
-                        raise
-                    except GitError:
-                        pass  # it exits 1 when files differ: those the reset rewrites
-                await self._git("reset", "--quiet", "--hard", commit, on_spawn=self._journal_git)
+                await self._undo_interrupted(journal, commit)
             else:
-                self._clear_locks(None)  # none of them ours: each is reported, none removed
-                if await self.is_dirty():
-                    raise GitError("local changes in the working tree (not discarded)")
-                head = await self.head()
-                self._write_journal({"from": head, "to": commit, "started": time.time()})
-                try:
-                    await self._git("reset", "--quiet", "--keep", commit,
-                                    on_spawn=self._journal_git)
-                except GitTimedOut:
-                    raise
-                except GitError:
-                    self._remove_journal()  # git refused before changing anything
-                    raise
+                await self._reset_clean(commit)
             await self._update_submodules(self.path)
             head = await self.head()
             if head != commit:
@@ -336,6 +302,49 @@ class GitRepo:
         self._remove_journal()
         self.log("git.tree_restored", {"commit": commit, "reason": reason,
                                        "interrupted": journal is not None})
+
+    async def _undo_interrupted(self, journal: dict[str, Any], commit: str) -> None:
+        """Back to `commit` from an update of ours that was cut short."""
+        await self._end_earlier_git(journal)
+        started = journal.get("started")
+        self._clear_locks(started - _CLOCK_SLACK
+                          if isinstance(started, (int, float)) else None)
+        # The tree was clean when that update began, so every change in it since is
+        # the cut-short git's own work: reset it all, and delete the files it added.
+        await self._remove_written(
+            [journal.get("to"), journal.get("from")], commit,
+            started - _CLOCK_SLACK if isinstance(started, (int, float)) else None)
+        if self._index_written_since(started):
+            # The cut-short git got as far as writing the index: it lists the new
+            # commit's files, which a reset would delete whoever wrote them. Start the
+            # index from `commit` instead, with the stat data of the files that match
+            # it, so the reset rewrites only what differs (a smudge filter, git-lfs,
+            # runs for those alone).
+            await self._git("read-tree", commit)
+            try:
+                await self._git("update-index", "-q", "--refresh")
+            except GitTimedOut:
+                raise
+            except GitError:
+                pass  # it exits 1 when files differ: those the reset rewrites
+        await self._git("reset", "--quiet", "--hard", commit, on_spawn=self._journal_git)
+
+    async def _reset_clean(self, commit: str) -> None:
+        """Back to `commit` from a tree no update of ours touched: only if nothing is in the
+        way, journaled like an update."""
+        self._clear_locks(None)  # none of them ours: each is reported, none removed
+        if await self.is_dirty():
+            raise GitError("local changes in the working tree (not discarded)")
+        head = await self.head()
+        self._write_journal({"from": head, "to": commit, "started": time.time()})
+        try:
+            await self._git("reset", "--quiet", "--keep", commit,
+                            on_spawn=self._journal_git)
+        except GitTimedOut:
+            raise
+        except GitError:
+            self._remove_journal()  # git refused before changing anything
+            raise
 
     def _index_written_since(self, started: Any) -> bool:
         """Whether git replaced the index after the update began (else it is the old one, whose
@@ -377,28 +386,37 @@ class GitRepo:
                 raise
             except GitError:
                 continue  # that commit is gone: nothing of it to find
-            fields = raw.split(b"\0")
-            blobs = {}
-            for meta, name in zip(fields[0::2], fields[1::2], strict=False):
-                path = os.path.join(self.path, os.fsdecode(name))
-                try:
-                    status = os.lstat(path)
-                except OSError:
-                    continue
-                if not meta.startswith(b":") or stat.S_ISDIR(status.st_mode):
-                    continue
-                if since is not None and status.st_mtime >= since:
-                    self._unlink(path)
-                elif stat.S_ISREG(status.st_mode) and "\n" not in path:
-                    blobs[path] = meta.split()[3].decode()
-            if not blobs:
+            blobs = self._remove_recent(raw, since)
+            if blobs:
+                await self._remove_unchanged(blobs)
+
+    def _remove_recent(self, raw: bytes, since: float | None) -> dict[str, str]:
+        """Delete the added files of a `diff --raw -z` written since `since`; the older
+        regular files are returned with the blob each would hold if git wrote it."""
+        fields = raw.split(b"\0")
+        blobs = {}
+        for meta, name in zip(fields[0::2], fields[1::2], strict=False):
+            path = os.path.join(self.path, os.fsdecode(name))
+            try:
+                status = os.lstat(path)
+            except OSError:
                 continue
-            paths = list(blobs)
-            hashes = (await self._git_output("hash-object", "--no-filters", "--stdin-paths",
-                                             stdin="\n".join(paths) + "\n")).split()
-            for path, digest in zip(paths, hashes, strict=True):
-                if blobs[path] == digest.decode():
-                    self._unlink(path)
+            if not meta.startswith(b":") or stat.S_ISDIR(status.st_mode):
+                continue
+            if since is not None and status.st_mtime >= since:
+                self._unlink(path)
+            elif stat.S_ISREG(status.st_mode) and "\n" not in path:
+                blobs[path] = meta.split()[3].decode()
+        return blobs
+
+    async def _remove_unchanged(self, blobs: dict[str, str]) -> None:
+        """Delete the files whose content is exactly the blob git would have written."""
+        paths = list(blobs)
+        hashes = (await self._git_output("hash-object", "--no-filters", "--stdin-paths",
+                                         stdin="\n".join(paths) + "\n")).split()
+        for path, digest in zip(paths, hashes, strict=True):
+            if blobs[path] == digest.decode():
+                self._unlink(path)
 
     def _unlink(self, path: str) -> None:
         """Remove a file git wrote, and the directories it made for it that are empty now."""

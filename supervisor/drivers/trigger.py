@@ -150,13 +150,25 @@ def parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
         raise Refused(400, "bad request")
     if len(lines) > MAX_HEADER_LINES + 1:
         raise Refused(431, "bad request")
-    parts = lines[0].split(b" ")
+    method, target = _request_line(lines[0])
+    return method, target, _headers(lines[1:])
+
+
+def _request_line(line: bytes) -> tuple[str, str]:
+    """Method and path (the query left off) of "METHOD /path HTTP/1.x"."""
+    parts = line.split(b" ")
     if (len(parts) != 3 or not parts[0] or not TOKEN_CHARS.issuperset(parts[0])
             or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0") or not parts[1].startswith(b"/")
             or not all(0x21 <= b <= 0x7E for b in parts[1])):
         raise Refused(400, "bad request")
+    return parts[0].decode("ascii"), parts[1].split(b"?")[0].decode("ascii")
+
+
+def _headers(lines: list[bytes]) -> dict[str, str]:
+    """Lower-cased names; a header that must be single and comes twice is refused, since two
+    readers could each believe a different one."""
     headers: dict[str, str] = {}
-    for line in lines[1:]:
+    for line in lines:
         name, colon, value = line.partition(b":")
         if (not colon or not name or not TOKEN_CHARS.issuperset(name)
                 or any(b in b"\r\n\0" for b in value)):
@@ -165,7 +177,7 @@ def parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
         if key in headers and key in SINGLE:
             raise Refused(400, "bad request")
         headers[key] = value.strip(b" \t").decode("latin-1")
-    return parts[0].decode("ascii"), parts[1].split(b"?")[0].decode("ascii"), headers
+    return headers
 
 
 def content_length(headers: dict[str, str]) -> int:
