@@ -486,29 +486,27 @@ def _overlap_problems(deploy: DeployConfig, sockets: tuple[SocketConfig, ...],
                             "where the old generation would answer for the new one")
 
 
-def _releases_kept(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
-        raise _Bad("a whole number from 1 to 100 (the live release counts)")
-    return value
+def _whole_number(low: int, high: int, expected: str) -> Callable[[object], int]:
+    """A reader of whole numbers from `low` to `high`; true and false are not numbers here."""
+    def read(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _Bad(expected)
+        return value
+
+    return read
 
 
-def _line_count(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**9:
-        raise _Bad("a number of lines from 0 (no limit) to 1000000000")
-    return value
+_releases_kept = _whole_number(1, 100, "a whole number from 1 to 100 (the live release counts)")
 
 
-def _nice(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 19:
-        raise _Bad("a niceness from 0 (as the supervisor) to 19 (lowest priority)")
-    return value
+_line_count = _whole_number(0, 10**9, "a number of lines from 0 (no limit) to 1000000000")
 
 
-def _oom_score_adj(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not -1000 <= value <= 1000:
-        raise _Bad("a whole number from -1000 (never killed for lack of memory) to 1000 "
-                   "(killed first)")
-    return value
+_nice = _whole_number(0, 19, "a niceness from 0 (as the supervisor) to 19 (lowest priority)")
+
+
+_oom_score_adj = _whole_number(-1000, 1000, "a whole number from -1000 (never killed for lack "
+                                            "of memory) to 1000 (killed first)")
 
 
 def _memory_max(value: object) -> int:
@@ -660,16 +658,10 @@ def _size(value: object) -> int:
     return size
 
 
-def _keep(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
-        raise _Bad("a whole number from 0 to 100")
-    return value
+_keep = _whole_number(0, 100, "a whole number from 0 to 100")
 
 
-def _count(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 1000:
-        raise _Bad("a whole number from 1 to 1000")
-    return value
+_count = _whole_number(1, 1000, "a whole number from 1 to 1000")
 
 
 def _trigger(section: _Section, base: str, problems: list[str]) -> TriggerConfig | None:
