@@ -109,6 +109,8 @@ def test_every_toml_example_uses_keys_the_code_knows() -> None:
     assert len(toml_blocks()) > 10
     for page, block in toml_blocks():
         data = tomllib.loads(block)
+        if "supervisor" in data:
+            continue  # a main file of many apps: tests/test_docs_many.py loads it whole
         data.setdefault("app", {}).setdefault("command", "true")
         try:
             parse_config(data, "/srv/myapp/supervisor.toml", environ={"HOME": "/srv/myapp"})

@@ -1,5 +1,6 @@
 """The unit files in contrib/systemd/, checked by systemd's own `systemd-analyze verify` and
-against the supervisor's defaults. verify exits 0 on an unknown key or a bad value, so any line
+against the supervisor's defaults: the template runs one app per process, tiny-supervisor.service
+the main file of many apps. verify exits 0 on an unknown key or a bad value, so any line
 it prints is a failure. It also wants ExecStart's binary to exist: each test verifies a copy
 whose ExecStart points at a stub. No systemd manager is started.
 """
@@ -106,8 +107,18 @@ def test_verify_wants_the_binary_to_exist(tmp_path):
     assert "not executable" in verify(unit)
 
 
-@pytest.mark.parametrize(("source", "name"), UNIT_FILES)
-def test_the_unit_is_what_the_supervisor_expects(source, name):
+# What differs between the two: (the config, the user and the directories' name).
+EXPECTED = {"tiny-supervisor@.service": ("/etc/tiny-supervisor/%i.toml", "%i"),
+            "tiny-supervisor.service": ("/etc/tiny-supervisor/supervisor.toml",
+                                        "tiny-supervisor")}
+# The keys that say which config, which user, which directories; the rest must be the same.
+PER_UNIT = {("Unit", "Description"), ("Unit", "AssertPathExists"), ("Service", "ExecStart"),
+            ("Service", "User"), ("Service", "Group"), ("Service", "StateDirectory"),
+            ("Service", "RuntimeDirectory"), ("Service", "ReadWritePaths"),
+            ("Service", "TimeoutStartSec")}
+
+
+def one_of(source: str):
     unit = directives(source)
 
     def one(key: str, section: str = "Service") -> str:
@@ -115,9 +126,15 @@ def test_the_unit_is_what_the_supervisor_expects(source, name):
         assert len(values) == 1, f"{key}= in [{section}]: {values}"
         return values[0]
 
-    app = "%i" if "@" in source else "myapp"
-    assert one("ExecStart") == f"{INSTALLED} run -c /etc/tiny-supervisor/{app}.toml"
-    assert one("AssertPathExists", "Unit") == f"/etc/tiny-supervisor/{app}.toml"
+    return one
+
+
+@pytest.mark.parametrize(("source", "name"), UNIT_FILES)
+def test_the_unit_is_what_the_supervisor_expects(source, name):
+    one = one_of(source)
+    config, app = EXPECTED[source]
+    assert one("ExecStart") == f"{INSTALLED} run -c {config}"
+    assert one("AssertPathExists", "Unit") == config
     assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
     assert one("Type") == "notify"
     assert one("NotifyAccess") == "main"
@@ -130,9 +147,10 @@ def test_the_unit_is_what_the_supervisor_expects(source, name):
     # Before READY=1 the supervisor may fetch and build; systemd must not give up on it.
     assert seconds(one("TimeoutStartSec")) > (default(GitConfig, "timeout")
                                               + default(BuildConfig, "timeout"))
-    assert one("StateDirectory") == f"tiny-supervisor/{app}"
-    assert one("RuntimeDirectory") == f"tiny-supervisor/{app}"
-    assert one("User") == app
+    directory = "tiny-supervisor" if app == "tiny-supervisor" else f"tiny-supervisor/{app}"
+    assert one("StateDirectory") == directory
+    assert one("RuntimeDirectory") == directory
+    assert one("User") == one("Group") == app
     assert one("ProtectSystem") == "strict"
     assert one("ReadWritePaths") == f"/srv/{app}"
     for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome"):
@@ -140,15 +158,40 @@ def test_the_unit_is_what_the_supervisor_expects(source, name):
     assert one("WantedBy", "Install") == "multi-user.target"
 
 
-def test_the_template_and_the_single_unit_set_the_same_keys():
-    template, single = directives("tiny-supervisor@.service"), directives("tiny-supervisor.service")
-    assert set(template) == set(single)
+def test_the_template_and_the_main_unit_differ_only_in_names_and_start_time():
+    template, main = directives("tiny-supervisor@.service"), directives("tiny-supervisor.service")
+    assert set(template) == set(main)
     for key, values in template.items():
-        assert [v.replace("%i", "myapp") for v in values] == single[key], key
+        if key not in PER_UNIT:
+            assert values == main[key], key
+    # Many apps may each fetch and build before READY=1: never less time than one app gets.
+    assert seconds(one_of("tiny-supervisor.service")("TimeoutStartSec")) >= seconds(
+        one_of("tiny-supervisor@.service")("TimeoutStartSec"))
+
+
+def test_the_main_unit_puts_each_apps_state_where_the_shell_commands_look(tmp_path):
+    """Under the unit, a main file without state_dir keeps each app's state in
+    $STATE_DIRECTORY/NAME-of-the-app: the same directory the documented main file writes out,
+    so `supervisor status` from a shell (no $STATE_DIRECTORY there) finds the running apps."""
+    from supervisor.core.hostconfig import load_host
+
+    one = one_of("tiny-supervisor.service")
+    state = f"/var/lib/{one('StateDirectory')}"
+    (tmp_path / "apps").mkdir()
+    (tmp_path / "apps" / "web.toml").write_text(
+        f'[app]\ncommand = "true"\n[git]\nrepo = "{tmp_path}"\n')
+    (tmp_path / "main.toml").write_text('[supervisor]\napps = ["apps/*.toml"]\n')
+    under_unit = load_host(str(tmp_path / "main.toml"),
+                           {"STATE_DIRECTORY": state, "HOME": f"/srv/{one('User')}"})
+    (tmp_path / "main.toml").write_text(
+        f'[supervisor]\napps = ["apps/*.toml"]\nstate_dir = "{state}"\n')
+    from_shell = load_host(str(tmp_path / "main.toml"), {"HOME": "/root"})
+    assert under_unit.app("web").app.state_dir == f"{state}/web"
+    assert from_shell.app("web").app.state_dir == f"{state}/web"
 
 
 def test_nothing_clashes_with_debians_supervisord():
-    sources = [s for s, _ in UNIT_FILES] + ["tiny-supervisor.socket"]  # test_docs_systemd.py
+    sources = [s for s, _ in UNIT_FILES] + ["tiny-supervisor@.socket"]  # test_docs_systemd.py
     assert sorted(path.name for path in UNITS.iterdir()) == sorted(sources)
     for source in sources:
         for (section, key), values in directives(source).items():

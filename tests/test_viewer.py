@@ -338,3 +338,85 @@ def test_the_log_file_comes_from_the_config(tmp_path: Path,
     config.write_text('[app]\ncommand = "true"\n[log]\nfile = 3\n')
     assert main(["-c", str(config)]) == 2
     assert capsys.readouterr().err.startswith("supervisor: log.file: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Many apps in one process: --app, and a main file's log
+
+
+def many_apps_log(path: Path) -> None:
+    """What one process of two apps writes: each app's lines through its own AppLog, and the
+    process's lines (app null), some about an app (app_name)."""
+    from supervisor.loop.host import AppLog
+
+    with open(path, "w") as stream:
+        log = EventLog(stream)
+        process, web, api = AppLog(log, None), AppLog(log, "web"), AppLog(log, "api")
+        process.write("supervisor.started", {"pid": 1})
+        web.write("child.started", {"pid": 10, "commit": C1})
+        api.write("child.started", {"pid": 11, "commit": C2})
+        process.write("app.config_failed", {"app_name": "web", "problems": ["x"]})
+        api.write("child.exited", {"pid": 11})
+        process.write("app.removing", {"app_name": "api"})
+        web.write("child.exited", {"pid": 10})
+        process.write("supervisor.stopped", {"pid": 1})
+        stream.write("plain output of an app\n")
+
+
+def test_app_keeps_one_apps_lines_and_the_process_lines_about_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "events.log"
+    many_apps_log(path)
+    every = path.read_text().splitlines()
+    web = printed(capsys, str(path), "--app", "web", "--json")
+    assert [(json.loads(line)["event"], json.loads(line)["app"]) for line in web] == [
+        ("child.started", "web"), ("app.config_failed", None), ("child.exited", "web")]
+    assert all(line in every for line in web)  # passed through unchanged
+    api = printed(capsys, str(path), "--app", "api", "--utc")
+    assert [line.split()[2] for line in api] == ["child.started", "child.exited", "app.removing"]
+    assert all("app=api" in line or "app_name=api" in line for line in api)
+    both = printed(capsys, str(path), "--app", "web", "--app", "api", "--event", "child.*")
+    assert len(both) == 4
+    assert printed(capsys, str(path), "--app", "nobody") == []
+    # Without --app, every line, the process's and the app's output among them.
+    assert len(printed(capsys, str(path))) == len(every)
+
+
+def test_app_never_matches_what_is_not_an_app_name(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "events.log"
+    write_log(path, [{"event": "x.y", "app": ["web"]}, {"event": "x.y", "app": {"a": 1}},
+                     {"event": "x.y", "app": None, "app_name": ["web"]},
+                     {"event": "x.y", "app": "api", "app_name": "web"}])
+    assert printed(capsys, str(path), "--app", "web") == []
+
+
+def main_file(tmp_path: Path, log: str) -> Path:
+    (tmp_path / "apps").mkdir()
+    (tmp_path / "apps" / "broken.toml").write_text("[app]\ncommand = 3\n")
+    main = tmp_path / "supervisor.toml"
+    main.write_text(f'[supervisor]\napps = ["apps/*.toml"]\nstate_dir = "state"\n{log}')
+    return main
+
+
+def test_the_log_of_a_main_file_is_read_even_when_its_apps_are_broken(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = main_file(tmp_path, '[log]\nfile = "logs/events.log"\n')
+    (tmp_path / "logs").mkdir()
+    many_apps_log(tmp_path / "logs" / "events.log")
+    out = printed(capsys, "-c", str(config), "--app", "web", "--json")
+    assert [json.loads(line)["event"] for line in out] == [
+        "child.started", "app.config_failed", "child.exited"]
+    config.write_text(config.read_text() + "colour = 1\n")
+    assert main(["-c", str(config)]) == 2
+    assert capsys.readouterr().err.startswith("supervisor: log.colour: ")
+
+
+def test_a_main_file_without_a_log_file_names_the_main_unit(tmp_path: Path) -> None:
+    config = main_file(tmp_path, "")
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor", "events", "-c", str(config)], cwd=tmp_path,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert result.returncode == 2 and result.stdout == ""
+    assert "journalctl -u tiny-supervisor -o cat | supervisor events --app NAME" in result.stderr

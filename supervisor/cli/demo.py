@@ -1,6 +1,8 @@
 """`supervisor demo`: the whole cycle (drain, build, restart, crash restart) in a temporary
-directory, narrated for someone who has just cloned the repository. It runs the real supervisor as
-a child process and waits on its log and on HTTP answers, never on fixed sleeps that could lie.
+directory, narrated for someone who has just cloned the repository, with two apps in one
+supervisor: one deploys and crashes and is restarted while the other waits for its client. It
+runs the real supervisor as a child process and waits on its log and on HTTP answers, never on
+fixed sleeps that could lie.
 Only `supervisor demo` imports this module, so nothing here costs the service any memory.
 """
 
@@ -30,17 +32,25 @@ READING_PAUSE = 1.5  # the one fixed pause: time to read the lines above before 
 STEP_TIMEOUT = 15.0  # every wait below is bounded; a step that takes longer fails the demo
 STOP_TIMEOUT = 10.0  # Ctrl-C: how long the supervisor gets to stop its app before SIGKILL
 
-CONFIG = """\
-# Written by `supervisor demo`. Paths are relative to this file.
+MAIN = """\
+# Written by `supervisor demo`: the main file. Paths are relative to this file.
+[supervisor]
+apps = ["apps/*.toml"]      # each file is one app, named after it: web, api
+state_dir = "state"         # each app's state in state/NAME
+max_builds = 1
+"""
+
+# The app "web": built, and deployed only once its clients have left. Paths are relative to
+# its own file, in apps/.
+WEB = """\
+# Written by `supervisor demo`: the app "web". Paths are relative to this file.
 [app]
-name = "demo"
 command = [{python}, "server.py"]
 env = {{ PORT = "{port}", STATS_FILE = {stats} }}
 stop_timeout = "3s"
-state_dir = "state"
 
 [git]
-repo = "deploy"
+repo = "../web"
 poll_interval = "1s"
 timeout = "10s"
 
@@ -49,9 +59,29 @@ command = [{python}, "-m", "py_compile", "server.py"]
 timeout = "30s"
 
 [drain]
-stats_file = "example.stats"
+stats_file = {stats}
 until = "n_clients == 0"
 timeout = "30s"
+
+[restart]
+backoff_min = "500ms"
+backoff_max = "4s"
+reset_after = "2s"
+"""
+
+# The app "api", from its own clone of the same remote: no build, no drain, so a new commit is
+# deployed at once, whatever "web" is doing.
+API = """\
+# Written by `supervisor demo`: the app "api". Paths are relative to this file.
+[app]
+command = [{python}, "server.py"]
+env = {{ PORT = "{port}" }}
+stop_timeout = "3s"
+
+[git]
+repo = "../api"
+poll_interval = "1s"
+timeout = "10s"
 
 [restart]
 backoff_min = "500ms"
@@ -133,15 +163,18 @@ class LogFollower:
         with self._changed:
             return len(self.lines)
 
-    def wait_for(self, event: str, since: int, timeout: float = STEP_TIMEOUT) -> int:
-        """Index of the first `event` line at or after `since`; text lines read `TS EVENT ...`."""
+    def wait_for(self, event: str, since: int, timeout: float = STEP_TIMEOUT,
+                 app: str | None = None) -> int:
+        """Index of the first `event` line at or after `since` (of `app`, if named); text lines
+        read `TS EVENT ... app=NAME ...`."""
         deadline = time.monotonic() + timeout
         gone_at: float | None = None
         with self._changed:
             while True:
                 for index in range(since, len(self.lines)):
-                    words = self.lines[index].split(maxsplit=2)
-                    if len(words) > 1 and words[1] == event:
+                    words = self.lines[index].split()
+                    if len(words) > 1 and words[1] == event and (
+                            app is None or f"app={app}" in words):
                         return index
                 since = max(since, len(self.lines))
                 now = time.monotonic()
@@ -152,7 +185,8 @@ class LogFollower:
                 if self.closed or (gone_at is not None and now - gone_at > 1.0):
                     raise DemoFailed(f"the supervisor exited before its log showed {event}")
                 if now >= deadline:
-                    raise DemoFailed(f"the log did not show {event} within {timeout:g}s")
+                    raise DemoFailed(f"the log did not show {event}"
+                                     f"{f' of {app}' if app else ''} within {timeout:g}s")
                 self._changed.wait(min(deadline - now, 0.2))
 
     def field(self, index: int, name: str) -> str:
@@ -189,11 +223,13 @@ def interrupts_as_keyboard_interrupt() -> Iterator[None]:
 class Demo:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.remote, self.dev, self.deploy = root / "remote.git", root / "dev", root / "deploy"
+        self.remote, self.dev = root / "remote.git", root / "dev"
+        self.web, self.api = root / "web", root / "api"  # each app's deploy clone
         self.stats = root / "example.stats"
         self.config = root / "supervisor.toml"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.web_port, self.api_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.web_port}"
+        self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.env = {
             **os.environ,
             "GIT_AUTHOR_NAME": "Demo Developer", "GIT_AUTHOR_EMAIL": "dev@example.invalid",
@@ -225,12 +261,18 @@ class Demo:
         self.git("-C", str(self.dev), "commit", "-q", "-m", "Example app, version 1")
         self.git("-C", str(self.dev), "remote", "add", "origin", str(self.remote))
         self.git("-C", str(self.dev), "push", "-q", "-u", "origin", "main")
-        self.git("clone", "-q", str(self.remote), str(self.deploy))
+        # One clone per app: a repository belongs to one app, which alone moves it.
+        self.git("clone", "-q", str(self.remote), str(self.web))
+        self.git("clone", "-q", str(self.remote), str(self.api))
 
     def write_config(self) -> None:
         python = json.dumps(sys.executable)  # a JSON string is a valid TOML basic string
-        self.config.write_text(CONFIG.format(python=python, port=self.port,
-                                             stats=json.dumps(str(self.stats))))
+        self.config.write_text(MAIN)
+        (self.root / "apps").mkdir()
+        (self.root / "apps" / "web.toml").write_text(WEB.format(
+            python=python, port=self.web_port, stats=json.dumps(str(self.stats))))
+        (self.root / "apps" / "api.toml").write_text(API.format(python=python,
+                                                                port=self.api_port))
 
     def start_supervisor(self) -> LogFollower:
         env = dict(self.env)
@@ -251,8 +293,8 @@ class Demo:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def wait_for_answer(self, expected: str) -> None:
-        wait_for_answer(self.url + "/", expected, self.alive)
+    def wait_for_answer(self, expected: str, url: str | None = None) -> None:
+        wait_for_answer((url or self.url) + "/", expected, self.alive)
 
     def push_version(self, version: str) -> None:
         (self.dev / "VERSION").write_text(version + "\n")
@@ -288,13 +330,15 @@ class Demo:
         return process.returncode
 
     def kill_orphaned_app(self) -> None:
-        """A supervisor that died or was killed leaves its app running. Ours are the pids its log
-        named that still run in our deploy tree; a recycled pid would not have that directory."""
+        """A supervisor that died or was killed leaves its apps running. Ours are the pids its
+        log named that still run in one of our deploy clones; a recycled pid would not have
+        that directory."""
         if self.log is None:
             return
+        clones = {os.path.realpath(self.web), os.path.realpath(self.api)}
         for pid in self.log.child_pids():
             try:
-                if os.path.realpath(f"/proc/{pid}/cwd") == os.path.realpath(self.deploy):
+                if os.path.realpath(f"/proc/{pid}/cwd") in clones:
                     os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
@@ -302,42 +346,52 @@ class Demo:
     def run(self) -> None:
         self.make_repositories()
         self.write_config()
-        say(f"made a git remote, a developer clone and the deploy clone in {self.root}")
+        say(f"made a git remote, a developer clone and two deploy clones in {self.root}")
+        say("two apps in one supervisor: web (built, drained) and api (neither), "
+            "from apps/web.toml and apps/api.toml")
         say(f"starting: supervisor run -c {self.config} --log-format text")
         log = self.start_supervisor()
         self.wait_for_answer("hello from 1")
-        say(f'{self.url}/ answers "hello from 1"')
+        self.wait_for_answer("hello from 1", self.api_url)
+        say(f'web ({self.url}/) and api ({self.api_url}/) both answer "hello from 1"')
 
         client = Client(f"{self.url}/hold?s={HOLD_SECONDS}")
         client.start()
         self.wait_for_clients(1)
-        say(f"a client connects and stays for {HOLD_SECONDS}s (GET /hold?s={HOLD_SECONDS})")
+        say(f"a client connects to web and stays for {HOLD_SECONDS}s "
+            f"(GET /hold?s={HOLD_SECONDS})")
         time.sleep(READING_PAUSE)
 
         mark = log.mark()
         self.push_version("2")
-        say("pushed a change (VERSION 1 -> 2) while the client is connected")
-        log.wait_for("deploy.waiting_for_drain", mark)
-        say("the supervisor fetched it and waits for n_clients == 0 before touching anything")
+        say("pushed a change (VERSION 1 -> 2) while the client is connected to web")
+        log.wait_for("deploy.waiting_for_drain", mark, app="web")
+        say("web fetched it and waits for n_clients == 0 before touching anything")
+        api_started = log.wait_for("child.started", mark, app="api")
+        self.wait_for_answer("hello from 2", self.api_url)
+        say('api, with no drain, deployed it at once: it answers "hello from 2"')
+
+        pid = int(log.field(api_started, "pid"))
+        crash = log.mark()
+        os.kill(pid, signal.SIGKILL)
+        say(f"kill -9 {pid}: api crashes")
+        restarted = log.wait_for("child.started",
+                                 log.wait_for("child.restarting", crash, app="api"), app="api")
+        self.wait_for_answer("hello from 2", self.api_url)
+        say(f"api restarted at once as pid {log.field(restarted, 'pid')}, "
+            + ("while web still waits for its client" if client.is_alive()
+               else "while web finished its drain"))
 
         client.join(HOLD_SECONDS + STEP_TIMEOUT)
         if client.is_alive() or client.error:
             raise DemoFailed(f"the client did not get its answer: {client.error or 'timed out'}")
-        say(f'the client got "{client.answer}" from the old version, undisturbed, and left')
-        satisfied = log.wait_for("drain.satisfied", mark)
-        built = log.wait_for("build.succeeded", satisfied)
-        started = log.wait_for("child.started", built)
-        say("drained -> tree updated -> built -> old app stopped -> new app started")
+        say(f'the client got "{client.answer}" from web\'s old version, undisturbed, and left')
+        satisfied = log.wait_for("drain.satisfied", mark, app="web")
+        built = log.wait_for("build.succeeded", satisfied, app="web")
+        log.wait_for("child.started", built, app="web")
+        say("web: drained -> tree updated -> built -> old app stopped -> new app started")
         self.wait_for_answer("hello from 2")
         say(f'{self.url}/ answers "hello from 2"')
-
-        pid = int(log.field(started, "pid"))
-        mark = log.mark()
-        os.kill(pid, signal.SIGKILL)
-        say(f"kill -9 {pid}: the app crashes")
-        restarted = log.wait_for("child.started", log.wait_for("child.restarting", mark))
-        self.wait_for_answer("hello from 2")
-        say(f'restarted at once as pid {log.field(restarted, "pid")}; it answers "hello from 2"')
 
         mark = log.mark()
         say("sending SIGTERM to the supervisor")
@@ -350,7 +404,7 @@ class Demo:
         if code != 0:
             raise DemoFailed(f"the supervisor exited with code {code}, not 0")
         log.wait_for("supervisor.stopped", mark, timeout=2.0)
-        say("it stopped the app and exited with code 0")
+        say("it stopped both apps and exited with code 0")
 
 
 def run_demo(keep: bool = False) -> int:

@@ -1,5 +1,5 @@
-"""`supervisor events`: the JSON event log printed for people, filtered by time and event name,
-and followed as it grows, across rotation. It only reads; `--json` passes the matching lines
+"""`supervisor events`: the JSON event log printed for people, filtered by time, event name and
+app, and followed as it grows, across rotation. It only reads; `--json` passes the matching lines
 through unchanged, so its output stays valid for jq.
 """
 
@@ -135,8 +135,9 @@ class Printer:
 
     def __init__(self, out: IO[str], *, since: float | None = None,
                  patterns: list[str] | None = None, as_json: bool = False, utc: bool = False,
-                 colour: bool = False) -> None:
+                 colour: bool = False, apps: list[str] | None = None) -> None:
         self.out, self.since, self.patterns = out, since, patterns or []
+        self.apps = set(apps or ())
         self.as_json, self.utc, self.colour = as_json, utc, colour
         self.last_seen: float | None = None  # the time of the last event read
 
@@ -148,7 +149,7 @@ class Printer:
         if record is None:
             # Not an event (the app's own output, when it shares the stream): shown with the
             # events around it, unless only events were asked for.
-            if self.as_json or self.patterns:
+            if self.as_json or self.patterns or self.apps:
                 return
             if self.since is not None and (self.last_seen is None or self.last_seen < self.since):
                 return
@@ -161,10 +162,22 @@ class Printer:
             return
         if self.patterns and not any(fnmatchcase(record["event"], p) for p in self.patterns):
             return
+        if self.apps and not self._about_apps(record):
+            return
         if self.as_json:
             self.out.write(text + "\n")
         else:
             self.out.write(format_record(record, utc=self.utc, colour=self.colour) + "\n")
+
+
+    def _about_apps(self, record: dict[str, Any]) -> bool:
+        """An app's own lines, and the process's lines about it (`app.added`, a broken file's
+        `app.config_failed`...), which carry `app` null and name it in `app_name`: asked for
+        one app, a person wants to see it being added, set aside or removed too."""
+        app, named = record.get("app"), record.get("app_name")
+        if isinstance(app, str):
+            return app in self.apps
+        return app is None and isinstance(named, str) and named in self.apps
 
 
 def _record(text: str) -> dict[str, Any] | None:
@@ -275,6 +288,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "age (30s, 10m, 2h, 1d)")
     parser.add_argument("--event", action="append", default=[], metavar="PATTERN",
                         help="only events whose name matches this glob (child.*); repeatable")
+    parser.add_argument("--app", action="append", default=[], metavar="NAME",
+                        help="only the lines of this app (a main file runs several), and the "
+                             "process's lines about it (app.added...); repeatable")
     parser.add_argument("--json", action="store_true",
                         help="print the matching lines unchanged, as JSON for jq")
     parser.add_argument("--utc", action="store_true", help="times in UTC instead of local time")
@@ -300,7 +316,7 @@ def run(args: argparse.Namespace, path: str | None, unit: str | None = None) -> 
     `unit`: a script must not take "no log here" for "no events"."""
     out = sys.stdout
     printer = Printer(out, since=args.since, patterns=args.event, as_json=args.json,
-                      utc=args.utc, colour=use_colour(args.color, out))
+                      utc=args.utc, colour=use_colour(args.color, out), apps=args.app)
     from_stdin = path is None or path == "-"
     if from_stdin and (sys.stdin is None or sys.stdin.isatty()):
         return _no_log(unit)
@@ -344,12 +360,18 @@ def run(args: argparse.Namespace, path: str | None, unit: str | None = None) -> 
     return 0
 
 
+MAIN_UNIT = "tiny-supervisor"  # the shipped unit that runs a main file (many apps)
+
+
 def unit_hint(unit: str | None) -> str:
     """The journal of the shipped units: the template's instance is the config's name
-    (tiny-supervisor@NAME reads /etc/tiny-supervisor/NAME.toml)."""
+    (tiny-supervisor@NAME reads /etc/tiny-supervisor/NAME.toml); a main file runs under
+    tiny-supervisor, and its lines are told apart by --app."""
+    if unit == MAIN_UNIT:
+        return f"journalctl -u {MAIN_UNIT} -o cat | supervisor events --app NAME"
     template = f"tiny-supervisor@{unit or 'NAME'}"
     return (f"journalctl -u {template} -o cat | supervisor events "
-            "(-u tiny-supervisor for the single unit)")
+            f"(-u {MAIN_UNIT} for a main file of many apps)")
 
 
 def _no_log(unit: str | None) -> int:
@@ -375,21 +397,35 @@ def log_file_from_config(config: str | None) -> tuple[str | None, list[str]]:
 
 
 def _from_config(config: str | None) -> tuple[str | None, list[str], str | None]:
-    """log.file, the config's problems, and the name its template unit would have: the
-    config file's own name, as in /etc/tiny-supervisor/NAME.toml, else app.name."""
+    """log.file, the config's problems, and the unit it runs under: a main file's is
+    tiny-supervisor; a single app's, the template's instance named after the config file, as in
+    /etc/tiny-supervisor/NAME.toml, else after app.name."""
     if config is None:
         if not os.path.exists("supervisor.toml"):
             return None, [], None
         config = "supervisor.toml"
-    from supervisor.core.config import ConfigError, load_config
+    from supervisor.core.config import ConfigError, parse_config, read_toml
 
     try:
-        loaded = load_config(config)
+        data = read_toml(config)
+        if "supervisor" in data:
+            return (*_main_log_file(data, config), MAIN_UNIT)
+        loaded = parse_config(data, os.path.abspath(config))
     except ConfigError as error:
         return None, error.problems, None
     stem = os.path.splitext(os.path.basename(config))[0]
     unit = stem if stem != "supervisor" else loaded.app.name
     return (None if loaded.log.file is None else str(loaded.log.file)), [], unit
+
+
+def _main_log_file(data: dict[str, Any], config: str) -> tuple[str | None, list[str]]:
+    """The event log of a main file, from its [log] alone: the app files are not read, since
+    a broken one must not keep anyone from the log that says what is wrong with it."""
+    from supervisor.core.hostconfig import _main_log
+
+    problems: list[str] = []
+    log = _main_log(data.get("log", {}), os.path.dirname(os.path.abspath(config)), problems)
+    return (None if problems or log.file is None else str(log.file)), problems
 
 
 def main(argv: list[str] | None = None) -> int:
