@@ -177,3 +177,38 @@ def test_a_killed_supervisor_restarted_finds_every_app_and_duplicates_none(fleet
         assert started["pid"] != pid
     for name in ("web", "api", "crashy"):
         fleet.worlds[name].wait_http("hello from 1", second)
+
+
+def test_the_main_files_webhook_wakes_the_app_whose_repository_the_push_names(fleet):
+    import hashlib
+    import hmac
+    import http.client
+
+    secret = "a-webhook-secret-of-some-length"
+    port = fleet.runner.free_port()
+    with open(fleet.main, "a") as main:
+        main.write(f'[trigger]\nlisten = "127.0.0.1:{port}"\nsecret = "{secret}"\n')
+    for name in ("web", "api", "crashy"):
+        fleet.write_app(name, git={"poll_interval": "1h"})
+    supervisor = fleet.runner.start(config=fleet.main)
+    for name in ("web", "api", "crashy"):
+        supervisor.wait_for("child.started", app=name)
+    api = fleet.worlds["api"]
+    commit = api.release("2")
+    body = json.dumps({"ref": "refs/heads/main", "after": commit,
+                       "repository": {"clone_url": f"file://{api.remote}"}}).encode()
+    signature = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    mark = supervisor.mark()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("POST", "/", body=body, headers={
+            "X-GitHub-Event": "push", "X-GitHub-Delivery": "d-1",
+            "X-Hub-Signature-256": f"sha256={signature}"})
+        assert connection.getresponse().status == 202
+    finally:
+        connection.close()
+    routed = supervisor.wait_for("trigger.routed", after=mark)
+    assert routed["apps"] == ["api"] and routed["matched"] is True and routed["app"] is None
+    supervisor.wait_for("child.started", app="api", commit=commit, after=routed)
+    api.wait_http("hello from 2", supervisor)
+    assert not supervisor.select("git.check_requested", app="web", after=mark)

@@ -600,3 +600,19 @@ def test_importing_the_trigger_loads_no_openssl_and_no_http_package():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_repository_a_push_names_is_read_from_its_first_bytes():
+    from supervisor.drivers.trigger import names_repository, repositories_named
+
+    body = (b'{"ref":"refs/heads/main","repository":{"html_url":"https://github.com/me/web",'
+            b'"clone_url" : "https://github.com/me/web.git","ssh_url":"git@github.com:me/web.git"'
+            b'},"commits":[{"message":"\\"clone_url\\": not a key here"}]}')
+    named = repositories_named(body)
+    assert named == ("https://github.com/me/web.git", "git@github.com:me/web.git",
+                     "https://github.com/me/web")
+    assert names_repository(named, "ssh://git@github.com:22/me/web.git")
+    assert names_repository(named, "git@github.com:me/web")
+    assert not names_repository(named, "git@github.com:me/api.git")
+    assert not names_repository((), "git@github.com:me/web.git")
+    assert repositories_named(b'{"clone_url": 7, "ssh_url": "x') == ()

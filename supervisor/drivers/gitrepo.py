@@ -164,6 +164,13 @@ class GitRepo:
     async def head(self) -> str:
         return await self._git("rev-parse", "--verify", "HEAD^{commit}")
 
+    async def remote_url(self) -> str | None:
+        """The address fetched from, for matching a webhook's push to this repository."""
+        try:
+            return await self._git("config", "--get", f"remote.{self.remote or 'origin'}.url")
+        except GitError:
+            return None
+
     async def is_dirty(self) -> bool:
         """Changes to tracked files; untracked files are left alone by both update paths."""
         status = await self._git("status", "--porcelain", "--untracked-files=no")

@@ -31,6 +31,10 @@ TIMEOUT = 5.0  # the whole request, from connect to the last body byte
 LINGER = 1.0  # after an early answer, how long unread input is drained so that it arrives
 MAX_CONNECTIONS = 16
 DELIVERIES_KEPT = 64
+ROUTE_PREFIX = 16384  # of a body, kept to learn which repository it names (near the start)
+# Where GitHub, Gitea, Forgejo and GitLab name the pushed repository's address.
+REPOSITORY_KEYS = (b"clone_url", b"ssh_url", b"git_url", b"git_http_url", b"git_ssh_url",
+                   b"html_url")
 BURST, REFILL = 5, 10.0  # accepted pushes: 5 at once, then one per 10 s
 LOG_BURST, LOG_REFILL = 10, 30.0  # `trigger.rejected` lines, so that a flood cannot fill a disk
 
@@ -208,6 +212,9 @@ class Trigger:
             raise ValueError("the trigger needs a secret")
         self.signer = Signer(secret)
         self.on_push, self.log, self.path = on_push, log, path
+        # The repository addresses the push being handled names (for a supervisor of many apps,
+        # which fetches only theirs); empty when the body names none or it came deferred.
+        self.last_repositories: tuple[str, ...] = ()
         self.max_body, self.timeout, self.max_connections = max_body, timeout, max_connections
         self.pushes = Bucket(burst, refill, 0.0)
         self.log_lines = Bucket(LOG_BURST, LOG_REFILL, 0.0)
@@ -309,15 +316,19 @@ class Trigger:
         if headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         inner = self.signer.start()
+        prefix = bytearray()
         while length:
             piece = await reader.read(min(length, 16384))
             if not piece:
                 raise asyncio.IncompleteReadError(b"?", length)
             inner.update(piece)
+            if len(prefix) < ROUTE_PREFIX:
+                prefix += piece[:ROUTE_PREFIX - len(prefix)]
             length -= len(piece)
         digest = self.signer.hexdigest(inner)
         if not self._signed(headers, hex_signatures, inner, digest):
             raise Refused(401, "bad signature", read_all=True)
+        self.last_repositories = repositories_named(bytes(prefix))
         return self._push(headers, hex_signatures, remote, digest)
 
     def _signed(self, headers: dict[str, str], hex_signatures: list[tuple[str, str]],
@@ -376,7 +387,55 @@ class Trigger:
             self.deferred = loop.call_later(wait, self._deferred_push)
             return
         self.deferred = None
+        self.last_repositories = ()  # the last of a flood: which one is not known
         self.on_push()
+
+
+def repositories_named(body: bytes) -> tuple[str, ...]:
+    """The repository addresses a push payload names ("clone_url": "...", and the like), read
+    from its first bytes without parsing JSON: only a signed body gets here, and only strings
+    come out, compared with each app's remote, never used as one."""
+    found: list[str] = []
+    for key in REPOSITORY_KEYS:
+        start = 0
+        while (at := body.find(b'"' + key + b'"', start)) != -1:
+            start = at + len(key) + 2
+            rest = body[start:start + 1024].lstrip()
+            if not rest.startswith(b":"):
+                continue
+            rest = rest[1:].lstrip()
+            end = rest.find(b'"', 1)
+            if rest.startswith(b'"') and end > 1:
+                value = rest[1:end].decode("utf-8", "replace")
+                if value not in found:
+                    found.append(value)
+    return tuple(found)
+
+
+def repository_key(address: str) -> str:
+    """An address as host/path, lowercase, without scheme, user, port or ".git": the same
+    repository reached over https, ssh or scp-like syntax gives the same key."""
+    address = address.strip().rstrip("/").lower().removesuffix(".git")
+    if "://" in address:
+        address = address.split("://", 1)[1]
+        host, _, path = address.partition("/")
+        host = host.rpartition("@")[2].partition(":")[0]
+        return f"{host}/{path}"
+    if ":" in address and not address.startswith("/"):  # git@host:owner/name
+        host, _, path = address.partition(":")
+        return f"{host.rpartition('@')[2]}/{path}"
+    return address
+
+
+def names_repository(named: tuple[str, ...], remote: str) -> bool:
+    """Whether a push naming `named` is for the repository at `remote` (the same host and
+    path; or, where the hosts differ as a mirror's would, the same owner/name)."""
+    mine = repository_key(remote)
+    for address in named:
+        theirs = repository_key(address)
+        if theirs == mine or theirs.split("/")[-2:] == mine.split("/")[-2:]:
+            return True
+    return False
 
 
 def remote_of(writer: asyncio.StreamWriter) -> str:

@@ -85,6 +85,7 @@ class Host:
         self.claims = dict(claims)
         self.drivers = DriverTasks(self.own_log.write)
         self.signals: SignalRoutes | None = None
+        self.trigger: Any = None
         self.ready_sent = False
         self.stopping = False
         self.removing: set[str] = set()  # apps whose files are gone, stopping
@@ -129,6 +130,8 @@ class Host:
                 for name in [n for n, t in self.tasks.items() if t in done]:
                     self._ended(name)
         finally:
+            if self.trigger is not None:
+                self.trigger.close()
             self._remove_signal_handlers(loop)
             await self.drivers.close()  # the watchdog last: a slow shutdown is still alive
         self.own_log.write("supervisor.stopped", {"pid": os.getpid()})
@@ -151,6 +154,40 @@ class Host:
                 del self.services[name]
         if not self.services:
             raise StartupError("no app could start (see the log)")
+        if self.config.main and self.config.trigger is not None:
+            await self._start_trigger()
+
+    async def _start_trigger(self) -> None:
+        """The webhook of a main file: a push wakes the apps whose remote it names (each
+        fetches its own branch and deploys only if it moved), or every app when it names none
+        of theirs. A single app's webhook is its Service's, as always."""
+        from supervisor.drivers.trigger import Trigger
+
+        trigger = self.config.trigger
+        assert trigger is not None
+        for service in self.services.values():
+            service.remote_address = await service.repo.remote_url()
+        self.trigger = Trigger(trigger.secret, self._on_push, self.own_log.write,
+                               path=trigger.path, burst=trigger.burst, refill=trigger.refill)
+        try:
+            await self.trigger.start(trigger.listen)
+        except OSError as error:
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise StartupError(f"trigger.listen: cannot listen on {trigger.listen}: "
+                               f"{reason}") from None
+
+    def _on_push(self) -> None:
+        from supervisor.drivers.trigger import names_repository
+
+        named = self.trigger.last_repositories
+        services = list(self.services.values())
+        chosen = [s for s in services if s.remote_address and named
+                  and names_repository(named, s.remote_address)]
+        self.own_log.write("trigger.routed", {
+            "repositories": list(named), "apps": [s.config.app.name for s in chosen or services],
+            "matched": bool(chosen)})
+        for service in chosen or services:
+            service.check()
 
     def _ended(self, name: str) -> None:
         task = self.tasks.pop(name)

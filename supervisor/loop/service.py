@@ -85,6 +85,7 @@ class Service:
         self.listeners, self.listeners_inherited = claim.listeners, claim.inherited
         self.check_queued = False  # a CheckRequested from SIGUSR1 waits in the inbox
         self.asked: dict[int, tuple[str, Event]] = {}  # requests from the shell, by event
+        self.remote_address: str | None = None  # its remote's URL, when a webhook routes
         self.log_format_forced = log_format_forced  # --log-format outlives a reload
         self.host = host
         self.builds = host.builds if host is not None else BuildQueue(1)
