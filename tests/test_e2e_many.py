@@ -212,3 +212,39 @@ def test_the_main_files_webhook_wakes_the_app_whose_repository_the_push_names(fl
     supervisor.wait_for("child.started", app="api", commit=commit, after=routed)
     api.wait_http("hello from 2", supervisor)
     assert not supervisor.select("git.check_requested", app="web", after=mark)
+
+
+def test_builds_take_turns_under_max_builds(fleet):
+    from tests.conftest import BuildGate
+
+    gate = BuildGate(fleet.tmp / "build.gate")
+    for name in ("web", "api", "crashy"):
+        fleet.write_app(name, build={"command": gate.command()}, drain=None)
+    supervisor = fleet.runner.start(config=fleet.main)
+    for name in ("web", "api", "crashy"):
+        supervisor.wait_for("child.started", app=name)
+    gate.shut()
+    mark = supervisor.mark()
+    web_commit = fleet.worlds["web"].release("2")
+    first = supervisor.wait_for("build.started", app="web", commit=web_commit, after=mark)
+    api_commit = fleet.worlds["api"].release("2")
+    queued = supervisor.wait_for("build.queued", app="api", commit=api_commit, after=mark)
+    assert queued["position"] == 1
+    assert not supervisor.select("build.started", app="api", after=mark), "two builds at once"
+    gate.open()  # web's build ends; api's starts and finds the gate gone
+    supervisor.wait_for("build.succeeded", app="web", after=first)
+    second = supervisor.wait_for("build.started", app="api", commit=api_commit, after=queued)
+    supervisor.wait_for("child.started", app="api", commit=api_commit, after=second)
+
+
+def test_a_broken_app_file_at_reload_keeps_that_app_running_as_it_was(fleet):
+    supervisor = fleet.runner.start(config=fleet.main)
+    api_pid = supervisor.wait_for("child.started", app="api")["pid"]
+    (fleet.tmp / "apps" / "api.toml").write_text("[app]\ncommand = 3\n")
+    mark = supervisor.mark()
+    supervisor.send(signal.SIGHUP)
+    failed = supervisor.wait_for("config.reload_failed", app_name="api", after=mark)
+    assert failed["app"] is None and "app.command" in failed["problems"][0]
+    assert not supervisor.select("app.removing", after=mark), "a broken file is not a removal"
+    assert fleet.runner.alive(api_pid)
+    fleet.worlds["api"].wait_http("hello from 1", supervisor)
