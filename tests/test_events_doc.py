@@ -182,3 +182,38 @@ def test_every_phase_is_documented() -> None:
 
     text = DOC.read_text()
     assert [p.value for p in Phase if f"| `{p.value}` |" not in text] == []
+
+
+def documented_fields(name: str) -> set[str] | None:
+    """The field names in the table under `#### \\`name\\``, or None when it has no table."""
+    text = DOC.read_text()
+    start = text.find(f"#### `{name}`\n")
+    if start == -1:
+        return None
+    end = text.find("\n#### ", start + 1)
+    section = text[start:end if end != -1 else len(text)]
+    rows = re.findall(r"^\| `([a-z_]+)` \|", section, re.MULTILINE)
+    return set(rows) if rows else None
+
+
+def test_every_field_of_every_transition_event_is_in_its_table() -> None:
+    """The field tables are checked against the code: a field added to an event class without
+    a row in its table (or a row left after the field went) fails here."""
+    from dataclasses import fields
+
+    problems = []
+    for name, cls in events.EVENT_TYPES.items():
+        have = {f.name for f in fields(cls)} - {"settings"}  # config.reloaded: shown as a string
+        documented = documented_fields(name)
+        if documented is None:
+            if have:
+                problems.append(f"{name}: no field table for {sorted(have)}")
+            continue
+        missing, stale = have - documented, documented - have - COMMON_TABLE_ROWS
+        if missing or stale:
+            problems.append(f"{name}: missing {sorted(missing)}, no longer written {sorted(stale)}")
+    assert problems == []
+
+
+# Rows some event tables add beside the class's own fields: the transition line's own.
+COMMON_TABLE_ROWS = {"before", "after", "actions", "settings"}
