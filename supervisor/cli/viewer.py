@@ -94,9 +94,20 @@ def format_record(record: dict[str, Any], *, utc: bool = False, colour: bool = F
     parts = [format_time(seconds, utc) if seconds is not None else "-"]
     parts.append(f"\x1b[{colour_of(event)}m{event}\x1b[0m" if colour else event)
     if event == "child.output" and isinstance(record.get("line"), str):
-        line = escape_controls(record.pop("line"))
-        cut = " [cut]" if record.pop("truncated", False) else ""
-        parts.append(f"pid={record.pop('pid', '?')} {record.pop('stream', '?')}: {line}{cut}")
+        parts.append(_output_part(record))
+    return " ".join(parts + _rest(record))
+
+
+def _output_part(record: dict[str, Any]) -> str:
+    """The app's own line, as it wrote it (its control characters escaped)."""
+    line = escape_controls(record.pop("line"))
+    cut = " [cut]" if record.pop("truncated", False) else ""
+    return f"pid={record.pop('pid', '?')} {record.pop('stream', '?')}: {line}{cut}"
+
+
+def _rest(record: dict[str, Any]) -> list[str]:
+    """Phases, facts that say something, then `=>` actions."""
+    parts = []
     before, after = record.pop("before", None), record.pop("after", None)
     if before is not None:
         parts.append(str(before) if before == after else f"{before}->{after}")
@@ -108,7 +119,7 @@ def format_record(record: dict[str, Any], *, utc: bool = False, colour: bool = F
     if actions and isinstance(actions, list):
         parts.append("=> " + ", ".join(format_action(a) if isinstance(a, dict) else str(a)
                                        for a in actions))
-    return " ".join(parts)
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,28 +158,34 @@ class Printer:
             return
         record = _record(text)
         if record is None:
-            # Not an event (the app's own output, when it shares the stream): shown with the
-            # events around it, unless only events were asked for.
-            if self.as_json or self.patterns or self.apps:
-                return
-            if self.since is not None and (self.last_seen is None or self.last_seen < self.since):
-                return
-            self.out.write(escape_controls(text) + "\n")
+            self._plain(text)
             return
-        seconds = parse_timestamp(record.get("ts"))
-        if seconds is not None:
-            self.last_seen = seconds
-        if self.since is not None and (seconds is None or seconds < self.since):
-            return
-        if self.patterns and not any(fnmatchcase(record["event"], p) for p in self.patterns):
-            return
-        if self.apps and not self._about_apps(record):
+        if not self._wanted(record):
             return
         if self.as_json:
             self.out.write(text + "\n")
         else:
             self.out.write(format_record(record, utc=self.utc, colour=self.colour) + "\n")
 
+
+    def _plain(self, text: str) -> None:
+        """Not an event (the app's own output, when it shares the stream): shown with the
+        events around it, unless only events were asked for."""
+        if self.as_json or self.patterns or self.apps:
+            return
+        if self.since is not None and (self.last_seen is None or self.last_seen < self.since):
+            return
+        self.out.write(escape_controls(text) + "\n")
+
+    def _wanted(self, record: dict[str, Any]) -> bool:
+        seconds = parse_timestamp(record.get("ts"))
+        if seconds is not None:
+            self.last_seen = seconds
+        if self.since is not None and (seconds is None or seconds < self.since):
+            return False
+        if self.patterns and not any(fnmatchcase(record["event"], p) for p in self.patterns):
+            return False
+        return not self.apps or self._about_apps(record)
 
     def _about_apps(self, record: dict[str, Any]) -> bool:
         """An app's own lines, and the process's lines about it (`app.added`, a broken file's
