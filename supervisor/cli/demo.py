@@ -354,7 +354,13 @@ class Demo:
         self.wait_for_answer("hello from 1")
         self.wait_for_answer("hello from 1", self.api_url)
         say(f'web ({self.url}/) and api ({self.api_url}/) both answer "hello from 1"')
+        client, pushed = self.drain_and_crash(log)
+        self.finish_drain(log, client, pushed)
+        self.stop_supervisor(log)
 
+    def drain_and_crash(self, log: LogFollower) -> tuple[Client, int]:
+        """A client holds web's deploy back, while api deploys at once and crashes. Returns
+        the client and the log's mark at the push."""
         client = Client(f"{self.url}/hold?s={HOLD_SECONDS}")
         client.start()
         self.wait_for_clients(1)
@@ -381,7 +387,9 @@ class Demo:
         say(f"api restarted at once as pid {log.field(restarted, 'pid')}, "
             + ("while web still waits for its client" if client.is_alive()
                else "while web finished its drain"))
+        return client, mark
 
+    def finish_drain(self, log: LogFollower, client: Client, mark: int) -> None:
         client.join(HOLD_SECONDS + STEP_TIMEOUT)
         if client.is_alive() or client.error:
             raise DemoFailed(f"the client did not get its answer: {client.error or 'timed out'}")
@@ -393,6 +401,7 @@ class Demo:
         self.wait_for_answer("hello from 2")
         say(f'{self.url}/ answers "hello from 2"')
 
+    def stop_supervisor(self, log: LogFollower) -> None:
         mark = log.mark()
         say("sending SIGTERM to the supervisor")
         assert self.process is not None
