@@ -88,6 +88,7 @@ class Host:
         self.trigger: Any = None
         self.ready_sent = False
         self.stopping = False
+        self.stopping_sent = False
         self.removing: set[str] = set()  # apps whose files are gone, stopping
         self.reload_problems: list[str] = []
         self._wake = asyncio.Event()
@@ -115,6 +116,8 @@ class Host:
         loop = asyncio.get_running_loop()
         self._add_signal_handlers(loop)
         self._start_systemd_drivers()
+        # A stop that came while an app was being claimed waits in its inbox (Service.prepare).
+        self.stopping = any(taken.stop_signals for taken in self.claims.values())
         try:
             await self._prepare_all()
         except BaseException:
@@ -222,8 +225,7 @@ class Host:
             act(service)
 
     def stop(self, signal_name: str = "SIGTERM") -> None:
-        if not self.stopping and self.notifier is not None:
-            self.notifier.stopping()
+        """Every app stops; systemd hears STOPPING=1 once the first has decided to (changed)."""
         self.stopping = True
         self._each(lambda s: s.inbox.put_nowait(StopRequested(signal=signal_name)))
 
@@ -324,7 +326,10 @@ class Host:
         """An app's state changed: tell systemd, and let the refresher pick its pace."""
         if self.notifier is None:
             return
-        if not self.ready_sent and self.services and all(
+        if self.stopping and not self.stopping_sent:
+            self.notifier.stopping()
+            self.stopping_sent = True
+        if not self.ready_sent and not self.stopping and self.services and all(
                 s.settled for s in self.services.values()):
             self.notifier.ready()  # `systemctl start` may return
             self.ready_sent = True
