@@ -21,7 +21,7 @@ from supervisor.drivers.sdnotify import Notifier, watchdog_interval, watchdog_pi
 from supervisor.drivers.signals import SignalRoutes
 from supervisor.loop.limits import BuildQueue, FetchGate, stagger
 from supervisor.loop.service import Service
-from supervisor.loop.startup import Claim, StartupError, claim
+from supervisor.loop.startup import Claim, StartupError, claim, start_trigger
 from supervisor.loop.tasks import DriverTasks
 
 # systemd's variables are for us alone: an app or a build that inherited NOTIFY_SOCKET could
@@ -164,20 +164,10 @@ class Host:
         """The webhook of a main file: a push wakes the apps whose remote it names (each
         fetches its own branch and deploys only if it moved), or every app when it names none
         of theirs. A single app's webhook is its Service's, as always."""
-        from supervisor.drivers.trigger import Trigger
-
-        trigger = self.config.trigger
-        assert trigger is not None
+        assert self.config.trigger is not None
         for service in self.services.values():
             service.remote_address = await service.repo.remote_url()
-        self.trigger = Trigger(trigger.secret, self._on_push, self.own_log.write,
-                               path=trigger.path, burst=trigger.burst, refill=trigger.refill)
-        try:
-            await self.trigger.start(trigger.listen)
-        except OSError as error:
-            reason = os.strerror(error.errno) if error.errno else str(error)
-            raise StartupError(f"trigger.listen: cannot listen on {trigger.listen}: "
-                               f"{reason}") from None
+        self.trigger = await start_trigger(self.config.trigger, self._on_push, self.own_log.write)
 
     def _on_push(self) -> None:
         from supervisor.drivers.trigger import names_repository

@@ -61,7 +61,7 @@ from supervisor.drivers.statefile import Persisted, StateStore
 from supervisor.drivers.statsfile import Stats, StatsWatcher, read_stats
 from supervisor.loop import control
 from supervisor.loop.limits import BuildQueue
-from supervisor.loop.startup import Claim, StartupError
+from supervisor.loop.startup import Claim, StartupError, start_trigger
 from supervisor.loop.status import StatusBoard, facts
 from supervisor.loop.tasks import DriverTasks
 
@@ -206,20 +206,9 @@ class Service:
                 "fd": listener.fileno(), "from_systemd": self.listeners_inherited})
 
     async def _start_trigger(self) -> None:
-        from supervisor.drivers.trigger import Trigger  # only configs with [trigger] pay for it
-
-        trigger = self.config.trigger
-        assert trigger is not None
-        self.trigger = Trigger(trigger.secret, lambda: self.inbox.put_nowait(CheckRequested()),
-                               self.log.write, path=trigger.path, burst=trigger.burst,
-                               refill=trigger.refill)
-        try:
-            await self.trigger.start(trigger.listen)
-        except OSError as error:
-            # asyncio rewords bind errors around a Python tuple: give the plain reason.
-            reason = os.strerror(error.errno) if error.errno else str(error)
-            raise StartupError(f"trigger.listen: cannot listen on {trigger.listen}: "
-                               f"{reason}") from None
+        assert self.config.trigger is not None
+        self.trigger = await start_trigger(
+            self.config.trigger, lambda: self.inbox.put_nowait(CheckRequested()), self.log.write)
 
     async def run(self) -> int:
         """The app on its own (the Host runs prepare() and serve() for each of its apps)."""

@@ -9,11 +9,12 @@ import fcntl
 import os
 import signal
 import socket
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
-from supervisor.core.config import Config
+from supervisor.core.config import Config, TriggerConfig
 from supervisor.drivers.sockets import FIRST_FD
 from supervisor.loop import control
 
@@ -138,3 +139,21 @@ def _stops_held(received: list[str]) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+async def start_trigger(config: TriggerConfig, on_push: Callable[[], None],
+                        log: Callable[[str, dict[str, Any]], None]) -> Any:
+    """The push webhook, listening, or StartupError in one line. Imported only by configs
+    with [trigger] (a single app's, or a main file's for all its apps)."""
+    from supervisor.drivers.trigger import Trigger
+
+    trigger = Trigger(config.secret, on_push, log, path=config.path, burst=config.burst,
+                      refill=config.refill)
+    try:
+        await trigger.start(config.listen)
+    except OSError as error:
+        # asyncio rewords bind errors around a Python tuple: give the plain reason.
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise StartupError(f"trigger.listen: cannot listen on {config.listen}: "
+                           f"{reason}") from None
+    return trigger
