@@ -31,6 +31,8 @@ _LINE = re.compile(
 # No stats come from the kernel's own files: a root supervisor pointed at /proc/self/environ
 # would write its environment into the log (`stats.lines_ignored`, `stats.read`).
 SYSTEM_DIRECTORIES = ("/proc", "/sys", "/dev")
+# ... but /dev/shm is an ordinary tmpfs in RAM, a good home for a stats file on an SD-card box.
+ORDINARY = ("/dev/shm",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,8 @@ def _system_directory(fd: int, path: str, status: os.stat_result) -> str | None:
         real = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         real = os.path.realpath(path)
+    if any(real.startswith(directory + "/") for directory in ORDINARY):
+        return None
     for directory in SYSTEM_DIRECTORIES:
         if real == directory or real.startswith(directory + "/"):
             return directory
