@@ -436,6 +436,10 @@ class Bench:
             for tool in tools:
                 tool.settled()
             time.sleep(self.args.idle)
+            # Then a moment with no passing child: the seed's loops, started together, would
+            # otherwise all be caught in their git and ps forks at once.
+            for tool in tools:
+                tool.settled()
             ours_and_theirs = {pid for tool in tools for part in tool.tree() for pid in part}
             record["other_debian_pythons"] = len(
                 set(running_executable(DEBIAN_PYTHON)) - ours_and_theirs)
