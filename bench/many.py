@@ -377,9 +377,18 @@ class Seeds(Tool):
             self.processes.append(Started(["bash", str(BENCH / "seed_loop.sh")], cwd=world.app,
                                           env=env, name=f"seed-{index}"))
 
-    def steady_count(self) -> int:
-        # each loop, its `sleep` and the wrapper `bash server.sh` it keeps alive
-        return 3 * len(self.roots())
+    def settled(self, timeout: float = 30.0) -> None:
+        """Until every loop is in its `sleep`: its only other child the wrapper `bash server.sh`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            table = all_processes()
+            children: dict[int, list[int]] = {}
+            for pid, fields in table.items():
+                children.setdefault(int(fields[1]), []).append(pid)
+            if all(sorted(program_name(child).split()[0] for child in children.get(root, []))
+                   == ["bash", "sleep"] for root in self.roots()):
+                return
+            time.sleep(0.05)
 
     def stop(self) -> None:
         for process in self.processes:  # the loop has no stop of its own: users kill it
