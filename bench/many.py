@@ -706,12 +706,14 @@ def notes(raw: dict[str, Any], results: dict[str, Any]) -> list[str]:
            "single-app file each. Both deploy on `kill -USR1` after the pushes.",
            f"- The seed's loops run at `sleep {SEED_LONG:g}` / `sleep {SEED_SHORT:g}` instead of "
            "300 / 30, so that they deploy within the run; their own processes are the loop's "
-           "`bash`, its `sleep` and the wrapper `bash server.sh`, and at the moment of a reading "
-           "a loop may be in a fork (`ps`, `git`, `date`).",
+           "`bash`, its `sleep` and the wrapper `bash server.sh`, read while every loop sleeps "
+           "(started together, they poll together; a reading waits until none is in a fork).",
            "- supervisord: `supervisord -n` with N `[program:...]` sections, no "
            "`[unix_http_server]` (as run.py). pm2: `pm2 start ecosystem.json` (fork mode, "
            "`interpreter` Debian's python3) with its own `PM2_HOME`; its own process is the "
            "daemon (`PM2 vX: God Daemon`), whose pid comes from that home's `pm2.pid`.",
+           "- `ours at COMMIT` is the commit of this checkout, installed into "
+           "bench/.venv-debian (not editable) at the start of the run.",
            "- Each app is the example app on Debian's python3; the apps' PSS is not in the "
            "figures, but they share pages with ours, supervisord's and the seed's python, which "
            "lowers those tools' PSS alike in one run."]
