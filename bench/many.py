@@ -1,6 +1,6 @@
 """Many apps on one box (issue 13): what each tool costs to keep N apps running, side by side.
 
-    python3 bench/many.py            # N = 1, 5, 10; 60 s idle; about 20-25 minutes on 2 cores
+    python3 bench/many.py            # N = 1, 5, 10; 60 s idle; about 17 minutes on 2 cores
     python3 bench/many.py --quick    # N = 1, 3; 10 s idle; results in a temporary directory
 
 For each N, five systems run at once, each with N copies of the example app (every app its own
