@@ -400,6 +400,16 @@ def is_transition(record: dict[str, Any]) -> bool:
     return "before" in record and "actions" in record
 
 
+def lock_left_behind(lock: Path, looks: int = 10, apart: float = 0.1) -> bool:
+    """True if `lock` exists at every one of `looks` looks: a lock a git holds while it works
+    comes and goes; one that a killed git left stays."""
+    for _ in range(looks):
+        if not lock.exists():
+            return False
+        time.sleep(apart)
+    return True
+
+
 def actions_named(record: dict[str, Any], name: str) -> list[dict[str, Any]]:
     return [a for a in record.get("actions") or () if a.get("action") == name]
 
@@ -1514,12 +1524,15 @@ def git_killed_mid_update(soak: Soak) -> str:
         lock = world.app / ".git" / "index.lock"
         head = world.git(world.app, "rev-parse", "HEAD")
         dirty = world.git(world.app, "status", "--porcelain", "--untracked-files=all")
+        # A lock left behind stays; the supervisor's next `git status` takes one for a moment
+        # (it refreshes the index), so only a lock seen at every look over a second counts.
+        left = lock_left_behind(lock)
         soak.checker.check(
             "half_written_rolled_back",
             failed is not None and "rolled back" in str(failed.get("error"))
-            and head == before.sha and not dirty and not lock.exists() and not journal.exists(),
+            and head == before.sha and not dirty and not left and not journal.exists(),
             lambda: f"after git was killed mid-update: {failed and failed.get('error')}; HEAD "
-                    f"{short(head)} (want {before}), lock {lock.exists()}, journal "
+                    f"{short(head)} (want {before}), lock {left}, journal "
                     f"{journal.exists()}, status {dirty[:200]!r}")
     finally:
         while True:  # any filter still blocked on the gate goes on (git killed takes them all)
@@ -1832,6 +1845,20 @@ class Soak:
 
     # -- converging -------------------------------------------------------------------------
 
+    def fetch_saw(self, sha: str, since: int, first: int) -> bool:
+        """A fetch since index `since` saw `sha`: its own git.fetched line, or a log.repeated
+        line of git.fetched, which stands for more fetches exactly like the last one written
+        (identical lines are collapsed into one count)."""
+        last = None
+        for record in self.log.since(first):
+            if record["event"] == "git.fetched":
+                last = record.get("upstream")
+            elif not (record["event"] == "log.repeated" and record.get("of") == "git.fetched"):
+                continue
+            if record["_i"] >= since and last == sha:
+                return True
+        return False
+
     def settled(self, mark: int) -> tuple[bool, str]:
         """Whether the supervisor has converged since index `mark`: a fetch has seen the tip,
         no deploy is under way, the log's current child runs what the model says, and reality
@@ -1839,9 +1866,8 @@ class Soak:
         run = self.run
         if run is None or not run.running:
             return False, "the supervisor is not running"
-        records = self.log.since(max(mark, run.first or 0))
         tip, expected = self.model.tip, self.model.running
-        if not any(r["event"] == "git.fetched" and r.get("upstream") == tip.sha for r in records):
+        if not self.fetch_saw(tip.sha, max(mark, run.first or 0), run.first or 0):
             return False, f"no fetch has seen the tip {tip} yet"
         generation = self.log.since(run.first or 0)
         phase = next((r["after"] for r in reversed(generation) if is_transition(r)), None)
