@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,6 +32,7 @@ class Releases:
         # a relative path, which then holds in all three places.
         self.incoming = os.path.join(root, ".incoming")
         self.chores: set[asyncio.Task[None]] = set()
+        self.last_stamp = 0  # the time given to the newest set-aside release (ns)
 
     def setup(self) -> None:
         """Create the directories; what a killed supervisor left half-made is cleared away
@@ -121,11 +123,12 @@ class Releases:
                 os.rename(destination, old)
                 self._later(self._remove(old))
             os.rename(source, destination)
-            os.utime(destination)  # its age in failed/ counts from now
+            stamp = self._stamp()
+            os.utime(destination, ns=(stamp, stamp))  # its age in failed/ counts from now
         except OSError as error:
             self.log("release.set_aside_failed", {"commit": commit, "error": error.strerror})
             return
-        self._later(self._repair(destination))  # git keeps working in there, to inspect it
+        self._later(self._repair(destination, stamp))  # git keeps working in there
         self.log("release.set_aside", {"commit": commit, "path": destination})
         failed = sorted((entry for entry in os.scandir(self.failed)
                          if _COMMIT.match(entry.name)),
@@ -148,11 +151,21 @@ class Releases:
         self.chores.add(task)
         task.add_done_callback(self.chores.discard)
 
-    async def _repair(self, path: str) -> None:
+    def _stamp(self) -> int:
+        """A time for a set-aside release that no earlier one shares: the file system's clock
+        ticks in milliseconds, and the newest few are told apart by it."""
+        self.last_stamp = max(time.time_ns(), self.last_stamp + 1)
+        return self.last_stamp
+
+    async def _repair(self, path: str, stamp: int) -> None:
         try:
             await self.repo.moved_worktree(path)
         except GitError:
             pass  # a release of an older version (no .git), or one already gone
+        try:
+            os.utime(path, ns=(stamp, stamp))  # the repair wrote in it: its age is unchanged
+        except OSError:
+            pass
 
     async def _remove(self, path: str) -> None:
         """rm -rf inside the root only, then git's entry for the checkout that was there."""
