@@ -9,7 +9,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 from supervisor.core.config import Config, ConfigError
@@ -69,8 +69,8 @@ class Host:
 
     def __init__(self, config: HostConfig, log: EventLog, claims: Mapping[str, Claim],
                  log_format_forced: bool = False,
-                 environ: dict[str, str] | None = None) -> None:
-        environ = os.environ if environ is None else environ  # type: ignore[assignment]
+                 environ: MutableMapping[str, str] | None = None) -> None:
+        environ = os.environ if environ is None else environ
         self.config, self.log = config, log
         self.own_log = AppLog(log, None)
         self.notifier = Notifier.from_environ(environ)

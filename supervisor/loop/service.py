@@ -281,19 +281,15 @@ class Service:
     def _reload_requested(self, name: str) -> None:
         """`supervisor reload`: as SIGHUP, answered with what the reload found wrong."""
         problems = self.host.reload() if self.host is not None else ["not under a host"]
-        facts: dict[str, Any] = {"ok": not problems, "phase": str(self.state.phase)}
-        if problems:
-            facts["reason"] = "; ".join(problems)
-        try:
-            control.answer(self.config.app.state_dir, name, facts)
-        except OSError as error:
-            self.log.write("control.failed", {"error": error.strerror})
+        self._reply(name, "; ".join(problems) or None)
 
     def _answer(self, event: Event, actions: list[Action]) -> None:
         """The command that sent a request waits for this: refused (and why) or accepted."""
         name, _ = self.asked.pop(id(event))
-        refusal = next((a.facts.get("reason") for a in actions if isinstance(a, Note)
-                        and a.event == NoteName.CONTROL_IGNORED), None)
+        self._reply(name, next((a.facts.get("reason") for a in actions if isinstance(a, Note)
+                                and a.event == NoteName.CONTROL_IGNORED), None))
+
+    def _reply(self, name: str, refusal: object) -> None:
         facts: dict[str, Any] = {"ok": refusal is None, "phase": str(self.state.phase)}
         if refusal is not None:
             facts["reason"] = refusal
