@@ -92,8 +92,11 @@ class EventLog:
         self._repeats_since = 0.0
         self._repeated_at = 0.0
 
-    def write(self, event: str, facts: dict[str, Any]) -> None:
-        record = {"ts": None, "event": event, **self.context}
+    def write(self, event: str, facts: dict[str, Any],
+              context: dict[str, Any] | None = None) -> None:
+        """`context` replaces `self.context` for this line (one app's view of a shared log);
+        the log's own lines (log.repeated and the like) carry `self.context`."""
+        record = {"ts": None, "event": event, **(self.context if context is None else context)}
         for key, value in facts.items():
             record["fact_" + key if key in record else key] = bounded(value)
         now = self.clock()
@@ -160,12 +163,13 @@ class EventLog:
         if self.stream.dropped:  # type: ignore[union-attr]  # that failed too: keep counting
             self.stream.dropped += count - 1  # type: ignore[union-attr]  # not the report
 
-    def transition(self, event: Event, before: str, after: str, actions: list[Action]) -> None:
+    def transition(self, event: Event, before: str, after: str, actions: list[Action],
+                   context: dict[str, Any] | None = None) -> None:
         """The step's line: the event's facts, the phase before and after, the actions taken."""
         facts = event_fields(event)
         facts.update(before=str(before), after=str(after),
                      actions=[describe_action(a) for a in actions if not isinstance(a, Note)])
-        self.write(event.name, facts)
+        self.write(event.name, facts, context)
 
     @staticmethod
     def _json(record: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 from supervisor.core.config import Config, ConfigError
-from supervisor.core.events import CheckRequested, StopRequested
+from supervisor.core.events import Action, CheckRequested, Event, StopRequested
 from supervisor.core.hostconfig import HostConfig
 from supervisor.core.machine import Phase
 from supervisor.drivers.eventlog import EventLog
@@ -48,18 +48,10 @@ class AppLog:
         self.log.format = value
 
     def write(self, event: str, facts: dict[str, Any]) -> None:
-        self._with_context(lambda: self.log.write(event, facts))
+        self.log.write(event, facts, {"app": self.app, **self.context})
 
-    def transition(self, *args: Any) -> None:
-        self._with_context(lambda: self.log.transition(*args))
-
-    def _with_context(self, write: Callable[[], None]) -> None:
-        saved = self.log.context
-        self.log.context = {"app": self.app, **self.context}
-        try:
-            write()
-        finally:
-            self.log.context = saved
+    def transition(self, event: Event, before: str, after: str, actions: list[Action]) -> None:
+        self.log.transition(event, before, after, actions, {"app": self.app, **self.context})
 
 
 class Host:
@@ -72,6 +64,7 @@ class Host:
                  environ: MutableMapping[str, str] | None = None) -> None:
         environ = os.environ if environ is None else environ
         self.config, self.log = config, log
+        log.context = {"app": None}  # the log's own lines (log.repeated...) are the process's
         self.own_log = AppLog(log, None)
         self.notifier = Notifier.from_environ(environ)
         self.watchdog_interval = watchdog_interval(environ)
