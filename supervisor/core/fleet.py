@@ -57,6 +57,7 @@ class BoxRecord:
 class SlotRecord:
     box: str
     commit: str
+    token: str = ""  # unique to one attempt: a box knows its own slot after a lost reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +127,10 @@ def parse_record(kind: str, name: object, value: bytes) -> object | None:
     if kind == "boxes":
         return _box_record(name, data)
     if kind == "slots":
-        commit = data.get("commit")
-        return SlotRecord(box, commit) if is_commit(commit) else None
+        commit, token = data.get("commit"), data.get("token", "")
+        if not is_commit(commit) or not isinstance(token, str):
+            return None
+        return SlotRecord(box, commit, token[:64])
     if kind in ("proven", "held"):
         reason = data.get("reason", "")
         if not is_commit(name) or not isinstance(reason, str):
