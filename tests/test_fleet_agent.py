@@ -5,7 +5,6 @@ leases) in one test loop, each with a member for the app "web". What each box's 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
