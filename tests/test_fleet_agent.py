@@ -91,7 +91,7 @@ def test_the_canary_goes_first_and_the_others_follow_once_it_proves_the_commit(e
         assert await boxes[0].next() == FleetCleared(commit=B, why="canary")
         waiting = await boxes[1].line("fleet.waiting")
         assert "fra-1" in waiting["reason"] and boxes[1].events.empty()
-        boxes[0].member.report(B, True, "")
+        boxes[0].member.record_outcome(B, True, "")
         assert await boxes[1].next() == FleetCleared(commit=B, why="proven")
         assert await boxes[2].next() == FleetCleared(commit=B, why="proven")
         for box in boxes:
@@ -153,7 +153,7 @@ def test_a_failure_on_one_box_holds_the_commit_for_the_others(etcd, request):
         await asyncio.sleep(0.3)
         two.member.await_go(B)
         await two.line("fleet.waiting")
-        one.member.report(B, False, "not healthy within 5s")
+        one.member.record_outcome(B, False, "not healthy within 5s")
         assert await two.next() == FleetHeld(commit=B, box="fra-1",
                                              reason="not healthy within 5s")
         await one.close()

@@ -83,7 +83,7 @@ class Member:
         self._set_waiting(None)
         self.agent.wake()
 
-    def report(self, commit: str, healthy: bool, reason: str) -> None:
+    def record_outcome(self, commit: str, healthy: bool, reason: str) -> None:
         self.reports.append((commit, healthy, reason))
         self.agent.wake()
 
@@ -273,19 +273,21 @@ class FleetAgent:
         view = self.views[member.policy.group]
         while member.reports:
             commit, healthy, reason = member.reports[0]
-            facts: dict[str, Any] = {"box": self.config.box}
+            record: dict[str, Any] = {"box": self.config.box}
             if healthy:
-                await self.client.create(member.keys.proven(commit), record_bytes(facts))
+                await self.client.create(member.keys.proven(commit), record_bytes(record))
             else:
-                facts["reason"] = reason[:300]
-                await self.client.put(member.keys.held(commit), record_bytes(facts))
+                record["reason"] = reason[:300]
+                await self.client.put(member.keys.held(commit), record_bytes(record))
             member.reports.popleft()
             table = view.proven if healthy else view.held
             table.setdefault(commit, Verdict(self.config.box, reason))
-            member.log("fleet.proven" if healthy else "fleet.held_for_group",
-                       {"group": member.policy.group, "commit": commit,
-                        "rollout": rollout_id(member.policy.group, commit)}
-                       | ({} if healthy else {"reason": reason}))
+            facts = {"group": member.policy.group, "commit": commit,
+                     "rollout": rollout_id(member.policy.group, commit)}
+            if healthy:
+                member.log("fleet.proven", facts)
+            else:
+                member.log("fleet.held_for_group", facts | {"reason": reason})
 
     async def _publish(self, member: Member) -> None:
         if not member.record or member.record == member.published:
