@@ -5,11 +5,15 @@ own, so one can be cut off while the others go on."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
+from tests.conftest import BASE_ENV
 from tests.etcdtest import EtcdCluster, need_etcd
 from tests.fleet_harness import Fleet, Prober, most_at_once
 
@@ -130,3 +134,41 @@ def test_a_box_cut_off_from_etcd_keeps_serving_restarts_its_app_and_deploys_once
     cut.supervisor.wait_for("fleet.reachable", timeout=20)
     cut.supervisor.wait_for("health.passed", commit=commit, timeout=30)
     fleet.serving("2")
+
+
+def fleet_status(box, *args: str):
+    return subprocess.run([sys.executable, "-m", "supervisor", "fleet", "status", *args, "-c",
+                           str(box.dir / "supervisor.toml")], env=BASE_ENV, cwd=box.dir,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_fleet_status_shows_every_box_and_who_waits_for_what(fleet, world):
+    fleet.start(health={"grace": "1500ms"})
+    commit = world.release("2")
+    holder = fleet.boxes[0].supervisor
+    holder.wait_for("fleet.slot_taken", commit=commit)
+    shown = fleet_status(fleet.boxes[3])
+    assert shown.returncode == 0, shown.stderr
+    assert "group web (here: max_parallel 1, canary 1)" in shown.stdout
+    lines = {line.split()[0].lstrip("*"): line for line in shown.stdout.splitlines()[1:]
+             if line.strip().startswith(("*", "box"))}
+    assert set(lines) == {b.name for b in fleet.boxes}
+    assert "slot 0" in lines["box-0"]
+    fleet.serving("2")
+    world.wait_until(lambda: all(
+        r["commit"] == commit and r["healthy"]
+        for r in json.loads(fleet_status(fleet.boxes[1], "--json").stdout)["groups"]["web"][
+            "boxes"].values()), 20, "every box healthy on the new commit in fleet status")
+    data = json.loads(fleet_status(fleet.boxes[1], "--json").stdout)
+    group = data["groups"]["web"]
+    assert data["box"] == "box-1" and len(group["boxes"]) == 5 and group["slots"] == {}
+    assert commit in group["proven"]
+
+
+def test_fleet_status_without_etcd_is_one_line_and_exit_1(fleet):
+    box = fleet.boxes[0]
+    box.config()
+    box.cut_off("refuse")
+    shown = fleet_status(box)
+    assert shown.returncode == 1 and "Traceback" not in shown.stderr
+    assert shown.stderr.count("\n") == 1 and "cannot read the fleet from etcd" in shown.stderr
