@@ -68,10 +68,14 @@ class EtcdCluster:
     that serve https and ask for client certificates."""
 
     def __init__(self, directory: Path, size: int = 3, *,
-                 tls: tuple[Path, Path, Path] | None = None) -> None:
+                 tls: tuple[Path, Path, Path] | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        """`tls`: (ca, cert, key); `extra_args`: more etcd flags for every member."""
         self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.size = size
         self.tls = tls
+        self.extra_args = extra_args
         self.binary = ETCD or "etcd"
         scheme = "https" if tls else "http"
         self.client_ports = [free_port() for _ in range(size)]
@@ -110,7 +114,7 @@ class EtcdCluster:
             ca, cert, key = self.tls
             command += ["--cert-file", str(cert), "--key-file", str(key),
                         "--trusted-ca-file", str(ca), "--client-cert-auth"]
-        return command
+        return command + list(self.extra_args)
 
     def _start(self, index: int) -> None:
         log = open(self.directory / f"{self.names[index]}.log", "ab")  # noqa: SIM115
@@ -187,6 +191,23 @@ class EtcdCluster:
             "key": base64.b64encode(key.encode()).decode(),
             "value": base64.b64encode(value.encode()).decode()}, timeout, **self._tls_args())
         return int(reply["header"]["revision"])
+
+    def compact(self, revision: int) -> None:
+        """Forget the history before `revision`: a watch from earlier fails."""
+        _post(self._url(self.first_alive()), "/v3/kv/compaction",
+              {"revision": str(revision), "physical": True}, 5.0, **self._tls_args())
+
+    def enable_auth(self, user: str, password: str) -> None:
+        """Make `user` root and turn authentication on: from then on every request needs a
+        token."""
+        url, tls = self._url(self.first_alive()), self._tls_args()
+        _post(url, "/v3/auth/role/add", {"name": "root"}, 5.0, **tls)
+        _post(url, "/v3/auth/user/add", {"name": user, "password": password}, 5.0, **tls)
+        _post(url, "/v3/auth/user/grant", {"user": user, "role": "root"}, 5.0, **tls)
+        _post(url, "/v3/auth/enable", {}, 5.0, **tls)
+
+    def first_alive(self) -> int:
+        return next(index for index in range(self.size) if self.alive(index))
 
     def wait_ready(self, index: int | None = None, timeout: float = START_WAIT) -> None:
         """Until a put works through member `index` (or through each member)."""
