@@ -126,3 +126,19 @@ def test_check_says_it_in_one_line_and_exits_2(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "fleet.lease_ttl: expected" in done.stderr
+
+
+def test_a_reload_applies_the_policy_but_a_new_group_or_joining_needs_a_restart(tmp_path):
+    from supervisor.loop.reload import merge
+
+    main = main_file(tmp_path, ETCD)
+    path = app_file(tmp_path / "apps", "web", RELEASES + "[fleet]\nmax_parallel = 1\n")
+    old = load_host(str(main), ENV).app("web")
+    path.write_text(path.read_text().replace("max_parallel = 1", 'max_parallel = 2\n'
+                                             'group = "other"'))
+    merged, applied, kept = merge(old, load_host(str(main), ENV).app("web"))
+    assert merged.fleet.max_parallel == 2 and merged.fleet.group == "web"
+    assert "fleet.max_parallel" in applied and "fleet.group" in kept
+    plain = app_file(tmp_path / "apps", "web", RELEASES)
+    _, _, kept = merge(old, load_host(str(main), ENV).app("web"))
+    assert "[fleet]" in kept and plain.exists()

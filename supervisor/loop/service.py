@@ -334,6 +334,8 @@ class Service:
             self.builder.config = config.build
             self.builder.app_env = dict(config.app.env)
         self.status.poll_interval = config.git.poll_interval
+        if self.fleet is not None and config.fleet is not None:
+            self.fleet.policy = config.fleet  # the next slot taken, the next go asked
         if not self.log_format_forced:
             self.log.format = config.log.format
 
