@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from supervisor.core.condition import parse_condition
 from supervisor.core.events import (
+    AcquireSlot,
+    AwaitFleet,
     BuildFailed,
     BuildSucceeded,
     CheckOverlap,
@@ -23,14 +25,19 @@ from supervisor.core.events import (
     Exit,
     FetchFailed,
     FetchSucceeded,
+    FleetCleared,
+    FleetHeld,
     HealthPassed,
     HealthProbeFailed,
     KillChild,
     Note,
     OverlapChecked,
+    ReleaseSlot,
+    ReportFleet,
     RestartRequested,
     RollbackRequested,
     SetAside,
+    SlotGranted,
     StartBuild,
     StartChild,
     StartChildRequested,
@@ -66,6 +73,14 @@ class World:
     exited: bool = False
     start_fails: bool = False
     overlap_fits: bool = True  # the answer to CheckOverlap
+    # Fleet mode: what the machine asked the group for, and what the group said.
+    go_asked: str | None = None
+    cleared: set[str] = field(default_factory=set)
+    slot_asked: str | None = None
+    slot_held: str | None = None
+    group_held: set[str] = field(default_factory=set)  # held before a restart into it began
+    stopping_for: str | None = None  # the app was stopped for a deploy of this commit
+    told_held: set[str] = field(default_factory=set)  # what the group holds: never cleared
 
 
 def check_and_apply(world: World, before: State, after: State, actions: list, settings_: Settings
@@ -75,6 +90,15 @@ def check_and_apply(world: World, before: State, after: State, actions: list, se
     assert not world.exited, "a decision after Exit"
     for action in actions:
         match action:
+            case StartChild(commit=commit, reason=reason) if settings_.fleet and reason in (
+                    "deploy", "deploy (overlap)") and not (
+                    commit in world.cleared or commit in before.good
+                    or before.head in (None, commit)):  # the first release, or the live one
+                raise AssertionError(f"deployed {commit} without the group's go")
+            case StartChild(commit=commit, reason=reason) if settings_.fleet and reason in (
+                    "deploy", "deploy (overlap)") and commit in world.group_held - set(
+                    before.good) - {before.head}:  # the live one restarts: never left for etcd
+                raise AssertionError(f"deployed {commit}, which the group holds")
             case StartChild(commit=commit, reason=reason):
                 # Beside a previous generation still running (overlap), never beside our child.
                 assert not world.alive or (
@@ -84,6 +108,7 @@ def check_and_apply(world: World, before: State, after: State, actions: list, se
                     assert commit is not None, "release mode started no release"
                 if reason == "rollback":
                     assert commit in before.good, "rolled back to a release never proven good"
+                world.stopping_for = None
                 if world.start_fails:
                     answers.append(ChildStartFailed(error="cannot start"))
                 else:
@@ -92,6 +117,9 @@ def check_and_apply(world: World, before: State, after: State, actions: list, se
                     answers.append(ChildStarted(pid=world.next_pid, commit=action.commit))
             case StopChild(pid=pid, reason=reason):
                 assert pid in world.alive, "stopping a process that is not our live child"
+                if settings_.fleet and reason.startswith("deploy "):
+                    assert world.slot_held == reason.split()[1], "taken down without a slot"
+                    world.stopping_for = reason.split()[1]
                 assert reason in ("shutdown", "stop requested") or reason.startswith(
                     ("deploy ", "restart requested", "not healthy within", "replaced by")), reason
                 planned = reason.startswith(("deploy", "restart requested"))
@@ -115,6 +143,7 @@ def check_and_apply(world: World, before: State, after: State, actions: list, se
                 world.watching = False
             case Exit():
                 assert not world.alive, "exit with the child still running"
+                assert world.slot_held is None, "stopped for good, still holding a slot"
                 world.exited = True
             case Note(event="health.failed", facts=facts) if facts.get("rollback_to"):
                 assert settings_.releases and facts["commit"] not in before.good, \
@@ -122,6 +151,19 @@ def check_and_apply(world: World, before: State, after: State, actions: list, se
             case CheckOverlap(pid=pid):
                 assert settings_.overlap and world.alive == {pid}
                 answers.append(OverlapChecked(available=1 if world.overlap_fits else 0, needed=1))
+            case AwaitFleet(commit=commit):
+                assert settings_.fleet
+                world.go_asked = commit
+            case AcquireSlot(commit=commit):
+                assert settings_.fleet and world.slot_held is None, "a second slot"
+                world.slot_asked = commit
+            case ReleaseSlot(commit=commit):
+                if commit is None or world.slot_held == commit:
+                    world.slot_held = None
+                if commit is None or world.slot_asked == commit:
+                    world.slot_asked = None
+            case ReportFleet(commit=commit, healthy=True):
+                assert commit == after.child_commit, "proved a commit that does not run"
             case SetAside(commit=commit):
                 assert settings_.releases and commit != after.head, "set aside the live release"
     assert (after.phase == Phase.STOPPED) == world.exited
@@ -145,6 +187,12 @@ def next_event(draw: st.DrawFn, world: World, state: State) -> Event:
         choices += ["exit"] * 2
     if state.timers:
         choices += ["timer"] * 2
+    if world.go_asked is not None:
+        choices += ["go"] * 3 + ["group_held"]
+    if world.slot_asked is not None:
+        choices += ["slot"] * 3
+    if settings_.fleet:
+        choices += ["group_held", "late_slot"]
     if state.phase == Phase.PROBATION and world.alive:
         choices += ["healthy"] * 2 + ["probe_failed"]
     if settings_.releases:
@@ -198,6 +246,18 @@ def next_event(draw: st.DrawFn, world: World, state: State) -> Event:
             return TimerFired(timer=draw(st.sampled_from(["backoff", "uptime", "stop", "drain",
                                                           "health", "grace"])),
                               serial=draw(st.integers(-5, 0)))
+        case "go" if world.go_asked in world.told_held:  # as the agent: a hold comes first
+            return FleetHeld(commit=world.go_asked, box="b2", reason="x")
+        case "go":
+            return FleetCleared(commit=world.go_asked or COMMITS[1],
+                                why=draw(st.sampled_from(["canary", "proven", "solo"])))
+        case "group_held":
+            return FleetHeld(commit=draw(st.sampled_from([world.go_asked or COMMITS[2],
+                                                          *COMMITS])), box="b2", reason="x")
+        case "slot":
+            return SlotGranted(commit=world.slot_asked or COMMITS[1], slot=0)
+        case "late_slot":
+            return SlotGranted(commit=draw(st.sampled_from(COMMITS)), slot=1)
         case "build":
             commit = world.build
             return (BuildSucceeded(commit=commit) if draw(st.booleans())
@@ -211,6 +271,14 @@ def next_event(draw: st.DrawFn, world: World, state: State) -> Event:
 def record_fact(world: World, event: Event, state: State) -> None:
     """The world changes when a fact happens, before the machine hears of it."""
     match event:
+        case FleetCleared(commit=commit):
+            world.cleared.add(commit)
+        case FleetHeld(commit=commit):
+            world.told_held.add(commit)
+            if commit != world.stopping_for:
+                world.group_held.add(commit)
+        case SlotGranted(commit=commit) if commit == world.slot_asked:
+            world.slot_held, world.slot_asked = commit, None
         case ChildExited(pid=pid):
             world.alive.discard(pid)
         case BuildSucceeded() | BuildFailed():
@@ -246,8 +314,8 @@ SETTINGS = st.builds(
     has_build=st.booleans(), reset_on_diverge=st.booleans(),
     releases=st.booleans(), health_gate=st.booleans(),
     grace=st.sampled_from([0.0, 5.0]), probe=st.booleans(), health_timeout=st.just(30.0),
-    overlap=st.booleans(),
-).filter(lambda s: s.releases or not s.overlap)  # the config allows overlap only with releases
+    overlap=st.booleans(), fleet=st.booleans(),
+).filter(lambda s: s.releases or not (s.overlap or s.fleet))  # as the config allows
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

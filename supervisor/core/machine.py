@@ -420,6 +420,8 @@ def _on_child_started(state: State, pid: int, commit: str | None) -> Decision:
     if state.phase == Phase.PROBATION:
         state, more = begin_probation(state)
         return state, actions + more
+    if state.settings.fleet:
+        actions.append(ReleaseSlot())  # no health gate to wait for: the restart is over
     state, more = deploy_queued(state)
     return state, actions + more
 

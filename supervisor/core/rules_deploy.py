@@ -311,9 +311,18 @@ def abandon_deploy(state: State) -> Decision:
     return replace(state, deploy=None, phase=Phase.RUNNING), actions
 
 
+def held_by_fleet(state: State) -> bool:
+    """Fleet mode: the group held the target while it was being checked out or built."""
+    deploy = state.deploy
+    return (state.settings.fleet and deploy is not None and deploy.kind == DeployKind.DEPLOY
+            and is_held(state, deploy.target.commit))
+
+
 def on_tree_updated(state: State, commit: str) -> Decision:
     if state.deploy is not None and state.deploy.kind == DeployKind.REVERT:
         return _on_reverted(replace(state, head=commit), None)
+    if held_by_fleet(state):
+        return on_deploy_failed(state, "held by the fleet")
     if not state.settings.releases:
         state = replace(state, head=commit)  # release mode: `head` stays the live release
     proven = state.settings.releases and commit in state.good  # built before: reuse it
@@ -330,6 +339,8 @@ def on_tree_update_failed(state: State, error: str) -> Decision:
 
 def on_built(state: State) -> Decision:
     assert state.deploy is not None
+    if held_by_fleet(state):
+        return on_deploy_failed(state, "held by the fleet")
     if state.queued is not None and may_go_straight_to(state, state.queued):
         # Still drained from before: go straight on to the newest commit.
         target = state.queued

@@ -11,8 +11,11 @@ from supervisor.core.events import AwaitFleet, Note, NoteName, ReleaseSlot
 from supervisor.core.rules_deploy import begin_deploy, on_deploy_failed, restart_into_target
 from supervisor.core.state import Decision, Deploy, Phase, State, hold, without_child
 
-# Before the app is taken down: a commit the group holds is dropped like a failed one.
-_NOT_YET_DOWN = (Phase.UPDATING, Phase.BUILDING, Phase.DRAINING, Phase.AWAITING_SLOT)
+# Built, not yet taken down: a commit the group holds is dropped like a failed one at once.
+_BUILT_NOT_DOWN = (Phase.DRAINING, Phase.AWAITING_SLOT)
+# Being checked out or built: held now, dropped once that is done (rules_deploy.held_by_fleet),
+# so that no second checkout or build ever starts beside one still running.
+_BEING_BUILT = (Phase.UPDATING, Phase.BUILDING)
 
 
 def on_fleet_cleared(state: State, commit: str, why: str) -> Decision:
@@ -36,11 +39,13 @@ def on_fleet_held(state: State, commit: str, box: str, reason: str) -> Decision:
     facts = {"commit": commit, "box": box, "reason": reason}
     if commit == state.head or commit in state.good or commit in state.refused:
         return state, []
-    if state.deploy is not None and state.target == commit:
-        if state.phase not in _NOT_YET_DOWN:
-            return state, []  # restarting into it or on probation: its own gate decides
-        return on_deploy_failed(state, f"held by the fleet: {box}: {reason}")
     note = Note(NoteName.FLEET_COMMIT_HELD, facts)
+    if state.deploy is not None and state.target == commit:
+        if state.phase in _BUILT_NOT_DOWN:
+            return on_deploy_failed(state, f"held by the fleet: {box}: {reason}")
+        if state.phase in _BEING_BUILT:
+            return hold(state, commit), [note]
+        return state, []  # restarting into it or on probation: its own gate decides
     if state.awaiting is not None and state.awaiting.commit == commit:
         return replace(hold(state, commit), awaiting=None), [note, AwaitFleet(None)]
     return hold(state, commit), [note]
