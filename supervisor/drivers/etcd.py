@@ -1,6 +1,6 @@
 """The etcd client for the fleet: etcd v3's JSON gateway (etcd 3.4 and later) over asyncio
 streams. It reports what etcd answered and raises EtcdError for anything else; it never decides,
-never logs, never sleeps between tries, and imports nothing for TLS unless an endpoint is https.
+never logs, never sleeps between tries, and makes no TLS context unless an endpoint is https.
 """
 
 from __future__ import annotations
@@ -171,6 +171,14 @@ def _prefix_end(prefix: bytes) -> bytes:
             return bytes(end)
         end.pop()
     return b"\0"  # with key "\0": every key
+
+
+def _token_refused(message: Any) -> bool:
+    """Whether a watch was refused for its token (expired, or from another member): etcd says
+    so in the cancel reason, with the gRPC code's name."""
+    result = message.get("result") if isinstance(message, dict) else None
+    reason = result.get("cancel_reason") if isinstance(result, dict) else None
+    return isinstance(reason, str) and "code = Unauthenticated" in reason
 
 
 def _error_of(status: int, reply: Any) -> tuple[int | None, str] | None:
@@ -544,28 +552,37 @@ class EtcdClient:
     async def _open_watch(self, body: bytes) -> tuple[_Connection, _WatchStream]:
         """A watch stream whose member has confirmed it ("created")."""
         async def attempt(endpoint: _Endpoint, _: _Try) -> tuple[_Connection, _WatchStream]:
-            connection = await _Connection.open(endpoint, await self._ssl_for(endpoint))
-            try:
-                await self._authenticate(connection)
-                await connection.send("/v3/watch", body, self._token)
-                status, headers = await connection.read_head()
-                if status != 200 or "chunked" not in headers.get("transfer-encoding", ""):
-                    reply = _parse_json(await connection.read_body(headers))
-                    error = _error_of(status, reply) or (None, f"HTTP {status}")
-                    self._raise_unless_unavailable(*error)
-                    raise _Broken(error[1])
-                stream = _WatchStream()
-                while not stream.pending:
-                    data = await connection.reader.read(65536)
-                    if not data:
-                        raise _Broken("closed the stream")
-                    stream.feed(data)
-                return connection, stream
-            except BaseException:
-                connection.close()
-                raise
+            connection, stream = await self._start_watch(endpoint, body)
+            if self._user is not None and _token_refused(stream.peek()):
+                connection.close()  # a token this member does not know: once more, afresh
+                self._token = None
+                connection, stream = await self._start_watch(endpoint, body)
+            return connection, stream
 
         return await self._try_endpoints(attempt, "watch", repeatable=True)
+
+    async def _start_watch(self, endpoint: _Endpoint,
+                           body: bytes) -> tuple[_Connection, _WatchStream]:
+        connection = await _Connection.open(endpoint, await self._ssl_for(endpoint))
+        try:
+            await self._authenticate(connection)
+            await connection.send("/v3/watch", body, self._token)
+            status, headers = await connection.read_head()
+            if status != 200 or "chunked" not in headers.get("transfer-encoding", ""):
+                reply = _parse_json(await connection.read_body(headers))
+                error = _error_of(status, reply) or (None, f"HTTP {status}")
+                self._raise_unless_unavailable(*error)
+                raise _Broken(error[1])
+            stream = _WatchStream()
+            while not stream.pending:
+                data = await connection.reader.read(65536)
+                if not data:
+                    raise _Broken("closed the stream")
+                stream.feed(data)
+            return connection, stream
+        except BaseException:
+            connection.close()
+            raise
 
     def _watch_events(self, message: Any, start_revision: int) -> list[WatchEvent]:
         message = _object(message, "watch message")
@@ -771,6 +788,9 @@ class _WatchStream:
     @property
     def ended(self) -> bool:
         return self._dechunker.done
+
+    def peek(self) -> Any:
+        return self._messages[0] if self._messages else None
 
     def messages(self) -> list[Any]:
         messages, self._messages = self._messages, []
