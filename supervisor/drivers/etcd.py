@@ -485,7 +485,7 @@ class EtcdClient:
                          "create_revision": "0"}],
             "success": [{"request_put": {"key": _key(key), "value": _b64(value),
                                          "lease": str(lease)}}],
-        }, repeatable=False)
+        }, repeatable=False, what="create")
         return self._succeeded(reply)
 
     async def delete_if(self, key: str, value: bytes) -> bool:
@@ -495,7 +495,7 @@ class EtcdClient:
             "compare": [{"key": _key(key), "target": "VALUE", "result": "EQUAL",
                          "value": _b64(value)}],
             "success": [{"request_delete_range": {"key": _key(key)}}],
-        }, repeatable=False)
+        }, repeatable=False, what="delete_if")
         return self._succeeded(reply)
 
     @staticmethod
@@ -514,9 +514,9 @@ class EtcdClient:
         stream, a compacted start revision or close() raise EtcdError, after which the caller
         reads again with get_prefix and watches from there."""
         raw = prefix.encode("utf-8", "surrogateescape")
+        keys = {"key": _b64(raw or b"\0"), "range_end": _b64(_prefix_end(raw))}
         body = json.dumps({"create_request": {
-            "key": _b64(raw or b"\0"), "range_end": _b64(_prefix_end(raw)),
-            "start_revision": str(start_revision)}}).encode()
+            **keys, "start_revision": str(start_revision)}}).encode()
         connection, stream = await self._open_watch(body)
         self._watches.add(connection)
         try:
@@ -532,7 +532,7 @@ class EtcdClient:
                     async with asyncio.timeout(self.watch_check):
                         data = await connection.reader.read(65536)
                 except TimeoutError:
-                    await self._check_member(connection.endpoint)
+                    await self._check_member(connection.endpoint, keys)
                     continue
                 except OSError as error:
                     raise EtcdUnavailable(f"etcd watch: {_describe(error)}") from None
@@ -601,22 +601,24 @@ class EtcdClient:
                             .rstrip(": "))
         return [_watch_event(event) for event in _list(result, "events")]
 
-    async def _check_member(self, endpoint: _Endpoint) -> None:
+    async def _check_member(self, endpoint: _Endpoint, keys: dict[str, str]) -> None:
         """The watch has been quiet: a member that can still serve a linearizable read is
-        merely idle; one that cannot (stopped, cut off from its leader) ends the watch."""
-        body = json.dumps({"key": _b64(b"\0"), "count_only": True, "limit": "1"}).encode()
+        merely idle; one that cannot (stopped, cut off from its leader) ends the watch. The
+        read is a count of the watched keys, which a user allowed to watch may read."""
+        body = json.dumps({**keys, "count_only": True}).encode()
         await self._try_endpoints(
             lambda endpoint, attempt: self._request(endpoint, "/v3/kv/range", body, attempt),
             "watch check", repeatable=True, only=endpoint)
 
     # -- the calls, the tries, the connections --------------------------------------------------
 
-    async def _call(self, path: str, payload: dict[str, Any], *,
-                    repeatable: bool = True) -> dict[str, Any]:
+    async def _call(self, path: str, payload: dict[str, Any], *, repeatable: bool = True,
+                    what: str | None = None) -> dict[str, Any]:
+        """`what` names the call in a failure's reason (else the path's last part)."""
         body = json.dumps(payload).encode()
         return await self._try_endpoints(
             lambda endpoint, attempt: self._request(endpoint, path, body, attempt, repeatable),
-            path.rsplit("/", 1)[-1], repeatable=repeatable)
+            what or path.rsplit("/", 1)[-1], repeatable=repeatable)
 
     async def _try_endpoints(self, attempt: Callable[[_Endpoint, _Try], Awaitable[T]],
                              what: str, *, repeatable: bool,
