@@ -264,6 +264,20 @@ def test_a_silent_member_is_skipped_within_the_timeout(cluster: EtcdCluster) -> 
         cluster.cont(follower)
 
 
+def test_a_restarted_member_serves_again(cluster: EtcdCluster) -> None:
+    async def body(client: EtcdClient) -> None:
+        await client.put("/k", b"while it was down")
+
+    cluster.kill(0)
+    client_run(cluster.endpoints[1:], body)
+    cluster.restart(0)
+
+    async def through_it(client: EtcdClient) -> None:
+        assert (await client.get("/k")).value == b"while it was down"  # type: ignore[union-attr]
+
+    client_run(cluster.endpoints[:1], through_it)
+
+
 def test_calls_go_on_after_the_leader_is_killed(cluster: EtcdCluster) -> None:
     async def body(client: EtcdClient) -> None:
         await client.put("/k", b"before")
