@@ -21,8 +21,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from supervisor.drivers.sockets import free_port
 
 ETCD = shutil.which("etcd")
@@ -36,6 +34,8 @@ class EtcdHarnessError(Exception):
 def need_etcd() -> str:
     """The etcd binary, or the test is skipped (CI installs etcd-server, so there it runs)."""
     if ETCD is None:
+        import pytest  # here, not at the top: bench/etcd_client.py uses this module too
+
         pytest.skip("etcd is not installed (Debian: apt-get install etcd-server)")
     return ETCD
 
@@ -206,6 +206,18 @@ class EtcdCluster:
         _post(url, "/v3/auth/user/grant", {"user": user, "role": "root"}, 5.0, **tls)
         _post(url, "/v3/auth/enable", {}, 5.0, **tls)
 
+    def drop_tokens(self, user: str, password: str) -> None:
+        """Turn authentication off and on again: every token handed out so far is refused from
+        now on, as if it had expired (it is what an expiry looks like to a client)."""
+        url, tls = self._url(self.first_alive()), self._tls_args()
+        token = _post(url, "/v3/auth/authenticate", {"name": user, "password": password}, 5.0,
+                      **tls)["token"]
+        request = urllib.request.Request(url + "/v3/auth/disable", data=b"{}",
+                                         headers={"Authorization": token})
+        with urllib.request.urlopen(request, timeout=5.0, **tls) as response:
+            response.read()
+        _post(url, "/v3/auth/enable", {}, 5.0, **tls)
+
     def first_alive(self) -> int:
         return next(index for index in range(self.size) if self.alive(index))
 
@@ -264,8 +276,10 @@ class EtcdCluster:
 def etcd_fixture(size: int = 3, scope: str = "function", **kwargs: Any) -> Any:
     """A pytest fixture giving a running EtcdCluster, skipped without etcd:
     `cluster = etcd_fixture(3, scope="module")` in a test module."""
+    import pytest
+
     @pytest.fixture(scope=scope)  # type: ignore[call-overload]
-    def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    def cluster(tmp_path_factory: Any) -> Iterator[EtcdCluster]:
         need_etcd()
         with EtcdCluster(tmp_path_factory.mktemp("etcd"), size, **kwargs) as running:
             yield running
@@ -282,6 +296,8 @@ def make_certificates(directory: Path) -> tuple[Path, Path, Path, Path, Path]:
     (ca, server_cert, server_key, client_cert, client_key). Skips without openssl."""
     openssl = shutil.which("openssl")
     if openssl is None:
+        import pytest
+
         pytest.skip("openssl is not installed")
     directory.mkdir(parents=True, exist_ok=True)
 
@@ -366,12 +382,15 @@ class TcpProxy:
     def _run(self) -> None:
         applied = None
         while not self._stopping:
+            ready = self._selector.select(timeout=None) if applied is not None else []
+            # The mode as it is after the wait: a connection that arrives together with a
+            # change of mode is treated by the new one.
             with self._lock:
                 mode = self._mode
             if mode != applied:
                 self._apply(mode)
                 applied = mode
-            for key, _ in self._selector.select(timeout=None):
+            for key, _ in ready:
                 if key.data == "wake":
                     with contextlib.suppress(OSError):
                         self._wake_read.recv(4096)

@@ -264,6 +264,20 @@ def test_a_silent_member_is_skipped_within_the_timeout(cluster: EtcdCluster) -> 
         cluster.cont(follower)
 
 
+def test_a_restarted_member_serves_again(cluster: EtcdCluster) -> None:
+    async def body(client: EtcdClient) -> None:
+        await client.put("/k", b"while it was down")
+
+    cluster.kill(0)
+    client_run(cluster.endpoints[1:], body)
+    cluster.restart(0)
+
+    async def through_it(client: EtcdClient) -> None:
+        assert (await client.get("/k")).value == b"while it was down"  # type: ignore[union-attr]
+
+    client_run(cluster.endpoints[:1], through_it)
+
+
 def test_calls_go_on_after_the_leader_is_killed(cluster: EtcdCluster) -> None:
     async def body(client: EtcdClient) -> None:
         await client.put("/k", b"before")
@@ -376,26 +390,33 @@ def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
         assert not isinstance(missing, EtcdUnavailable) and "CA" in missing.reason
 
 
-def test_user_and_password_and_a_token_another_member_does_not_know(
-        cluster: EtcdCluster) -> None:
+def test_user_and_password_and_a_token_etcd_no_longer_knows(cluster: EtcdCluster) -> None:
     cluster.enable_auth("root", "pw")
 
     async def body(client: EtcdClient) -> None:
-        await client.put("/auth", b"1")  # a token from member 0
-        cluster.kill(0)
-        # Member 1 knows nothing of member 0's simple token: the client authenticates again.
+        revision = await client.put("/auth", b"1")
+        token = client._token
+        cluster.drop_tokens("root", "pw")  # what an expired token looks like
+        # A watch is refused as a canceled stream; the client authenticates again.
+        watch = client.watch("/auth", revision)
+        assert await next_batch(watch) == [("put", "/auth", b"1")]
+        await watch.aclose()
+        assert client._token not in (None, token)
+        token = client._token
+        cluster.drop_tokens("root", "pw")
         assert (await client.get("/auth")).value == b"1"  # type: ignore[union-attr]
+        assert client._token not in (None, token)
 
     client_run(cluster.endpoints, body, user="root", password="pw")
 
-    async def refused(client: EtcdClient) -> EtcdError:
+    async def denied(client: EtcdClient) -> EtcdError:
         with pytest.raises(EtcdError) as caught:
             await client.get("/auth")
         return caught.value
 
-    wrong = client_run(cluster.endpoints[1:], refused, user="root", password="no")
+    wrong = client_run(cluster.endpoints, denied, user="root", password="no")
     assert not isinstance(wrong, EtcdUnavailable) and "authentication failed" in wrong.reason
-    anonymous = client_run(cluster.endpoints[1:], refused)
+    anonymous = client_run(cluster.endpoints, denied)
     assert not isinstance(anonymous, EtcdUnavailable)
 
 

@@ -1,6 +1,6 @@
 """The etcd client for the fleet: etcd v3's JSON gateway (etcd 3.4 and later) over asyncio
 streams. It reports what etcd answered and raises EtcdError for anything else; it never decides,
-never logs, never sleeps between tries, and imports nothing for TLS unless an endpoint is https.
+never logs, never sleeps between tries, and makes no TLS context unless an endpoint is https.
 """
 
 from __future__ import annotations
@@ -171,6 +171,14 @@ def _prefix_end(prefix: bytes) -> bytes:
             return bytes(end)
         end.pop()
     return b"\0"  # with key "\0": every key
+
+
+def _token_refused(message: Any) -> bool:
+    """Whether a watch was refused for its token (expired, or from another member): etcd says
+    so in the cancel reason, with the gRPC code's name."""
+    result = message.get("result") if isinstance(message, dict) else None
+    reason = result.get("cancel_reason") if isinstance(result, dict) else None
+    return isinstance(reason, str) and "code = Unauthenticated" in reason
 
 
 def _error_of(status: int, reply: Any) -> tuple[int | None, str] | None:
@@ -477,7 +485,7 @@ class EtcdClient:
                          "create_revision": "0"}],
             "success": [{"request_put": {"key": _key(key), "value": _b64(value),
                                          "lease": str(lease)}}],
-        }, repeatable=False)
+        }, repeatable=False, what="create")
         return self._succeeded(reply)
 
     async def delete_if(self, key: str, value: bytes) -> bool:
@@ -487,7 +495,7 @@ class EtcdClient:
             "compare": [{"key": _key(key), "target": "VALUE", "result": "EQUAL",
                          "value": _b64(value)}],
             "success": [{"request_delete_range": {"key": _key(key)}}],
-        }, repeatable=False)
+        }, repeatable=False, what="delete_if")
         return self._succeeded(reply)
 
     @staticmethod
@@ -506,9 +514,9 @@ class EtcdClient:
         stream, a compacted start revision or close() raise EtcdError, after which the caller
         reads again with get_prefix and watches from there."""
         raw = prefix.encode("utf-8", "surrogateescape")
+        keys = {"key": _b64(raw or b"\0"), "range_end": _b64(_prefix_end(raw))}
         body = json.dumps({"create_request": {
-            "key": _b64(raw or b"\0"), "range_end": _b64(_prefix_end(raw)),
-            "start_revision": str(start_revision)}}).encode()
+            **keys, "start_revision": str(start_revision)}}).encode()
         connection, stream = await self._open_watch(body)
         self._watches.add(connection)
         try:
@@ -524,7 +532,7 @@ class EtcdClient:
                     async with asyncio.timeout(self.watch_check):
                         data = await connection.reader.read(65536)
                 except TimeoutError:
-                    await self._check_member(connection.endpoint)
+                    await self._check_member(connection.endpoint, keys)
                     continue
                 except OSError as error:
                     raise EtcdUnavailable(f"etcd watch: {_describe(error)}") from None
@@ -544,28 +552,37 @@ class EtcdClient:
     async def _open_watch(self, body: bytes) -> tuple[_Connection, _WatchStream]:
         """A watch stream whose member has confirmed it ("created")."""
         async def attempt(endpoint: _Endpoint, _: _Try) -> tuple[_Connection, _WatchStream]:
-            connection = await _Connection.open(endpoint, await self._ssl_for(endpoint))
-            try:
-                await self._authenticate(connection)
-                await connection.send("/v3/watch", body, self._token)
-                status, headers = await connection.read_head()
-                if status != 200 or "chunked" not in headers.get("transfer-encoding", ""):
-                    reply = _parse_json(await connection.read_body(headers))
-                    error = _error_of(status, reply) or (None, f"HTTP {status}")
-                    self._raise_unless_unavailable(*error)
-                    raise _Broken(error[1])
-                stream = _WatchStream()
-                while not stream.pending:
-                    data = await connection.reader.read(65536)
-                    if not data:
-                        raise _Broken("closed the stream")
-                    stream.feed(data)
-                return connection, stream
-            except BaseException:
-                connection.close()
-                raise
+            connection, stream = await self._start_watch(endpoint, body)
+            if self._user is not None and _token_refused(stream.peek()):
+                connection.close()  # a token this member does not know: once more, afresh
+                self._token = None
+                connection, stream = await self._start_watch(endpoint, body)
+            return connection, stream
 
         return await self._try_endpoints(attempt, "watch", repeatable=True)
+
+    async def _start_watch(self, endpoint: _Endpoint,
+                           body: bytes) -> tuple[_Connection, _WatchStream]:
+        connection = await _Connection.open(endpoint, await self._ssl_for(endpoint))
+        try:
+            await self._authenticate(connection)
+            await connection.send("/v3/watch", body, self._token)
+            status, headers = await connection.read_head()
+            if status != 200 or "chunked" not in headers.get("transfer-encoding", ""):
+                reply = _parse_json(await connection.read_body(headers))
+                error = _error_of(status, reply) or (None, f"HTTP {status}")
+                self._raise_unless_unavailable(*error)
+                raise _Broken(error[1])
+            stream = _WatchStream()
+            while not stream.pending:
+                data = await connection.reader.read(65536)
+                if not data:
+                    raise _Broken("closed the stream")
+                stream.feed(data)
+            return connection, stream
+        except BaseException:
+            connection.close()
+            raise
 
     def _watch_events(self, message: Any, start_revision: int) -> list[WatchEvent]:
         message = _object(message, "watch message")
@@ -584,22 +601,24 @@ class EtcdClient:
                             .rstrip(": "))
         return [_watch_event(event) for event in _list(result, "events")]
 
-    async def _check_member(self, endpoint: _Endpoint) -> None:
+    async def _check_member(self, endpoint: _Endpoint, keys: dict[str, str]) -> None:
         """The watch has been quiet: a member that can still serve a linearizable read is
-        merely idle; one that cannot (stopped, cut off from its leader) ends the watch."""
-        body = json.dumps({"key": _b64(b"\0"), "count_only": True, "limit": "1"}).encode()
+        merely idle; one that cannot (stopped, cut off from its leader) ends the watch. The
+        read is a count of the watched keys, which a user allowed to watch may read."""
+        body = json.dumps({**keys, "count_only": True}).encode()
         await self._try_endpoints(
             lambda endpoint, attempt: self._request(endpoint, "/v3/kv/range", body, attempt),
             "watch check", repeatable=True, only=endpoint)
 
     # -- the calls, the tries, the connections --------------------------------------------------
 
-    async def _call(self, path: str, payload: dict[str, Any], *,
-                    repeatable: bool = True) -> dict[str, Any]:
+    async def _call(self, path: str, payload: dict[str, Any], *, repeatable: bool = True,
+                    what: str | None = None) -> dict[str, Any]:
+        """`what` names the call in a failure's reason (else the path's last part)."""
         body = json.dumps(payload).encode()
         return await self._try_endpoints(
             lambda endpoint, attempt: self._request(endpoint, path, body, attempt, repeatable),
-            path.rsplit("/", 1)[-1], repeatable=repeatable)
+            what or path.rsplit("/", 1)[-1], repeatable=repeatable)
 
     async def _try_endpoints(self, attempt: Callable[[_Endpoint, _Try], Awaitable[T]],
                              what: str, *, repeatable: bool,
@@ -771,6 +790,9 @@ class _WatchStream:
     @property
     def ended(self) -> bool:
         return self._dechunker.done
+
+    def peek(self) -> Any:
+        return self._messages[0] if self._messages else None
 
     def messages(self) -> list[Any]:
         messages, self._messages = self._messages, []
