@@ -78,6 +78,45 @@ async def test_a_child_record_is_on_disk_at_once_even_while_the_writer_is_busy(t
     assert writer.stop(5)
 
 
+class SlowDisk(StateStore):
+    """A store whose writes wait at `gate`, as behind an SD card's fsync: the one stand-in in
+    this file, since no real file system here can be made slow on demand. It writes for real."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def _write(self, state, durable):  # type: ignore[no-untyped-def]
+        self.entered.set()
+        self.gate.wait(10)
+        return super()._write(state, durable)
+
+
+@in_loop
+async def test_a_child_record_saved_while_its_file_is_being_written_goes_ahead_of_the_queue(
+        tmp_path):
+    """It cannot be written on the loop then (the two writes share the spare copy), so the
+    thread writes it right after, before other apps' queued fsyncs; a durable save made
+    meanwhile is fsync'd later, behind them."""
+    writer = DiskWriter(asyncio.get_running_loop())
+    store = SlowDisk(tmp_path / "a")
+    other = StateStore(tmp_path / "b")
+    store.writer = other.writer = writer
+    store.save(built="a" * 40)
+    assert store.entered.wait(5), "the thread is writing the file now"
+    other.save(failed="b" * 40)  # another app's fsync, queued
+    seen: list[dict] = []
+    writer.submit(lambda: seen.append(on_disk(tmp_path / "a")))  # runs after that one
+    store.save(child=ChildRecord(7, 70, "boot"))
+    store.save(failed="c" * 40)
+    assert not (tmp_path / "a" / "state.json").exists(), "nothing written on the loop"
+    store.gate.set()
+    await writer.drain()
+    assert seen[0]["child"]["pid"] == 7 and seen[0]["built"] == "a" * 40
+    assert on_disk(tmp_path / "a")["failed"] == "c" * 40 and on_disk(tmp_path / "b")["failed"]
+    assert writer.stop(5)
+
+
 @in_loop
 async def test_saves_of_one_file_never_go_backwards_nor_overlap(tmp_path):
     """Durable saves through the thread and child records inline, interleaved as fast as the

@@ -31,22 +31,27 @@ class DiskWriter:
         # what is pending). Held only to flip those flags, or by the loop for a write of its own
         # that needs no fsync: never across an fsync.
         self.lock = threading.Lock()
-        self.submitted = 0
-        self.done = 0
+        self.submitted = 0  # jobs, counted under _counting (the thread submits too)
+        self.done = 0  # counted by the thread alone
+        self._counting = threading.Lock()
         self._queue: SimpleQueue[Job | asyncio.Future[None] | None] = SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._stopped = False
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def submit(self, job: Job) -> None:
-        """Queue `job` behind everything submitted before it (from the loop)."""
+        """Queue `job` behind everything submitted before it (from the loop, or from a job)."""
+        if self._stopped:
+            return  # only after a stop that found the disk stuck: the process is exiting
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="supervisor-writer",
                                             daemon=True)
             self._thread.start()
-        self.submitted += 1
+        with self._counting:
+            self.submitted += 1
         self._queue.put(job)
 
     def on_loop(self, callback: Callable[..., object], *args: Any) -> None:
@@ -69,6 +74,7 @@ class DiskWriter:
         """End the thread once what is queued is written; False if it is still stuck (a disk
         that never answers) after `timeout` seconds."""
         thread, self._thread = self._thread, None
+        self._stopped = True
         if thread is None:
             return True
         self._queue.put(None)

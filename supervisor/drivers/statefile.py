@@ -134,10 +134,11 @@ class StateStore:
         self.report = report  # told when the file cannot be written (a full disk)
         self.failing: str | None = None
         self.writer: DiskWriter | None = None
-        # With a writer, under its lock: a job for this file is queued / running, and whether
-        # what it will write must be fsync'd.
+        # With a writer, under its lock: a job for this file is queued / being written, and
+        # whether what is pending must be fsync'd.
         self._queued = False
         self._writing = False
+        self._again = False  # saved while being written: write again right after
         self._durable = False
 
     def load(self) -> Persisted:
@@ -169,8 +170,9 @@ class StateStore:
         needs no fsync: after a power cut that child is gone and the boot id tells, and a record
         naming a dead process is harmless, since its start time is checked. So it is written at
         once, inline (a write and a rename, no fsync), unless the writer is writing this very
-        file: it then follows that write. That keeps the window in which a `kill -9` of the
-        supervisor loses a just-started child as short as a write to the page cache."""
+        file: the thread then writes it right after, ahead of other apps' files. That keeps the
+        window in which a `kill -9` of the supervisor loses a just-started child as short as a
+        write to the page cache, or the rest of this app's own write in progress."""
         durable = bool(DURABLE & set(changes))
         self.current = replace(self.current, **changes)  # type: ignore[arg-type]
         writer = self.writer
@@ -180,32 +182,47 @@ class StateStore:
             self._tell(before, error)
             return
         with writer.lock:
-            if not durable and not self._writing:
-                # A job still queued for this file writes the latest state again when it runs.
-                error = self._write(self.current, False)
-                before, self.failing = self.failing, error
-            else:
+            if self._writing:
+                # Written as soon as the thread is done with this file, ahead of other files.
+                self._again = True
                 self._durable = self._durable or durable
+                return
+            if durable:
+                self._durable = True
                 if not self._queued:  # else that job writes the latest state, this one included
                     self._queued = True
                     writer.submit(self._write_pending)
                 return
+            # A job still queued for this file writes the latest state again when it runs.
+            error = self._write(self.current, False)
+            before, self.failing = self.failing, error
         self._tell(before, error)
 
     def _write_pending(self) -> None:
-        """On the writer thread: the latest state, fsync'd if any save it covers asked for it."""
+        """On the writer thread: the latest state, fsync'd if any save it covers asked for it.
+        Saves made meanwhile are written right after, without fsync (a child's record must not
+        wait behind other apps' fsyncs); an fsync they need is queued behind the others."""
         writer = self.writer
         assert writer is not None
         with writer.lock:
             self._queued, self._writing = False, True
             durable, self._durable = self._durable, False
             state = self.current
-        error = self._write(state, durable)
-        with writer.lock:
-            self._writing = False
-            before, self.failing = self.failing, error
-        if error != before:
-            writer.on_loop(self._tell, before, error)
+        while True:
+            error = self._write(state, durable)
+            with writer.lock:
+                before, self.failing = self.failing, error
+                again, self._again = self._again, False
+                if not again:
+                    self._writing = False
+                    if self._durable and not self._queued:
+                        self._queued = True
+                        writer.submit(self._write_pending)
+                state, durable = self.current, False
+            if error != before:
+                writer.on_loop(self._tell, before, error)
+            if not again:
+                return
 
     def _write(self, state: Persisted, durable: bool) -> str | None:
         """The reason it could not be written, else None."""
