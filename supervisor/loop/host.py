@@ -316,7 +316,11 @@ class Host:
         if self.writer is not None:
             # An app of that name that just ended may have a write in flight to the state
             # file the claim below reads and writes.
-            await self.writer.drain()
+            try:
+                async with asyncio.timeout(WRITER_STOP):
+                    await self.writer.drain()
+            except TimeoutError:
+                pass  # a disk that never answers: that write will not finish either
         try:
             taken = claim(app, os.environ, place_sockets=False)
         except StartupError as error:
