@@ -12,6 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 Job = Callable[[], None]
+# Log lines that may wait for the thread. Beyond, the loop waits for it, as it waited for every
+# write before the thread: a journald that stops reading its pipe must not fill a small box's
+# memory with queued lines (about 0.5 kB each), and no line is ever dropped.
+MAX_QUEUED_LINES = 4096
 
 
 class DiskWriter:
@@ -37,6 +41,7 @@ class DiskWriter:
         self._queue: SimpleQueue[Job | asyncio.Future[None] | None] = SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._line_room = threading.BoundedSemaphore(MAX_QUEUED_LINES)
 
     @property
     def running(self) -> bool:
@@ -53,6 +58,18 @@ class DiskWriter:
         with self._counting:
             self.submitted += 1
         self._queue.put(job)
+
+    def submit_line(self, job: Job) -> None:
+        """Queue a log line's write; once MAX_QUEUED_LINES wait, wait for room first."""
+        self._line_room.acquire()
+
+        def write() -> None:
+            try:
+                job()
+            finally:
+                self._line_room.release()
+
+        self.submit(write)
 
     def on_loop(self, callback: Callable[..., object], *args: Any) -> None:
         """Run `callback(*args)` on the loop's thread (from the writer's): the event log and

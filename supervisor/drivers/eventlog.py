@@ -82,13 +82,6 @@ def priority(event: str) -> int:
 REPEAT_REPORT = 10.0
 
 
-# Lines that may wait for the writer thread. Beyond, they are counted and dropped: a pipe to
-# journald that stopped draining must not fill a small box's memory with queued lines (about
-# 0.5 kB each), where writing on the loop would have stalled every app instead.
-MAX_QUEUED = 4096
-BEHIND = "the log's writer is behind (its stream does not take lines as fast as they come)"
-
-
 class EventLog:
     def __init__(self, stream: IO[str] | None = None, format: str = "json",
                  clock: Any = time.time) -> None:
@@ -105,7 +98,6 @@ class EventLog:
         # Installed by the Host: the stream is then written (and followed after logrotate) on
         # that thread alone, so a slow pipe to journald or a slow disk never holds up the loop.
         self.writer: DiskWriter | None = None
-        self._behind = 0  # lines not queued for the writer, MAX_QUEUED being reached
 
     def write(self, event: str, facts: dict[str, Any],
               context: dict[str, Any] | None = None) -> None:
@@ -142,19 +134,10 @@ class EventLog:
 
     def _emit(self, record: dict[str, Any]) -> None:
         line = self._line(record)
-        writer = self.writer
-        if writer is None:
+        if self.writer is None:
             self._put(line)
-            return
-        if writer.submitted - writer.done >= MAX_QUEUED:
-            self._behind += 1
-            return
-        if self._behind:
-            count, self._behind = self._behind, 0
-            report = self._line({"ts": timestamp(self.clock()), "event": "log.lines_dropped",
-                                 **self.context, "count": count, "error": BEHIND})
-            writer.submit(lambda: self._write_stream(report))
-        writer.submit(lambda: self._put(line))
+        else:
+            self.writer.submit_line(lambda: self._put(line))
 
     def _line(self, record: dict[str, Any]) -> str:
         event = record["event"]
