@@ -1,7 +1,8 @@
 """The event log: one JSON object per line (or a text line for people), written as it happens.
 Its event names and fields are a public interface (docs/events.md). Writing never raises:
 a closed stderr must not take the supervisor down; a flood of one identical line must not
-rotate the history away, so repeats become one `log.repeated` line.
+rotate the history away, so repeats become one `log.repeated` line. Lines are formed on the
+loop; with a writer thread installed only the write to the stream happens there.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import json
 import sys
 import time
 from dataclasses import fields
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from supervisor.core.events import Action, Event, Note
+
+if TYPE_CHECKING:
+    from supervisor.drivers.diskwriter import DiskWriter
 
 
 def timestamp(now: float | None = None) -> str:
@@ -91,6 +95,9 @@ class EventLog:
         self._repeats = 0  # identical lines since, not written
         self._repeats_since = 0.0
         self._repeated_at = 0.0
+        # Installed by the Host: the stream is then written (and followed after logrotate) on
+        # that thread alone, so a slow pipe to journald or a slow disk never holds up the loop.
+        self.writer: DiskWriter | None = None
 
     def write(self, event: str, facts: dict[str, Any],
               context: dict[str, Any] | None = None) -> None:
@@ -126,17 +133,37 @@ class EventLog:
         self._last = repeated  # a flood that goes on still collapses after its summary
 
     def _emit(self, record: dict[str, Any]) -> None:
+        line = self._line(record)
+        if self.writer is None:
+            self._put(line)
+        else:
+            self.writer.submit_line(lambda: self._put(line))
+
+    def _line(self, record: dict[str, Any]) -> str:
         event = record["event"]
         line = self._json(record) if self.format == "json" else self._text(record, self.verbose)
-        if self.priority_prefix:
-            line = f"<{priority(event)}>{line}"
+        return f"<{priority(event)}>{line}" if self.priority_prefix else line
+
+    def _put(self, line: str) -> None:
+        """Where the stream is written: on the loop, or on the writer thread, never both. What
+        only the write can learn (lines dropped, a file reopened) is told in lines of the log's
+        own, formed here: they never repeat, so they need nothing of the loop's."""
         self._report_dropped()
         self._report_reopened()
+        self._write_stream(line)
+
+    def _write_stream(self, line: str) -> None:
         try:
             self.stream.write(line + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass  # nowhere left to report it; the supervisor's job goes on
+
+    def report(self, event: str, facts: dict[str, Any]) -> None:
+        """A line of the log about its own stream, written where the stream is written (on the
+        writer thread, if there is one): past the repeat check, which such lines never need."""
+        self._write_stream(self._line({"ts": timestamp(self.clock()), "event": event,
+                                       **self.context, **facts}))
 
     def _report_reopened(self) -> None:
         """`log.file` was deleted or moved away (logrotate): the new file starts by saying so."""
@@ -150,8 +177,8 @@ class EventLog:
         if reason is None:
             return
         self.stream.reopened = None  # type: ignore[attr-defined]
-        self.write("log.reopened", {"path": str(getattr(self.stream, "path", "")),
-                                    "reason": reason})
+        self.report("log.reopened", {"path": str(getattr(self.stream, "path", "")),
+                                     "reason": reason})
 
     def _report_dropped(self) -> None:
         """A log file that could not be written (a full disk) counts the lines it lost; the
@@ -159,7 +186,7 @@ class EventLog:
         if not getattr(self.stream, "dropped", 0):
             return
         count, error = self.stream.take_dropped()  # type: ignore[union-attr]
-        self.write("log.lines_dropped", {"count": count, "error": error})
+        self.report("log.lines_dropped", {"count": count, "error": error})
         if self.stream.dropped:  # type: ignore[union-attr]  # that failed too: keep counting
             self.stream.dropped += count - 1  # type: ignore[union-attr]  # not the report
 

@@ -1,7 +1,8 @@
 """What must survive the supervisor: the last commit built successfully, the last commit whose
 deploy failed, the releases that proved healthy (release mode), and the identity of the running
-child. One small JSON file, replaced atomically
-(write, fsync, rename), so a power cut leaves either the old or the new version, never half of one.
+child. One small JSON file, replaced atomically (write, fsync, rename), so a power cut leaves
+either the old or the new version, never half of one; durable writes go to the process's
+writer thread when it has one, so an fsync never holds up the loop.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from supervisor.drivers.diskwriter import DiskWriter
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +116,16 @@ def _child_record(data: object) -> ChildRecord | None:
     return ChildRecord(pid, ticks, boot, commit)
 
 
+DURABLE = frozenset({"built", "failed", "good", "held"})  # the fields worth an fsync
+
+
 class StateStore:
+    """The state of one app. `current` changes at once; the file follows, inline, or through
+    `writer` (installed by the Host) where an fsync is needed or the writer is busy with this
+    file. Either way one file's writes never overlap (they share the spare copy) and land in
+    order, so the file always ends with the latest state; several pending saves are written
+    once, fsync'd if any of them asked for it."""
+
     def __init__(self, directory: str | os.PathLike[str],
                  report: Callable[[str, dict[str, object]], None] | None = None) -> None:
         self.directory = os.fspath(directory)
@@ -119,6 +133,13 @@ class StateStore:
         self.current = Persisted()
         self.report = report  # told when the file cannot be written (a full disk)
         self.failing: str | None = None
+        self.writer: DiskWriter | None = None
+        # With a writer, under its lock: a job for this file is queued / being written, and
+        # whether what is pending must be fsync'd.
+        self._queued = False
+        self._writing = False
+        self._again = False  # saved while being written: write again right after
+        self._durable = False
 
     def load(self) -> Persisted:
         """A missing or damaged file means nothing is known, which is always safe."""
@@ -145,18 +166,71 @@ class StateStore:
         return self.current
 
     def save(self, **changes: object) -> None:
-        """Only `built`, `failed` and `good` are written durably. The child's record needs no fsync:
-        after a power cut that child is gone and the boot id tells, and a record naming a dead
-        process is harmless, since its start time is checked. That keeps fsync off the path
-        between a crash and the restart."""
-        durable = bool({"built", "failed", "good", "held"} & set(changes))
+        """Only `built`, `failed`, `good` and `held` are written durably. The child's record
+        needs no fsync: after a power cut that child is gone and the boot id tells, and a record
+        naming a dead process is harmless, since its start time is checked. So it is written at
+        once, inline (a write and a rename, no fsync), unless the writer is writing this very
+        file: the thread then writes it right after, ahead of other apps' files. That keeps the
+        window in which a `kill -9` of the supervisor loses a just-started child as short as a
+        write to the page cache, or the rest of this app's own write in progress."""
+        durable = bool(DURABLE & set(changes))
         self.current = replace(self.current, **changes)  # type: ignore[arg-type]
-        payload = {"built": self.current.built, "failed": self.current.failed,
-                   "good": list(self.current.good), "held": list(self.current.held),
-                   "child": asdict(self.current.child) if self.current.child else None,
-                   "build": asdict(self.current.build) if self.current.build else None,
-                   "old_child": asdict(self.current.old_child)
-                   if self.current.old_child else None}
+        writer = self.writer
+        if writer is None:
+            error = self._write(self.current, durable)
+            before, self.failing = self.failing, error
+            self._tell(before, error)
+            return
+        with writer.lock:
+            if self._writing:
+                # Written as soon as the thread is done with this file, ahead of other files.
+                self._again = True
+                self._durable = self._durable or durable
+                return
+            if durable:
+                self._durable = True
+                if not self._queued:  # else that job writes the latest state, this one included
+                    self._queued = True
+                    writer.submit(self._write_pending)
+                return
+            # A job still queued for this file writes the latest state again when it runs.
+            error = self._write(self.current, False)
+            before, self.failing = self.failing, error
+        self._tell(before, error)
+
+    def _write_pending(self) -> None:
+        """On the writer thread: the latest state, fsync'd if any save it covers asked for it.
+        Saves made meanwhile are written right after, without fsync (a child's record must not
+        wait behind other apps' fsyncs); an fsync they need is queued behind the others."""
+        writer = self.writer
+        assert writer is not None
+        with writer.lock:
+            self._queued, self._writing = False, True
+            durable, self._durable = self._durable, False
+            state = self.current
+        while True:
+            error = self._write(state, durable)
+            with writer.lock:
+                before, self.failing = self.failing, error
+                again, self._again = self._again, False
+                if not again:
+                    self._writing = False
+                    if self._durable and not self._queued:
+                        self._queued = True
+                        writer.submit(self._write_pending)
+                state, durable = self.current, False
+            if error != before:
+                writer.on_loop(self._tell, before, error)
+            if not again:
+                return
+
+    def _write(self, state: Persisted, durable: bool) -> str | None:
+        """The reason it could not be written, else None."""
+        payload = {"built": state.built, "failed": state.failed,
+                   "good": list(state.good), "held": list(state.held),
+                   "child": asdict(state.child) if state.child else None,
+                   "build": asdict(state.build) if state.build else None,
+                   "old_child": asdict(state.old_child) if state.old_child else None}
         try:
             os.makedirs(self.directory, exist_ok=True)
             write_atomically(self.path, json.dumps(payload).encode() + b"\n", durable=durable)
@@ -164,11 +238,14 @@ class StateStore:
         except OSError as error:
             # The supervisor's job comes first: it goes on with what it knows in memory, and
             # the next save writes everything again.
-            reason = error.strerror or str(error)
-            if reason != self.failing and self.report is not None:
-                self.report("state.save_failed", {"path": self.path, "error": reason})
-            self.failing = reason
+            return error.strerror or str(error)
+        return None
+
+    def _tell(self, before: str | None, error: str | None) -> None:
+        """On the loop: a new failure is reported, and the first success after one."""
+        if self.report is None:
             return
-        if self.failing is not None and self.report is not None:
+        if error is not None and error != before:
+            self.report("state.save_failed", {"path": self.path, "error": error})
+        elif error is None and before is not None:
             self.report("state.saved_again", {"path": self.path})
-        self.failing = None

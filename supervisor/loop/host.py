@@ -16,19 +16,23 @@ from supervisor.core.config import Config, ConfigError
 from supervisor.core.events import Action, CheckRequested, Event, StopRequested
 from supervisor.core.hostconfig import HostConfig
 from supervisor.core.machine import Phase
+from supervisor.drivers.diskwriter import DiskWriter
 from supervisor.drivers.eventlog import EventLog
 from supervisor.drivers.sdnotify import Notifier, watchdog_interval, watchdog_pings
 from supervisor.drivers.signals import SignalRoutes
 from supervisor.loop.limits import BuildQueue, FetchGate, stagger
 from supervisor.loop.service import Service
 from supervisor.loop.startup import Claim, StartupError, claim, start_trigger
-from supervisor.loop.tasks import DriverTasks
+from supervisor.loop.tasks import DriverTasks, describe
 
 # systemd's variables are for us alone: an app or a build that inherited NOTIFY_SOCKET could
 # report READY=1 or STOPPING=1 in our name.
 SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 STATUS_REFRESH = 30.0  # seconds between STATUS= lines while nothing changes
 DRAIN_REFRESH = 1.0  # ... while an app drains: the line counts the seconds it waits
+# How long the exit waits for the writer thread to put the last state and lines on disk, beyond
+# the drain it awaits (a disk that never answers must not keep a stopped supervisor alive).
+WRITER_STOP = 10.0
 
 
 class AppLog:
@@ -84,6 +88,7 @@ class Host:
         self.stopping_sent = False
         self.removing: set[str] = set()  # apps whose files are gone, stopping
         self.reload_problems: list[str] = []
+        self.writer: DiskWriter | None = None  # while run() runs
         self._wake = asyncio.Event()
         self._phases: dict[str, Phase] = {}
         self.fleet: Any = None  # fleet mode: the agent, made with the first app in a group
@@ -101,6 +106,7 @@ class Host:
             index = len(self.services)
             service.repo.offset = stagger(index, max(len(self.config.apps), 1),
                                           config.git.poll_interval)
+        service.store.writer = self.writer
         self.services[name] = service
         if config.fleet is not None and self.config.fleet is not None:
             agent = self._fleet_agent(self.config.fleet)
@@ -126,6 +132,43 @@ class Host:
     # The run
 
     async def run(self) -> int:
+        """Serve until every app has stopped; the writer thread's queue is on disk before this
+        returns or raises, the last state and `supervisor.stopped` included."""
+        self._start_writer()
+        try:
+            return await self._serve()
+        finally:
+            await self._stop_writer()
+
+    def _start_writer(self) -> None:
+        self.writer = DiskWriter(asyncio.get_running_loop(), self._writer_failed)
+        self.log.writer = self.writer
+        for service in self.services.values():
+            service.store.writer = self.writer
+
+    async def _stop_writer(self) -> None:
+        writer = self.writer
+        assert writer is not None
+        try:
+            async with asyncio.timeout(WRITER_STOP):
+                await writer.drain()
+        except TimeoutError:
+            pass
+        finally:
+            # Only once the thread has ended may the loop write the same files itself.
+            if writer.stop(WRITER_STOP if writer.done == writer.submitted else 0.0):
+                self.log.writer = None
+                for service in self.services.values():
+                    service.store.writer = None
+                self.writer = None
+
+    def _writer_failed(self, error: BaseException) -> None:
+        """A job that raised (a bug): the thread itself goes on with the next one."""
+        text, where = describe(error)
+        self.own_log.write("driver.crashed", {"driver": "writer", "error": text, "at": where,
+                                              "restart_in": 0})
+
+    async def _serve(self) -> int:
         loop = asyncio.get_running_loop()
         self._add_signal_handlers(loop)
         self._start_systemd_drivers()
@@ -302,6 +345,14 @@ class Host:
 
     async def _start_new(self, app: Config) -> None:
         name = app.app.name
+        if self.writer is not None:
+            # An app of that name that just ended may have a write in flight to the state
+            # file the claim below reads and writes.
+            try:
+                async with asyncio.timeout(WRITER_STOP):
+                    await self.writer.drain()
+            except TimeoutError:
+                pass  # a disk that never answers: that write will not finish either
         try:
             taken = claim(app, os.environ, place_sockets=False)
         except StartupError as error:
