@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -163,6 +164,7 @@ class Supervisor:
             start_new_session=True, env={**BASE_ENV, **(env or {})},
         )
         self.pid = self.proc.pid
+        self.polls_every_second = _polls_every_second(config)
         self._reader = threading.Thread(target=self._read, name=f"log-{self.pid}", daemon=True)
         self._reader.start()
 
@@ -321,6 +323,20 @@ class Supervisor:
         self.send(sig)
         return self.wait_exit(timeout)
 
+    def nudge(self) -> None:
+        """`kill -USR1` (fetch now: the poll's own step, taken at once) if this supervisor
+        polls every second and is between its start and its stop: the push a test just made is
+        then seen at once instead of up to a poll interval later, about 0.5 s a push. Before
+        its start line or after its stop line, SIGUSR1 could meet the default action and kill
+        it; and a test that sets its own poll_interval counts on when the fetches come."""
+        if not self.polls_every_second or self.proc.poll() is not None:
+            return
+        with self._cond:
+            events = {record["event"] for record in self.records}
+        if "supervisor.started" in events and not events & {"supervisor.stop_requested",
+                                                              "supervisor.stopped"}:
+            os.kill(self.pid, signal.SIGUSR1)
+
     def close(self) -> None:
         """Finalizer: a polite stop, then SIGKILL for its group; never fails."""
         if self.proc.poll() is None:
@@ -333,6 +349,15 @@ class Supervisor:
                     os.killpg(self.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self._stdout.close()
+
+
+def _polls_every_second(config: Path) -> bool:
+    """Whether a single-app config polls at World's default, 1 s (see Supervisor.nudge)."""
+    try:
+        git = tomllib.loads(config.read_text()).get("git")
+    except (OSError, ValueError):
+        return False
+    return isinstance(git, dict) and git.get("poll_interval") == "1s"
 
 
 class ChildRegistry:
@@ -517,13 +542,18 @@ class World:
                  *(["--amend"] if amend else []))
         return self.head(repo)
 
-    def push(self, *, force: bool = False) -> None:
+    def push(self, *, force: bool = False, nudge: bool = True) -> None:
+        """`nudge`: each running supervisor that polls every second fetches at once
+        (Supervisor.nudge); False where the poll itself is what the test is about."""
         self.git(self.dev, "push", "-q", *(["--force"] if force else []), "origin", "main")
+        if nudge:
+            for supervisor in self.supervisors:
+                supervisor.nudge()
 
-    def release(self, version: str, **kwargs: Any) -> str:
+    def release(self, version: str, *, nudge: bool = True, **kwargs: Any) -> str:
         """Commit a new VERSION in the dev clone and push it."""
         commit = self.commit(version=version, message=f"release {version}", **kwargs)
-        self.push(force=kwargs.get("amend", False))
+        self.push(force=kwargs.get("amend", False), nudge=nudge)
         return commit
 
     def head(self, repo: Path | None = None) -> str:

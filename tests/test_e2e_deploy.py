@@ -10,7 +10,7 @@ import signal
 def test_a_push_is_deployed(world):
     supervisor, old_pid = world.start_serving()
 
-    commit = world.release("2")
+    commit = world.release("2", nudge=False)  # found by the poll, nothing asked
 
     fetched = supervisor.wait_for("git.fetched", relation="behind", upstream=commit)
     updated = supervisor.wait_for("git.tree_updated", commit=commit, after=fetched)
