@@ -61,20 +61,36 @@ DEFAULT_WAIT = 15.0  # generous: a loaded 2-core machine; a passing test never w
 # the edit-test loop: the pure core, its property tests and the unit tests (under 30 s on 2 quiet
 # cores). A file is slow when its tests wait on real time: a supervisor or the demo run end to
 # end, the soak, the fuzzers, watchers and timers (stats, sd_notify watchdog, the viewer's
-# follow), rate limits, or git and process groups at their timeouts. Marked here, by file.
+# follow), rate limits, floods of signals or output, or git and process groups at their
+# timeouts. Marked here, by file.
 
 SLOW_FILES = frozenset({
     "test_demo.py", "test_fuzz_short.py", "test_gitrepo.py", "test_proc.py", "test_replay.py",
     "test_sdnotify.py", "test_soak_short.py", "test_statsfile.py", "test_trigger.py",
     "test_viewer.py", "test_docs_quickstart.py", "test_docs_init.py", "test_docs_rough_edges.py",
+    # Real supervisors, floods and git cut short at its timeout: together 35 s of the quick
+    # lane's 75 s on quiet cores.
+    "test_output_flood.py", "test_log_pressure.py", "test_signals.py",
+    "test_gitrepo_interrupted.py", "test_state_dir_lock.py",
 })
 
 
+def _slow(item: pytest.Item) -> bool:
+    return item.path.name.startswith("test_e2e_") or item.path.name in SLOW_FILES
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """By file, so that a new test lands in its file's lane without anyone remembering a mark."""
+    """Marks by file, so that a new test lands in its file's lane without anyone remembering a
+    mark. Orders slow files first (the soak, whose four runs take longest, before them), each
+    file's tests in their own order: with `-n 2 --dist loadfile --no-loadscope-reorder` a
+    worker takes the next file when it is free, so the long files start early and the many
+    quick ones even out the end (xdist's own order, most tests first, left a worker alone on
+    the e2e files at the end). Serial runs take as long in any order."""
     for item in items:
-        if item.path.name.startswith("test_e2e_") or item.path.name in SLOW_FILES:
+        if _slow(item):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: 0 if item.path.name == "test_soak_short.py"
+               else 1 if _slow(item) else 2)
 
 
 # ---------------------------------------------------------------------------------------------
