@@ -3,6 +3,7 @@ history, local changes, a remote that is gone or that hangs."""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -29,7 +30,8 @@ def test_diverged_history_is_reported_and_the_child_left_alone(world, how):
         expected = {"relation": "ahead", "upstream": world.first}
 
     note = supervisor.wait_for("git.diverged", head=local, **expected)
-    supervisor.wait_for("git.diverged", after=note, **expected)  # and again at the next poll
+    supervisor.send(signal.SIGUSR1)  # the next fetch, at once rather than a poll later
+    supervisor.wait_for("git.diverged", after=note, **expected)  # and again at the next fetch
     assert_untouched(world, supervisor, pid, head=local)
 
 
@@ -57,7 +59,8 @@ def test_local_changes_are_reported_and_kept(world):
     pushed = world.release("2")
 
     note = supervisor.wait_for("git.dirty", upstream=pushed, head=world.first)
-    supervisor.wait_for("git.dirty", after=note, upstream=pushed)  # and again at the next poll
+    supervisor.send(signal.SIGUSR1)  # the next fetch, at once rather than a poll later
+    supervisor.wait_for("git.dirty", after=note, upstream=pushed)  # and again at the next fetch
     assert_untouched(world, supervisor, pid)
     assert tweaked.read_text().endswith("# tuned on the server by hand\n")
 
