@@ -23,6 +23,8 @@ from supervisor.core.events import (
     Exit,
     FetchFailed,
     FetchSucceeded,
+    FleetCleared,
+    FleetHeld,
     HealthPassed,
     HealthProbeFailed,
     OverlapChecked,
@@ -30,9 +32,12 @@ from supervisor.core.events import (
     RollbackRequested,
     SaveState,
     SettingsChanged,
+    SlotGranted,
     StartChild,
     StartChildRequested,
+    StartReason,
     StatsRead,
+    StopChild,
     StopChildRequested,
     StopRequested,
     Timer,
@@ -41,7 +46,7 @@ from supervisor.core.events import (
     TreeUpdateFailed,
 )
 from supervisor.core.machine import Phase, Settings, State, decide, initial_state
-from supervisor.core.state import DEPLOYING
+from supervisor.core.state import DEPLOYING, Generation
 
 A, B, C = "a" * 40, "b" * 40, "c" * 40
 DRAIN = parse_condition("n_clients == 0")
@@ -53,6 +58,8 @@ SETTINGS = {
                                 probe=True, drain_condition=DRAIN, drain_timeout=30),
     "releases, overlap": Settings(releases=True, has_build=True, health_gate=True, grace=1.0,
                                   overlap=True, overlap_reserve=10),
+    "releases, fleet": Settings(releases=True, has_build=True, health_gate=True, grace=1.0,
+                                probe=True, drain_condition=DRAIN, drain_timeout=30, fleet=True),
 }
 PER_PHASE = 12  # states kept per phase and settings
 DEPTH = 9
@@ -85,6 +92,9 @@ def sample_events(state: State) -> list[Event]:
         RollbackRequested(),
         OverlapChecked(available=100, needed=10), OverlapChecked(available=None, needed=None),
         SettingsChanged(settings=state.settings),
+        *(FleetCleared(commit=c, why="canary") for c in commits),
+        *(FleetHeld(commit=c, box="fra-2", reason="build failed") for c in commits),
+        SlotGranted(commit=state.target or A, slot=0), SlotGranted(commit=C, slot=1),
     ]
     assert {type(e) for e in events} >= set(EVENT_TYPES.values()) - {ChildStarted}
     return events
@@ -106,7 +116,10 @@ def reachable(settings: Settings) -> dict[Phase, list[State]]:
     seen: dict[Phase, list[State]] = defaultdict(list)
     starts = [initial_state(settings, built=A),
               initial_state(settings, built=A, live=A, good=(A,)),
-              initial_state(settings, built=A, live=B, good=(A,), failed=B)]
+              initial_state(settings, built=A, live=B, good=(A,), failed=B),
+              # Serving A, with B cleared by the group already (fleet mode's deep phases).
+              replace(initial_state(settings, built=A, live=A, good=(A,)), cleared=B,
+                      phase=Phase.RUNNING, generation=Generation(101, A))]
     queue = deque((s, 0) for s in starts)
     while queue:
         state, depth = queue.popleft()
@@ -149,6 +162,24 @@ def check_decision(before: State, after: State, actions: list) -> None:
         assert saves == [0], "a durable change not saved"
     if after.phase == Phase.STOPPED and before.phase != Phase.STOPPED:
         assert any(isinstance(a, Exit) for a in actions)
+    if after.settings.fleet:
+        check_fleet(before, after, actions)
+
+
+def check_fleet(before: State, after: State, actions: list) -> None:
+    """The group decides when, never what: a new commit starts only once cleared (or proven
+    here before), and a deploy takes the running app down only in a slot."""
+    if after.phase == Phase.AWAITING_SLOT:
+        assert after.deploy is not None and not after.deploy.slot
+    for action in actions:
+        if isinstance(action, StartChild) and action.reason in (StartReason.DEPLOY,
+                                                               StartReason.DEPLOY_OVERLAP):
+            assert (action.commit == after.cleared or action.commit in before.good
+                    or before.head is None), "a deploy the group did not clear"
+        if isinstance(action, StopChild) and action.reason.startswith("deploy"):
+            assert before.deploy is not None and (
+                before.deploy.slot or before.phase == Phase.AWAITING_SLOT), \
+                "the app taken down for a deploy without a slot"
 
 
 @pytest.mark.parametrize("name", SETTINGS)

@@ -70,6 +70,11 @@ def _parse(argv: list[str] | None) -> dict[str, object]:
                      help="event log format (overrides log.format)")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="with the text format, show each step's actions too")
+    fleet = commands.add_parser("fleet", help="fleet mode: every box of every group in etcd")
+    fleet.add_argument("action", choices=("status",), help="status: boxes, slots, holds")
+    fleet.add_argument("--json", action="store_true", help="print it as JSON")
+    fleet.add_argument("-c", "--config", default="supervisor.toml", metavar="PATH",
+                       help="config file (default: ./supervisor.toml)")
     demo = commands.add_parser("demo", help="show a whole deploy cycle in a temporary directory")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
     return dict(vars(parser.parse_args(argv)))
@@ -123,6 +128,10 @@ def _with_config(args: dict[str, object]) -> int:
         return _check(host)
     if command == "status":
         return _statuses(host, args.get("app"), bool(args["json"]))  # type: ignore[arg-type]
+    if command == "fleet":
+        from supervisor.cli.fleetstatus import fleet_status
+
+        return fleet_status(host, bool(args["json"]))
     if command == "reload":  # the process's, not one app's: any app's state dir reaches it
         return _ask(host.apps[0].app.state_dir, command)
     if command in CONTROL_HELP:

@@ -135,6 +135,16 @@ class TriggerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetPolicy:
+    """[fleet] in an app file: how a new commit rolls out across the boxes of the app's group
+    (the connection to etcd is the main file's, once per process: see hostconfig)."""
+
+    group: str
+    max_parallel: int = 1  # boxes of the group out (stopped, restarting, on probation) at once
+    canary: int = 1  # boxes that take a new commit first; the rest follow once it is proven
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     app: AppConfig
@@ -147,6 +157,7 @@ class Config:
     sockets: tuple[SocketConfig, ...] = ()
     deploy: DeployConfig = field(default_factory=DeployConfig)
     health: HealthConfig | None = None  # None: no health gate (in-place mode only)
+    fleet: FleetPolicy | None = None
 
     @property
     def releases(self) -> bool:
@@ -307,7 +318,12 @@ def default_state_dir(name: str, environ: Mapping[str, str]) -> str:
     return os.path.join(base, "supervisor", name)
 
 
-_SECTIONS = ("app", "git", "build", "drain", "restart", "log", "trigger", "deploy", "health")
+_SECTIONS = ("app", "git", "build", "drain", "restart", "log", "trigger", "deploy", "health",
+             "fleet")
+# [fleet] keys that say how this process reaches etcd: read once per process by hostconfig
+# (from the main file, or from a single-app file's own [fleet]).
+FLEET_CONNECTION_KEYS = ("endpoints", "box", "ca", "cert", "key", "user", "password",
+                         "lease_ttl", "solo_after", "prefix")
 _ARRAYS = ("socket",)  # [[socket]] tables
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
 _LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+):([0-9]{1,5})$")  # as parse_listen
@@ -349,11 +365,16 @@ def parse_config(data: Mapping[str, Any], path: str,
         health_config = HealthConfig()  # rollback needs probation: by default, staying up
     if restart_config.style == "overlap":
         _overlap_problems(deploy_config, sockets, health_config, problems)
+    fleet_policy = None
+    if "fleet" in data:
+        fleet_policy = _fleet(_Section("fleet", data["fleet"], problems), app_config.name,
+                              deploy_config, problems)
 
     if problems:
         raise ConfigError(problems)
     return Config(path, app_config, git_config, build_config, drain_config, restart_config,
-                  log_config, trigger_config, sockets, deploy_config, health_config)
+                  log_config, trigger_config, sockets, deploy_config, health_config,
+                  fleet_policy)
 
 
 def _git(data: Mapping[str, Any], base: str, path_reader: Callable[[object], str],
@@ -484,6 +505,30 @@ def _overlap_problems(deploy: DeployConfig, sockets: tuple[SocketConfig, ...],
             problems.append(f"health.{health.probe}: expected notify, a command or grace "
                             f'with restart.style = "overlap": {probed} is the shared socket, '
                             "where the old generation would answer for the new one")
+
+
+def _fleet(section: _Section, app_name: str, deploy: DeployConfig,
+           problems: list[str]) -> FleetPolicy:
+    """The rollout policy. Fleet mode needs release mode: a canary that fails a commit must be
+    able to go back to the release that proved healthy, and the group then holds the commit."""
+    policy = FleetPolicy(
+        group=section.get("group", _group_name, app_name),
+        max_parallel=section.get("max_parallel", _count, 1),
+        canary=section.get("canary", _canary_count, 1))
+    section.used.update(FLEET_CONNECTION_KEYS)  # the process's: checked by hostconfig
+    section.finish()
+    if deploy.mode != "releases":
+        problems.append('fleet: needs deploy.mode = "releases" (a box that fails a new commit '
+                        "rolls back to the release that proved healthy, and the group holds "
+                        "the commit)")
+    return policy
+
+
+def _group_name(value: object) -> str:
+    text = _text(value)
+    if not _NAME.match(text):
+        raise _Bad("a name of letters, digits, '.', '_' and '-'")
+    return text
 
 
 def _whole_number(low: int, high: int, expected: str) -> Callable[[object], int]:
@@ -662,6 +707,10 @@ _keep = _whole_number(0, 100, "a whole number from 0 to 100")
 
 
 _count = _whole_number(1, 1000, "a whole number from 1 to 1000")
+
+
+_canary_count = _whole_number(0, 1000, "a whole number from 0 (no canary: every box at once, "
+                                       "within max_parallel) to 1000")
 
 
 def _trigger(section: _Section, base: str, problems: list[str]) -> TriggerConfig | None:

@@ -77,6 +77,10 @@ class NoteName(StrEnum):
     DRAIN_SATISFIED = "drain.satisfied"
     DRAIN_TIMED_OUT = "drain.timed_out"
     EVENT_IGNORED = "event.ignored"
+    FLEET_CLEARED = "fleet.deploy.cleared"
+    FLEET_COMMIT_HELD = "fleet.commit_held"
+    FLEET_DEPLOY_WAITING = "fleet.deploy.waiting"
+    FLEET_SLOT_NOT_NEEDED = "fleet.slot_not_needed"
     GIT_DIRTY = "git.dirty"
     GIT_DIVERGED = "git.diverged"
     HEALTH_FAILED = "health.failed"
@@ -255,6 +259,39 @@ class SettingsChanged(Event):
     not_applied: tuple[str, ...] = ()  # keys that only a restart of the supervisor changes
 
 
+# Fleet mode (issue 15): etcd says *when* a box may take its app down and which commits the
+# group holds; git and the build still say *what* runs. The fleet agent (a driver) reports:
+
+
+@dataclass(frozen=True, slots=True)
+class FleetCleared(Event):
+    """This box may deploy `commit`: it is one of the group's canaries for it, the commit was
+    proven healthy on a canary, or etcd was out of reach longer than `fleet.solo_after`."""
+
+    name: ClassVar[str] = "fleet.cleared"
+    commit: str
+    why: str = "proven"  # "canary" | "proven" | "solo"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetHeld(Event):
+    """A box of the group failed `commit` (its build, health gate, a rollback): held here too."""
+
+    name: ClassVar[str] = "fleet.held"
+    commit: str
+    box: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SlotGranted(Event):
+    """One of the group's `max_parallel` slots is ours: the app may be taken down for `commit`."""
+
+    name: ClassVar[str] = "fleet.slot_granted"
+    commit: str
+    slot: int | None = None  # None: granted alone, etcd out of reach past `fleet.solo_after`
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.name: cls
     for cls in (
@@ -262,6 +299,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         BuildSucceeded, BuildFailed, ChildStarted, ChildStartFailed, ChildExited, StatsRead,
         TimerFired, StopRequested, RestartRequested, StopChildRequested, StartChildRequested,
         SettingsChanged, HealthPassed, HealthProbeFailed, RollbackRequested, OverlapChecked,
+        FleetCleared, FleetHeld, SlotGranted,
     )
 }
 
@@ -406,6 +444,43 @@ class PruneReleases(Action):
 
     name: ClassVar[str] = "prune_releases"
     keep: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitFleet(Action):
+    """Fleet mode: tell me (FleetCleared or FleetHeld) when this box may deploy `commit`; None:
+    no commit waits any more."""
+
+    name: ClassVar[str] = "await_fleet"
+    commit: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireSlot(Action):
+    """Fleet mode: take one of the group's slots (answered by SlotGranted, perhaps much later)."""
+
+    name: ClassVar[str] = "acquire_slot"
+    commit: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseSlot(Action):
+    """Fleet mode: give back the slot held or asked for (nothing, if neither); with `commit`,
+    only one held or asked for that commit (a grant that came too late)."""
+
+    name: ClassVar[str] = "release_slot"
+    commit: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReportFleet(Action):
+    """Fleet mode: what `commit` did here. Healthy: proven for the group (the canaries' word
+    the others wait for). Not healthy: held for the whole group."""
+
+    name: ClassVar[str] = "report_fleet"
+    commit: str
+    healthy: bool
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

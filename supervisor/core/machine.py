@@ -80,6 +80,8 @@ from supervisor.core.events import (
     Fetch,
     FetchFailed,
     FetchSucceeded,
+    FleetCleared,
+    FleetHeld,
     HealthPassed,
     HealthProbeFailed,
     KillChild,
@@ -87,10 +89,12 @@ from supervisor.core.events import (
     NoteName,
     OverlapChecked,
     PruneReleases,
+    ReleaseSlot,
     RestartRequested,
     RollbackRequested,
     SaveState,
     SettingsChanged,
+    SlotGranted,
     StartChildRequested,
     StatsRead,
     StopChild,
@@ -128,6 +132,13 @@ from supervisor.core.rules_deploy import (
     on_tree_update_failed,
     on_tree_updated,
     reconcile_at_start,
+)
+from supervisor.core.rules_fleet import (
+    on_exit_awaiting_slot,
+    on_fleet_cleared,
+    on_fleet_held,
+    on_late_slot,
+    on_slot_granted,
 )
 from supervisor.core.rules_health import (
     after_unhealthy_stopped,
@@ -222,6 +233,12 @@ def _in_any_phase(state: State, event: Event) -> Decision:
             return state, []
         case ChildStartFailed(error=error):
             return on_crash(state, error)
+        case FleetCleared(commit=commit, why=why):
+            return on_fleet_cleared(state, commit, why)
+        case FleetHeld(commit=commit, box=box, reason=reason):
+            return on_fleet_held(state, commit, box, reason)
+        case SlotGranted(commit=commit):
+            return on_late_slot(state, commit)
     return _ignored(state, event)
 
 
@@ -277,7 +294,7 @@ def _building(state: State, event: Event) -> Decision | None:
         case BuildSucceeded(commit=commit) if commit == state.target:
             return on_built(replace(state, built=commit))
         case BuildFailed(commit=commit, reason=reason) if commit == state.target:
-            return on_deploy_failed(state, "build failed: " + reason)
+            return on_deploy_failed(state, "build failed: " + reason, for_the_fleet=True)
     return _while_building(state, event)
 
 
@@ -328,6 +345,15 @@ def _probation(state: State, event: Event) -> Decision | None:
     return None
 
 
+def _awaiting_slot(state: State, event: Event) -> Decision | None:
+    match event:
+        case SlotGranted(commit=commit) if commit == state.target:
+            return on_slot_granted(state)
+        case ChildExited(exit_code=code, signal=sig):
+            return on_exit_awaiting_slot(state, describe_exit(code, sig))
+    return None
+
+
 def _rolling_back(state: State, event: Event) -> Decision | None:
     match event:
         case ChildExited(tail=tail):
@@ -372,6 +398,7 @@ PHASES: dict[Phase, Handler] = {
     Phase.RESTARTING: _restarting,
     Phase.PROBATION: _probation,
     Phase.ROLLING_BACK: _rolling_back,
+    Phase.AWAITING_SLOT: _awaiting_slot,
     Phase.HELD: _held,
     Phase.SHUTTING_DOWN: _shutting_down,
     Phase.STOPPED: _stopped,
@@ -402,6 +429,8 @@ def _on_stop_requested(state: State) -> Decision:
         return state, [KillChild(pid, "second stop request")
                        for pid in (state.child, state.old_child) if pid is not None]
     state, actions = end_drain(replace(state, rollback=None))  # nothing starts after a stop
+    if state.settings.fleet:
+        actions.append(ReleaseSlot())  # an app stopped for good holds no slot of its group
     if state.phase == Phase.PROBATION:
         state, more = end_probation(state)
         actions += more

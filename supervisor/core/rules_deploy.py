@@ -9,12 +9,16 @@ from __future__ import annotations
 from dataclasses import replace
 
 from supervisor.core.events import (
+    AcquireSlot,
     Action,
+    AwaitFleet,
     CheckOverlap,
     FetchFailed,
     FetchSucceeded,
     Note,
     NoteName,
+    ReleaseSlot,
+    ReportFleet,
     SetAside,
     StartBuild,
     StartReason,
@@ -80,6 +84,11 @@ def on_fetch(state: State, fetch: FetchSucceeded) -> Decision:
         # to cancel the deploy away from it.
         upstream_went_back = (at_head and state.target != fetch.upstream
                               and not is_held(state, fetch.upstream))
+        if at_head and state.awaiting is not None:
+            # Upstream went back to what runs: the commit waiting for the fleet is gone.
+            state = replace(state, awaiting=None)
+            notes = notes + [Note(NoteName.DEPLOY_CANCELLED, {"upstream": fetch.upstream}),
+                             AwaitFleet(None)]
         if upstream_went_back and state.phase == Phase.DRAINING:
             # Upstream went back to what runs: the deploy we were draining for is gone.
             state, actions = abandon_deploy(state)
@@ -90,7 +99,8 @@ def on_fetch(state: State, fetch: FetchSucceeded) -> Decision:
         case Phase.RUNNING | Phase.BACKOFF:
             state, actions = begin_deploy(state, target)
             return state, notes + actions
-        case Phase.DRAINING if state.deploy and state.target != state.built:
+        case Phase.DRAINING if (state.deploy and state.target != state.built
+                                and may_go_straight_to(state, target)):
             # Nothing has been built for the old target yet: drain for the newest instead.
             return replace(state, deploy=replace(state.deploy, target=target)), notes
         case _ if target.commit != state.target:
@@ -172,7 +182,22 @@ def update_tree(state: State, target: Target) -> UpdateTree:
     return UpdateTree(target.commit, target.reset, reuse=reuse)
 
 
+def may_go_straight_to(state: State, target: Target) -> bool:
+    """Fleet mode: only a commit the group cleared for this box (or one proven healthy here
+    before) is deployed without asking; any other waits for FleetCleared first."""
+    return (not state.settings.fleet or target.commit == state.cleared
+            or target.commit in state.good)
+
+
 def begin_deploy(state: State, target: Target, kind: DeployKind = DeployKind.DEPLOY) -> Decision:
+    if kind == DeployKind.DEPLOY and not may_go_straight_to(state, target):
+        if state.awaiting == target:
+            return state, []  # asked already: every poll finds the same commit again
+        state = replace(state, awaiting=target)
+        return state, [Note(NoteName.FLEET_DEPLOY_WAITING, {"commit": target.commit,
+                                                            "for": "go"}),
+                       AwaitFleet(target.commit)]
+    state = replace(state, awaiting=None)
     state, actions = disarm(state, Timer.BACKOFF)
     watching = state.deploy is not None and state.deploy.watching
     state = replace(state, deploy=Deploy(target, kind, watching=watching),
@@ -305,7 +330,7 @@ def on_tree_update_failed(state: State, error: str) -> Decision:
 
 def on_built(state: State) -> Decision:
     assert state.deploy is not None
-    if state.queued is not None:
+    if state.queued is not None and may_go_straight_to(state, state.queued):
         # Still drained from before: go straight on to the newest commit.
         target = state.queued
         state = replace(state, deploy=replace(state.deploy, target=target), queued=None,
@@ -325,10 +350,25 @@ def restart_into_target(state: State) -> Decision:
         reason = StartReason.DEPLOY if state.child_commit is not None else StartReason.STARTUP
         state, more = start_target(state, reason)
         return state, actions + more
+    if _needs_slot(state):
+        assert state.deploy is not None
+        commit = state.deploy.target.commit
+        state = replace(state, phase=Phase.AWAITING_SLOT)
+        return state, actions + [Note(NoteName.FLEET_DEPLOY_WAITING, {"commit": commit,
+                                                                      "for": "slot"}),
+                                 AcquireSlot(commit)]
     if state.settings.overlap and state.old is None:
         return replace(state, phase=Phase.RESTARTING), actions + [CheckOverlap(state.child)]
     state, more = stop_for_restart(state)
     return state, actions + more
+
+
+def _needs_slot(state: State) -> bool:
+    """Fleet mode: a deploy takes the running app down only in one of the group's slots (a
+    restart asked for by hand is the operator's call, and a dead child is down already)."""
+    deploy = state.deploy
+    return (state.settings.fleet and deploy is not None and deploy.kind == DeployKind.DEPLOY
+            and not deploy.slot)
 
 
 def start_target(state: State, reason: StartReason) -> Decision:
@@ -361,14 +401,21 @@ def on_stopped_for_restart(state: State) -> Decision:
 # A failed deploy
 
 
-def on_deploy_failed(state: State, reason: str) -> Decision:
+def on_deploy_failed(state: State, reason: str, for_the_fleet: bool = False) -> Decision:
+    """`for_the_fleet`: the commit itself failed (its build), not this box (a fetch, a full
+    disk): the whole group holds it."""
     failed = state.target
     state = hold(state, failed)
     actions: list[Action] = [Note(NoteName.DEPLOY_FAILED, {"commit": failed, "reason": reason})]
+    if state.settings.fleet:
+        if for_the_fleet and failed is not None:
+            actions.append(ReportFleet(failed, healthy=False, reason=reason))
+        actions.append(ReleaseSlot())
     if state.settings.releases and failed is not None and failed != state.head \
             and failed not in state.good:
         actions.append(SetAside(failed))  # never the live release, nor one proven good
-    if state.queued is not None and state.deploy is not None:
+    if (state.queued is not None and state.deploy is not None
+            and may_go_straight_to(state, state.queued)):
         # Still draining for this deploy: keep watching and go on with the newer commit.
         target = state.queued
         state = replace(state, deploy=replace(state.deploy, target=target), queued=None,
@@ -425,5 +472,7 @@ def request_rollback(state: State, previous: str) -> Decision:
     state = replace(hold(state, state.head), good=tuple(c for c in state.good if c != state.head))
     notes: list[Action] = [Note(NoteName.RELEASE_ROLLBACK_REQUESTED, {"from": state.head,
                                                                       "to": previous})]
+    if state.settings.fleet and state.head is not None:
+        notes.append(ReportFleet(state.head, healthy=False, reason="rolled back by hand"))
     state, actions = begin_deploy(state, Target(previous))
     return state, notes + actions

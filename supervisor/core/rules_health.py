@@ -12,6 +12,8 @@ from supervisor.core.events import (
     Note,
     NoteName,
     ProbeHealth,
+    ReleaseSlot,
+    ReportFleet,
     SetAside,
     StartReason,
     StopChild,
@@ -103,6 +105,10 @@ def _healthy_yet(state: State) -> Decision:
         good = tuple(c for c in state.good if c != state.head) + (state.head,)
         state = replace(state, good=good[-state.settings.releases_kept:])
     actions.append(Note(NoteName.HEALTH_PASSED, facts))
+    if state.settings.fleet and state.child_commit is not None:
+        # The group's word that this commit works (what the boxes after the canaries wait
+        # for), and the slot this box took to restart is free again.
+        actions += [ReportFleet(state.child_commit, healthy=True), ReleaseSlot()]
     state, more = deploy_queued(state)
     return state, actions + stop_old + more
 
@@ -124,6 +130,8 @@ def on_probation_failed(state: State, reason: str, tail: str = "") -> Decision:
     if tail:
         facts["tail"] = tail
     actions.append(Note(NoteName.HEALTH_FAILED, facts))
+    if state.settings.fleet and target is not None and bad is not None:
+        actions.append(ReportFleet(bad, healthy=False, reason=reason))  # held group-wide
     if target is not None and state.old is None:
         state = hold(state, bad)
     state = replace(state, rollback=Rollback(target, reason))
@@ -140,6 +148,8 @@ def after_unhealthy_stopped(state: State, tail: str) -> Decision:
     state, actions = disarm(state, Timer.STOP)
     rollback = state.rollback or Rollback(None, "unhealthy")
     state = replace(state, rollback=None)
+    if state.settings.fleet and (rollback.to is not None or state.old is not None):
+        actions = actions + [ReleaseSlot()]  # rolled back: the box is back on a good release
     if state.old is not None:
         return back_to_old_child(state, rollback.reason, tail, actions)
     if rollback.to is None:

@@ -31,6 +31,7 @@ class Settings:
     health_timeout: float = 60.0  # the deadline for both
     overlap: bool = False  # restart.style = "overlap"
     overlap_reserve: int = 0  # bytes that must stay free with both generations running
+    fleet: bool = False  # [fleet]: deploys wait for the group's go and one of its slots
 
 
 def settings_from(config: Config) -> Settings:
@@ -52,4 +53,5 @@ def settings_from(config: Config) -> Settings:
         health_timeout=config.health.timeout if config.health else 0.0,  # no gate, no deadline
         overlap=config.restart.style == "overlap",
         overlap_reserve=config.restart.overlap_reserve,
+        fleet=config.fleet is not None,
     )

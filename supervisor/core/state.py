@@ -23,6 +23,7 @@ class Phase(StrEnum):
     RESTARTING = "restarting"
     PROBATION = "probation"
     ROLLING_BACK = "rolling_back"
+    AWAITING_SLOT = "awaiting_slot"  # fleet: built and drained, waiting for a slot of the group
     HELD = "held"  # the operator stopped the app (`supervisor stop-child`)
     SHUTTING_DOWN = "shutting_down"
     STOPPED = "stopped"
@@ -30,7 +31,7 @@ class Phase(StrEnum):
 
 # A deploy attempt is under way (the log's lines carry its id; status shows its target).
 DEPLOYING = frozenset({Phase.DRAINING, Phase.UPDATING, Phase.BUILDING, Phase.RESTARTING,
-                       Phase.PROBATION, Phase.ROLLING_BACK})
+                       Phase.PROBATION, Phase.ROLLING_BACK, Phase.AWAITING_SLOT})
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,7 @@ class Deploy:
     watching: bool = False  # the stats watcher runs for this deploy
     drained: bool = False  # the latest stats satisfy drain.until
     drain_expired: bool = False  # the drain timeout fired
+    slot: bool = False  # fleet: a slot of the group is ours for this deploy
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,8 @@ class State:
     built: str | None = None  # last commit built successfully
     deploy: Deploy | None = None
     queued: Target | None = None  # a newer commit found while busy with the deploy
+    awaiting: Target | None = None  # fleet: a commit waiting for the group's go (FleetCleared)
+    cleared: str | None = None  # fleet: the commit the group last cleared this box to deploy
     refused: tuple[str, ...] = ()  # commits not deployed again until upstream moves, newest last
     good: tuple[str, ...] = ()  # release mode: releases that proved healthy, oldest first
     probation: Probation | None = None

@@ -86,6 +86,8 @@ class Host:
         self.reload_problems: list[str] = []
         self._wake = asyncio.Event()
         self._phases: dict[str, Phase] = {}
+        self.fleet: Any = None  # fleet mode: the agent, made with the first app in a group
+        self.running = False
         for app in config.apps:
             if app.app.name in self.claims:
                 self._add(app, self.claims[app.app.name])
@@ -100,7 +102,25 @@ class Host:
             service.repo.offset = stagger(index, max(len(self.config.apps), 1),
                                           config.git.poll_interval)
         self.services[name] = service
+        if config.fleet is not None and self.config.fleet is not None:
+            agent = self._fleet_agent(self.config.fleet)
+            service.attach_fleet(agent.join(name, config.fleet, service.inbox.put_nowait,
+                                            service.log.write))
         return service
+
+    def _fleet_agent(self, config: Any) -> Any:
+        """Only a box with apps in a fleet group imports the etcd client and the agent."""
+        if self.fleet is None:
+            from supervisor.drivers.fleet import FleetAgent
+
+            self.fleet = FleetAgent(config, self.own_log.write)
+            if self.running:
+                self._start_fleet()
+        return self.fleet
+
+    def _start_fleet(self) -> None:
+        self.drivers.start("fleet", self.fleet.work)
+        self.drivers.start("fleet_lease", self.fleet.keep_alive)
 
     # -----------------------------------------------------------------------------------------
     # The run
@@ -119,6 +139,9 @@ class Host:
             raise
         for name, service in self.services.items():
             self.tasks[name] = loop.create_task(service.serve())
+        self.running = True
+        if self.fleet is not None:
+            self._start_fleet()
         try:
             while self.tasks:
                 done, _ = await asyncio.wait(list(self.tasks.values()),
@@ -130,6 +153,8 @@ class Host:
                 self.trigger.close()
             self._remove_signal_handlers(loop)
             await self.drivers.close()  # the watchdog last: a slow shutdown is still alive
+            if self.fleet is not None:
+                await self.fleet.close()  # the lease revoked: our records and slots go now
         self.own_log.write("supervisor.stopped", {"pid": os.getpid()})
         return 0
 
@@ -147,6 +172,7 @@ class Host:
                     raise
                 self.own_log.write("app.start_failed", {"app_name": name, "error": str(error)})
                 service.release()
+                self._leave_fleet(service)
                 del self.services[name]
         if not self.services:
             raise StartupError("no app could start (see the log)")
@@ -181,10 +207,16 @@ class Host:
         error = None if task.cancelled() else task.exception()
         if error is not None:
             self.own_log.write("app.crashed", {"app_name": name, "error": repr(error)})
+        if service is not None and (name in self.removing or error is not None):
+            self._leave_fleet(service)
         if service is not None and name in self.removing:
             self.removing.discard(name)
             self.own_log.write("app.removed", {"app_name": name})
         self.changed()
+
+    def _leave_fleet(self, service: Service) -> None:
+        if self.fleet is not None and service.fleet is not None:
+            self.fleet.leave(service.fleet)
 
     # -----------------------------------------------------------------------------------------
     # Signals: each becomes an event for every app (SIGHUP: a reload of the config)
@@ -284,6 +316,7 @@ class Host:
         except StartupError as error:
             self.own_log.write("app.start_failed", {"app_name": name, "error": str(error)})
             service.release()
+            self._leave_fleet(service)
             self.services.pop(name, None)
             return
         self.own_log.write("app.added", {"app_name": name, "config": app.path})

@@ -52,10 +52,26 @@ def merge(old: Config, new: Config) -> tuple[Config, tuple[str, ...], tuple[str,
     for section in ("deploy", "health"):  # where releases live, and the probe's sockets
         if getattr(old, section) != getattr(new, section):
             kept.append(f"[{section}]")
+    _merge_fleet(old, new, merged, applied, kept)
     merged["app"] = _cwd_in_repo_in_use(old, new, merged["app"])
     if merged["app"].cwd == old.app.cwd and "app.cwd" in applied:
         applied.remove("app.cwd")
     return replace(old, **merged), tuple(applied), tuple(kept)
+
+
+def _merge_fleet(old: Config, new: Config, merged: dict[str, Any], applied: list[str],
+                 kept: list[str]) -> None:
+    """A policy change (max_parallel, canary) counts from the next deploy on; joining or leaving
+    a fleet, or another group, needs a restart (the app's records live under its group)."""
+    before, after = old.fleet, new.fleet
+    if (before is None) != (after is None):
+        kept.append("[fleet]")
+        return
+    if before is None or after is None:
+        return
+    for key in _changed(before, after, "fleet"):
+        (kept if key == "fleet.group" else applied).append(key)
+    merged["fleet"] = replace(after, group=before.group)
 
 
 def _cwd_in_repo_in_use(old: Config, new: Config, app: AppConfig) -> AppConfig:

@@ -14,7 +14,9 @@ from typing import Any
 from supervisor.core.config import Config
 from supervisor.core.display import short_commit
 from supervisor.core.events import (
+    AcquireSlot,
     Action,
+    AwaitFleet,
     BuildFailed,
     BuildSucceeded,
     CancelTimer,
@@ -29,6 +31,8 @@ from supervisor.core.events import (
     OverlapChecked,
     ProbeHealth,
     PruneReleases,
+    ReleaseSlot,
+    ReportFleet,
     RestartRequested,
     RollbackRequested,
     SaveState,
@@ -49,6 +53,7 @@ from supervisor.core.events import (
     UpdateTree,
     WatchStats,
 )
+from supervisor.core.fleet import rollout_id
 from supervisor.core.machine import DEPLOYING, Phase, State, decide, initial_state
 from supervisor.core.settings import settings_from
 from supervisor.drivers.build import Builder
@@ -102,6 +107,17 @@ class Service:
                                   health_gate=config.health is not None)
         self._last_status: dict[str, Any] | None = None
         self.run_id = os.urandom(3).hex()  # with the deploy count: the log's correlation id
+        self.fleet: Any = None  # fleet mode: this app's member of its group (attach_fleet)
+
+    def attach_fleet(self, member: Any) -> None:
+        """Fleet mode: the Host's agent answers this app's AwaitFleet and AcquireSlot."""
+        self.fleet = member
+        member.on_change = self._fleet_changed
+        self.status.fleet_group = member.policy.group
+
+    def _fleet_changed(self) -> None:
+        self.status.fleet_reason = self.fleet.waiting
+        self._publish()
 
     def _make_drivers(self, config: Config, repo: GitRepo | None) -> None:
         self.store = StateStore(config.app.state_dir, report=self.log.write)
@@ -318,6 +334,8 @@ class Service:
             self.builder.config = config.build
             self.builder.app_env = dict(config.app.env)
         self.status.poll_interval = config.git.poll_interval
+        if self.fleet is not None and config.fleet is not None:
+            self.fleet.policy = config.fleet  # the next slot taken, the next go asked
         if not self.log_format_forced:
             self.log.format = config.log.format
 
@@ -333,6 +351,8 @@ class Service:
             if before.phase in DEPLOYING or self.state.phase in DEPLOYING:
                 # Every line of one deploy attempt carries its id, build output included.
                 self.log.context = {"deploy": f"{self.run_id}.{self.state.deploys}"}
+            if self.fleet is not None:
+                self._fleet_context()
             self.log.transition(event, before.phase, self.state.phase, actions)
             self.status.observe(event, actions, time.time())
             if isinstance(event, BuildSucceeded | BuildFailed):
@@ -341,7 +361,22 @@ class Service:
                 queue.extend(self._perform(action))
         if self.state.phase not in DEPLOYING:
             self.log.context = {}
+        if self.fleet is not None:
+            self._fleet_context()
         self._publish()
+
+    def _rollout(self) -> str | None:
+        """Fleet mode: the rollout this app takes part in, the same id on every box."""
+        commit = self.state.target or (self.state.awaiting.commit if self.state.awaiting
+                                       else None)
+        return rollout_id(self.fleet.policy.group, commit) if commit else None
+
+    def _fleet_context(self) -> None:
+        rollout = self._rollout()
+        if rollout is not None:
+            self.log.context = {**self.log.context, "rollout": rollout}
+        else:
+            self.log.context.pop("rollout", None)
 
     def refresh_stats(self) -> None:
         """For the STATUS line between changes: the client count from the stats file (a bounded
@@ -360,6 +395,10 @@ class Service:
                 control.write_status(self.config.app.state_dir, snapshot)
             except OSError as error:
                 self.log.write("status.write_failed", {"error": error.strerror})
+        if self.fleet is not None:
+            state = self.state
+            healthy = state.phase == Phase.RUNNING and state.child is not None
+            self.fleet.publish(str(state.phase), state.child_commit, healthy, self._rollout())
         if self.host is not None:
             self.host.changed()
 
@@ -428,7 +467,23 @@ class Service:
                 self._timer_action(action)
             case Note(event=name, facts=facts):
                 self.log.write(name, facts)
+            case AwaitFleet() | AcquireSlot() | ReleaseSlot() | ReportFleet():
+                self._fleet_action(action)
         return []  # Exit: the loop ends once the machine reaches STOPPED
+
+    def _fleet_action(self, action: Action) -> None:
+        """Handed to the agent, which carries it out in order and answers with events."""
+        if self.fleet is None:
+            return  # no [fleet] in the main file: the config refused this app already
+        match action:
+            case AwaitFleet(commit=commit):
+                self.fleet.await_go(commit)
+            case AcquireSlot(commit=commit):
+                self.fleet.acquire(commit)
+            case ReleaseSlot(commit=commit):
+                self.fleet.release(commit)
+            case ReportFleet(commit=commit, healthy=healthy, reason=reason):
+                self.fleet.record_outcome(commit, healthy, reason)
 
     def _release_action(self, action: Action) -> None:
         assert self.releases is not None

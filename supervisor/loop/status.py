@@ -67,6 +67,9 @@ class StatusBoard:
         self.last_error: dict[str, Any] | None = None
         self.backoff_until: float | None = None
         self.backoff: float | None = None
+        self.fleet_group: str | None = None  # fleet mode: the app's group
+        self.fleet_reason: str | None = None  # ... and why its deploy waits, as the agent says
+        self.fleet_since: float | None = None
 
     def observe(self, event: Event, actions: list[Action], now: float) -> None:
         self._observe_event(event, now)
@@ -101,6 +104,8 @@ class StatusBoard:
                 self.start_reason = reason
             case WatchStats():
                 self.drain_since, self.stats = now, None
+            case Note(event=NoteName.FLEET_DEPLOY_WAITING):
+                self.fleet_since = now
             case StartTimer(timer=Timer.BACKOFF, seconds=seconds):
                 self.backoff, self.backoff_until = seconds, now + seconds
             case Note(event=NoteName.DEPLOY_FAILED, facts=facts):
@@ -139,6 +144,13 @@ class StatusBoard:
             waited = now - self.drain_since if self.drain_since else 0.0
             waiting = {"reason": f"draining: {why or 'stats not known yet'}",
                        "since": timestamp(self.drain_since or now), "seconds": round(waited, 1)}
+        fleet_waits = state.awaiting is not None or state.phase == Phase.AWAITING_SLOT
+        if waiting is None and fleet_waits:
+            what = "a slot" if state.phase == Phase.AWAITING_SLOT else "the go"
+            since = self.fleet_since or now
+            waiting = {"reason": f"fleet: waiting for {what}: "
+                                 f"{self.fleet_reason or 'asking etcd'}",
+                       "since": timestamp(since), "seconds": round(now - since, 1)}
         return {
             "app": self.app, "pid": os.getpid(), "updated": timestamp(now),
             "phase": str(state.phase),
@@ -156,6 +168,8 @@ class StatusBoard:
             "backoff_until": timestamp(self.backoff_until)
             if state.phase == Phase.BACKOFF and self.backoff_until else None,
             "last_error": self.last_error,
+            "fleet": None if self.fleet_group is None else {
+                "group": self.fleet_group, "waiting": self.fleet_reason if fleet_waits else None},
         }
 
     def line(self, state: State, now: float) -> str:
