@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -60,21 +61,37 @@ DEFAULT_WAIT = 15.0  # generous: a loaded 2-core machine; a passing test never w
 # the edit-test loop: the pure core, its property tests and the unit tests (under 30 s on 2 quiet
 # cores). A file is slow when its tests wait on real time: a supervisor or the demo run end to
 # end, the soak, the fuzzers, watchers and timers (stats, sd_notify watchdog, the viewer's
-# follow), rate limits, or git and process groups at their timeouts. Marked here, by file.
+# follow), rate limits, floods of signals or output, or git and process groups at their
+# timeouts. Marked here, by file.
 
 SLOW_FILES = frozenset({
     "test_demo.py", "test_fuzz_short.py", "test_gitrepo.py", "test_proc.py", "test_replay.py",
     "test_sdnotify.py", "test_soak_short.py", "test_statsfile.py", "test_trigger.py",
     "test_viewer.py", "test_docs_quickstart.py", "test_docs_init.py", "test_docs_rough_edges.py",
-    "test_etcd.py",
+    "test_etcd.py", "test_fleet_agent.py",  # real etcd members, leases and timeouts
+    # Real supervisors, floods and git cut short at its timeout: together 35 s of the quick
+    # lane's 75 s on quiet cores.
+    "test_output_flood.py", "test_log_pressure.py", "test_signals.py",
+    "test_gitrepo_interrupted.py", "test_state_dir_lock.py",
 })
 
 
+def _slow(item: pytest.Item) -> bool:
+    return item.path.name.startswith("test_e2e_") or item.path.name in SLOW_FILES
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """By file, so that a new test lands in its file's lane without anyone remembering a mark."""
+    """Marks by file, so that a new test lands in its file's lane without anyone remembering a
+    mark. Orders slow files first (the soak, whose four runs take longest, before them), each
+    file's tests in their own order: with `-n 2 --dist loadfile --no-loadscope-reorder` a
+    worker takes the next file when it is free, so the long files start early and the many
+    quick ones even out the end (xdist's own order, most tests first, left a worker alone on
+    the e2e files at the end). Serial runs take as long in any order."""
     for item in items:
-        if item.path.name.startswith("test_e2e_") or item.path.name in SLOW_FILES:
+        if _slow(item):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: 0 if item.path.name == "test_soak_short.py"
+               else 1 if _slow(item) else 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +181,7 @@ class Supervisor:
             start_new_session=True, env={**BASE_ENV, **(env or {})},
         )
         self.pid = self.proc.pid
+        self.polls_every_second = _polls_every_second(config)
         self._reader = threading.Thread(target=self._read, name=f"log-{self.pid}", daemon=True)
         self._reader.start()
 
@@ -322,6 +340,20 @@ class Supervisor:
         self.send(sig)
         return self.wait_exit(timeout)
 
+    def nudge(self) -> None:
+        """`kill -USR1` (fetch now: the poll's own step, taken at once) if this supervisor
+        polls every second and is between its start and its stop: the push a test just made is
+        then seen at once instead of up to a poll interval later, about 0.5 s a push. Before
+        its start line or after its stop line, SIGUSR1 could meet the default action and kill
+        it; and a test that sets its own poll_interval counts on when the fetches come."""
+        if not self.polls_every_second or self.proc.poll() is not None:
+            return
+        with self._cond:
+            events = {record["event"] for record in self.records}
+        if "supervisor.started" in events and not events & {"supervisor.stop_requested",
+                                                              "supervisor.stopped"}:
+            os.kill(self.pid, signal.SIGUSR1)
+
     def close(self) -> None:
         """Finalizer: a polite stop, then SIGKILL for its group; never fails."""
         if self.proc.poll() is None:
@@ -334,6 +366,15 @@ class Supervisor:
                     os.killpg(self.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self._stdout.close()
+
+
+def _polls_every_second(config: Path) -> bool:
+    """Whether a single-app config polls at World's default, 1 s (see Supervisor.nudge)."""
+    try:
+        git = tomllib.loads(config.read_text()).get("git")
+    except (OSError, ValueError):
+        return False
+    return isinstance(git, dict) and git.get("poll_interval") == "1s"
 
 
 class ChildRegistry:
@@ -518,13 +559,18 @@ class World:
                  *(["--amend"] if amend else []))
         return self.head(repo)
 
-    def push(self, *, force: bool = False) -> None:
+    def push(self, *, force: bool = False, nudge: bool = True) -> None:
+        """`nudge`: each running supervisor that polls every second fetches at once
+        (Supervisor.nudge); False where the poll itself is what the test is about."""
         self.git(self.dev, "push", "-q", *(["--force"] if force else []), "origin", "main")
+        if nudge:
+            for supervisor in self.supervisors:
+                supervisor.nudge()
 
-    def release(self, version: str, **kwargs: Any) -> str:
+    def release(self, version: str, *, nudge: bool = True, **kwargs: Any) -> str:
         """Commit a new VERSION in the dev clone and push it."""
         commit = self.commit(version=version, message=f"release {version}", **kwargs)
-        self.push(force=kwargs.get("amend", False))
+        self.push(force=kwargs.get("amend", False), nudge=nudge)
         return commit
 
     def head(self, repo: Path | None = None) -> str:

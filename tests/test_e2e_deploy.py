@@ -10,7 +10,7 @@ import signal
 def test_a_push_is_deployed(world):
     supervisor, old_pid = world.start_serving()
 
-    commit = world.release("2")
+    commit = world.release("2", nudge=False)  # found by the poll, nothing asked
 
     fetched = supervisor.wait_for("git.fetched", relation="behind", upstream=commit)
     updated = supervisor.wait_for("git.tree_updated", commit=commit, after=fetched)
@@ -126,10 +126,13 @@ def test_a_failing_build_leaves_the_old_child_serving_until_a_good_commit(world)
     assert "server.py:3: syntax error" in failed["tail"]
     deploy_failed = supervisor.wait_for("deploy.failed", commit=broken, after=failed)
     assert deploy_failed["reason"].startswith("build failed")
-    # A few more polls: the broken commit is not built again and the old child keeps serving.
-    later = supervisor.wait_for("git.fetched", after=deploy_failed)
-    later = supervisor.wait_for("git.fetched", after=later)
-    supervisor.wait_for("git.fetched", after=later)
+    # A few more fetches: the broken commit is not built again and the old child keeps serving.
+    # Asked for with kill -USR1 (the poll's own step, taken at once) instead of waiting 1 s a
+    # poll.
+    later = deploy_failed
+    for _ in range(3):
+        supervisor.send(signal.SIGUSR1)
+        later = supervisor.wait_for("git.fetched", after=later, upstream=broken)
     assert len(supervisor.select("build.started", commit=broken)) == 1
     assert not supervisor.select(action="stop_child")
     assert world.http() == "hello from 1"

@@ -3,6 +3,7 @@ history, local changes, a remote that is gone or that hangs."""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -29,7 +30,8 @@ def test_diverged_history_is_reported_and_the_child_left_alone(world, how):
         expected = {"relation": "ahead", "upstream": world.first}
 
     note = supervisor.wait_for("git.diverged", head=local, **expected)
-    supervisor.wait_for("git.diverged", after=note, **expected)  # and again at the next poll
+    supervisor.send(signal.SIGUSR1)  # the next fetch, at once rather than a poll later
+    supervisor.wait_for("git.diverged", after=note, **expected)  # and again at the next fetch
     assert_untouched(world, supervisor, pid, head=local)
 
 
@@ -57,7 +59,8 @@ def test_local_changes_are_reported_and_kept(world):
     pushed = world.release("2")
 
     note = supervisor.wait_for("git.dirty", upstream=pushed, head=world.first)
-    supervisor.wait_for("git.dirty", after=note, upstream=pushed)  # and again at the next poll
+    supervisor.send(signal.SIGUSR1)  # the next fetch, at once rather than a poll later
+    supervisor.wait_for("git.dirty", after=note, upstream=pushed)  # and again at the next fetch
     assert_untouched(world, supervisor, pid)
     assert tweaked.read_text().endswith("# tuned on the server by hand\n")
 
@@ -68,12 +71,24 @@ def test_an_unreachable_remote_is_reported_then_recovers(world):
 
     world.remote.rename(away)
     failed = supervisor.wait_for("git.fetch_failed")
-    supervisor.wait_for("git.fetch_failed", after=failed)
+    # It keeps trying: the next poll (1 s on) fails again. The log writes that identical line
+    # only in a log.repeated summary (10 s later, or before the next different line: checked
+    # below), so the status file, written at each fetch, tells it at once. Its stamp of the
+    # first failure may be a millisecond past the log line's: half a poll tells them apart.
+    def failed_again(status: dict) -> bool:
+        last = status.get("last_fetch") or {}
+        return (last.get("ok") is False
+                and world.parse_ts(last["at"]) - world.parse_ts(failed["ts"]) > 0.5)
+
+    world.wait_status(failed_again, "a second failed fetch", supervisor)
     assert_untouched(world, supervisor, pid)
 
     away.rename(world.remote)
     commit = world.release("2")
-    supervisor.wait_for("git.fetched", relation="behind", upstream=commit, after=failed)
+    fetched = supervisor.wait_for("git.fetched", relation="behind", upstream=commit,
+                                  after=failed)
+    assert supervisor.select("log.repeated", of="git.fetch_failed", after=failed,
+                             where=lambda r: r["_i"] < fetched["_i"]), supervisor.tail()
     supervisor.wait_for("child.started", commit=commit, after=failed)
     world.wait_http("hello from 2", supervisor)
 

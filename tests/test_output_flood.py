@@ -98,9 +98,12 @@ FLOOD = "yes flood & exec {python} server.py"
 
 
 def test_a_flooding_app_leaves_the_supervisor_responsive_and_nearly_idle(world):
+    # A flood that never ends is counted once per interval: 1 s (not the default 10 s) for the
+    # first count, the sign that the limit is at work, to come soon.
     supervisor, child_pid = world.start_serving(
         app={"command": FLOOD.format(python=sys.executable)}, drain=None,
-        git={"poll_interval": "1h"}, restart={"backoff_min": "10ms", "backoff_max": "1s"})
+        git={"poll_interval": "1h"}, restart={"backoff_min": "10ms", "backoff_max": "1s"},
+        log={"child_rate_limit_interval": "1s"})
     supervisor.wait_for("child.output_suppressed", timeout=30)
 
     # Its share of a core while `yes` writes as fast as the pipe takes it.
