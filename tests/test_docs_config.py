@@ -17,6 +17,7 @@ from supervisor.core.config import (
     ConfigError,
     DeployConfig,
     DrainConfig,
+    FleetPolicy,
     GitConfig,
     HealthConfig,
     LogConfig,
@@ -29,7 +30,8 @@ from supervisor.core.config import (
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 DATACLASSES = {"app": AppConfig, "git": GitConfig, "build": BuildConfig, "drain": DrainConfig,
                "restart": RestartConfig, "log": LogConfig, "trigger": TriggerConfig,
-               "socket": SocketConfig, "deploy": DeployConfig, "health": HealthConfig}
+               "socket": SocketConfig, "deploy": DeployConfig, "health": HealthConfig,
+               "fleet": FleetPolicy}  # the main file's half: tests/test_docs_fleet.py
 # A section's heading: ## `[app]`: ... or ## `[[socket]]`: ...
 HEADING = re.compile(r"^## `\[\[?([a-z_]+)\]?\]`")
 ROW = re.compile(r"^\| `([a-z_]+)` \|")
