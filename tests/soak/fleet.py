@@ -131,7 +131,9 @@ def kill_box(soak: FleetSoak) -> str:
     delay = soak.rng.uniform(0.0, 1.5)
     pushed = ""
     box = soak.rng.choice(soak.fleet.boxes)
-    if when != "idle":
+    if when == "idle":
+        target = "any"
+    else:
         commit = soak.push("bad" if when == "bad rollout" else "good")
         pushed = f"pushed {commit}, "
         box = soak.moment(commit, target, delay) or box
@@ -200,6 +202,7 @@ def partition_box(soak: FleetSoak) -> str:
     meanwhile = soak.rng.choice(["nothing", "push good", "push bad", "crash its app"])
     crash_at = soak.rng.uniform(0.0, cut_for)
     box.cut_off(mode)
+    soak.disrupted.setdefault(box.name, []).append(time.time())
     began = time.monotonic()
     what = ""
     try:
@@ -223,7 +226,9 @@ def crash_app(soak: FleetSoak) -> str:
     delay = soak.rng.uniform(0.0, 1.5)
     box = soak.rng.choice(soak.fleet.boxes)
     pushed = ""
-    if when == "rollout":
+    if when == "idle":
+        target = "any"
+    else:
         commit = soak.push("good")
         pushed = f"pushed {commit}, "
         box = soak.moment(commit, target, delay) or box
