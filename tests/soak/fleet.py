@@ -259,6 +259,7 @@ class FleetSoak:
         self.pushed: list[Commit] = []
         self.disrupted: dict[str, list[float]] = {}  # box: when it was killed or cut off
         self.bad_extra: list[str] = []
+        self.bad_reported: set[str] = set()
         self.handoffs: list[float] = []
         self.versions = 0
         need_etcd()
@@ -296,9 +297,24 @@ class FleetSoak:
         self.pushed.append(commit)
         return commit
 
-    def newest_good(self) -> str:
-        good = [c.version for c in self.pushed if c.kind == "good"]
-        return good[-1] if good else "1"
+    def held_by_group(self) -> set[str]:
+        """Commits some box held for the group (fleet.held_for_group): the bad ones, and a good
+        one whose app was crashed on purpose while on probation (that box cannot tell)."""
+        return {r["commit"] for supervisors in self.history.values() for s in supervisors
+                for r in s.select("fleet.held_for_group")}
+
+    def may_serve(self) -> set[str]:
+        """The versions a box may serve once the step settles: the newest good commit the group
+        did not hold; and any good one pushed after it that the group held, on the boxes that
+        had already switched to it (the group's hold never moves a live release)."""
+        held = self.held_by_group()
+        good = [c for c in self.pushed if c.kind == "good"]
+        kept = [c for c in good if c.sha not in held]
+        newest = kept[-1] if kept else None
+        versions = {newest.version if newest else "1"}
+        versions |= {c.version for c in good if c.sha in held
+                     and (newest is None or c.pushed_at > newest.pushed_at)}
+        return versions
 
     def moment(self, commit: Commit, target: str, delay: float) -> Box | None:
         """A moment of the rollout of `commit`: once a box took a slot for it (or, for a bad
@@ -385,18 +401,25 @@ class FleetSoak:
                    for s in self.history[box.name])
 
     def settled(self) -> tuple[bool, str]:
-        want = f"hello from {self.newest_good()}"
+        """Every box's supervisor has taken over its app (a health.passed of its own: a box
+        restarted after a kill -9 stops the app its predecessor left and starts it again), and
+        serves what it may; the newest commit, if the group held it, is known held by every
+        box that does not run it; no slot is taken."""
+        want = {f"hello from {version}" for version in self.may_serve()}
         for box in self.fleet.boxes:
             supervisor = self.supervisor(box)
             if supervisor.proc.poll() is not None:
                 return False, f"{box.name}'s supervisor exited ({supervisor.proc.poll()})"
+            if not supervisor.select("health.passed"):
+                return False, f"{box.name}'s supervisor has not taken over its app yet"
             answer = box.http()
-            if answer != want:
-                return False, f"{box.name} answers {answer!r}, not {want!r}"
+            if answer not in want:
+                return False, f"{box.name} answers {answer!r}, not one of {sorted(want)}"
         newest = self.pushed[-1] if self.pushed else None
-        if newest is not None and newest.kind == "bad":
+        if newest is not None and (newest.kind == "bad" or newest.sha in self.held_by_group()):
             for box in self.fleet.boxes:
-                if not self.knows_held(box, newest.sha):
+                if box.http() != f"hello from {newest.version}" and \
+                        not self.knows_held(box, newest.sha):
                     return False, f"{box.name} has not held {newest}"
         slots = self.slots()
         if slots is None:
@@ -517,6 +540,8 @@ class FleetSoak:
         killed or cut off before the group held it: a canary the group no longer sees is
         replaced by the next name (core/fleet.py canaries), which is then excused and said."""
         for commit in (c for c in self.pushed if c.kind == "bad"):
+            if commit.sha in self.bad_reported:
+                continue  # said once, at the step that broke it
             ran: dict[str, float] = {}
             for name, supervisors in self.history.items():
                 for s in supervisors:
@@ -538,6 +563,7 @@ class FleetSoak:
                 self.checker.check("bad_on_canaries_only", True)
             else:
                 self.checker.check("bad_on_canaries_only", False, line)
+                self.bad_reported.add(commit.sha)
 
     def check_alive(self, records: dict[str, list[dict[str, Any]]]) -> None:
         for name, supervisors in self.history.items():
