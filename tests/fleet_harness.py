@@ -97,6 +97,7 @@ class Prober:
         self.spans: list[tuple[float, float, str]] = []
         self._open: dict[str, tuple[float, float]] = {}
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True, name="fleet-prober")
         self._thread.start()
 
@@ -108,12 +109,20 @@ class Prober:
                 if answer is not None and answer.startswith("hello from"):
                     if box.name in self._open:
                         first, last = self._open.pop(box.name)
-                        self.spans.append((first, last, box.name))
+                        with self._lock:
+                            self.spans.append((first, last, box.name))
                 else:
                     first, _ = self._open.get(box.name, (asked, asked))
                     self._open[box.name] = (first, asked)
             self.rounds += 1
             time.sleep(0.005)
+
+    def take(self) -> list[tuple[float, float, str]]:
+        """The spans closed since the last take (the soak checks them step by step); a span
+        still open stays for the next take."""
+        with self._lock:
+            spans, self.spans = self.spans, []
+        return spans
 
     def close(self) -> list[tuple[float, float, str]]:
         """Every span of every box, those still open included."""
