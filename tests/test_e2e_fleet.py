@@ -126,10 +126,10 @@ def test_a_box_cut_off_from_etcd_keeps_serving_restarts_its_app_and_deploys_once
     for box in fleet.boxes[:4]:
         box.supervisor.wait_for("health.passed", commit=commit, timeout=40)
     waiting = cut.supervisor.wait_for("fleet.waiting", commit=commit)
-    assert waiting["reason"].startswith("etcd out of reach")
+    assert waiting["reason"].startswith("etcd, out of reach")
     assert cut.http() == "hello from 1"
     status = (cut.state_dir / "status.json").read_text()
-    assert "etcd out of reach" in status
+    assert "fleet: waiting for etcd, out of reach" in status
     cut.reconnect()
     cut.supervisor.wait_for("fleet.reachable", timeout=20)
     cut.supervisor.wait_for("health.passed", commit=commit, timeout=30)

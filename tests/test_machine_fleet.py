@@ -22,6 +22,7 @@ from supervisor.core.events import (
     RollbackRequested,
     SetAside,
     SlotGranted,
+    StartBuild,
     StartChild,
     StatsRead,
     StopChild,
@@ -82,7 +83,7 @@ def test_with_the_slot_the_app_restarts_and_once_healthy_the_commit_is_proven_an
     assert harness.state.phase == Phase.RUNNING and harness.state.head == B
 
 
-def test_a_commit_that_fails_its_health_gate_is_reported_held_and_the_slot_freed_on_rollback():
+def test_a_commit_that_fails_its_health_gate_is_held_and_the_slot_freed_once_rolled_back():
     harness = live(FLEET)
     harness.feed(upstream(B))
     built_and_drained(harness, B)
@@ -94,6 +95,8 @@ def test_a_commit_that_fails_its_health_gate_is_reported_held_and_the_slot_freed
     assert of_type(actions, ReleaseSlot) == []
     actions = harness.feed(ChildExited(pid=harness.state.child, signal="SIGTERM"))
     assert of_type(actions, StartChild) == [StartChild(A, "rollback")]
+    assert of_type(actions, ReleaseSlot) == [], "out until the good release serves again"
+    actions = prove(harness)
     assert of_type(actions, ReleaseSlot) == [ReleaseSlot()], "rolled back: the slot is free"
 
 
@@ -118,12 +121,15 @@ def test_a_group_hold_of_the_waiting_commit_drops_it_and_it_is_never_deployed_he
     assert harness.feed(FleetCleared(commit=B, why="proven")) == [], "a stale go is ignored"
 
 
-def test_a_group_hold_during_the_build_ends_the_deploy_before_the_app_is_touched():
+def test_a_group_hold_during_the_checkout_ends_the_deploy_once_it_is_done():
     harness = live(FLEET)
     harness.feed(upstream(B))
     harness.feed(FleetCleared(commit=B, why="proven"))
     actions = harness.feed(FleetHeld(commit=B, box="fra-1", reason="health failed"))
+    assert kinds(actions) == ["save_state", "fleet.commit_held"], "no second checkout beside it"
+    actions = harness.feed(TreeUpdated(commit=B))
     assert "deploy.failed" in kinds(actions) and of_type(actions, StopChild) == []
+    assert of_type(actions, StartBuild) == [], "nothing built for a held commit"
     assert of_type(actions, ReportFleet) == [], "the group's hold is not reported back to it"
     assert of_type(actions, SetAside) == [SetAside(B)]
     assert harness.state.phase == Phase.RUNNING and harness.state.head == A

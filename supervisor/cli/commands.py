@@ -170,8 +170,16 @@ def _check(host: HostConfig) -> int:
         return 0
     print(f"{host.path}: {len(host.apps)} app{'s' * (len(host.apps) != 1)}, "
           f"max_builds = {host.limits.max_builds}, max_fetches = {host.limits.max_fetches}")
+    if host.fleet is not None:
+        fleet = host.fleet
+        print(f"fleet: box {fleet.box}, etcd {', '.join(fleet.endpoints)}, lease_ttl "
+              f"{fleet.lease_ttl:g}s, solo_after "
+              f"{'never' if fleet.solo_after is None else f'{fleet.solo_after:g}s'}")
     for app in host.apps:
-        print(f"  {app.app.name}: {app.path} (state in {app.app.state_dir})")
+        policy = "" if app.fleet is None else (
+            f", fleet group {app.fleet.group}: max_parallel {app.fleet.max_parallel}, "
+            f"canary {app.fleet.canary}")
+        print(f"  {app.app.name}: {app.path} (state in {app.app.state_dir}{policy})")
     for broken in host.broken:
         _fail([f"{broken.path}: {problem}" for problem in broken.problems])
     if problems:

@@ -93,10 +93,10 @@ def _lines(name: str, view: GroupView, policy: Any, me: str) -> list[str]:
                          f"{record.commit[:12]}")
     for commit, verdict in view.held.items():
         lines.append(f"  held: {commit[:12]} by {verdict.box}: {verdict.reason}")
-    proven = sorted(view.proven, key=lambda c: view.proven[c].box)
+    proven = sorted(view.proven, key=lambda c: view.proven[c].at)  # the newest last
     if proven:
-        lines.append("  proven: " + ", ".join(f"{c[:12]} ({view.proven[c].box})"
-                                              for c in proven[-5:]))
+        lines.append("  proven (newest last): " + ", ".join(
+            f"{c[:12]} ({view.proven[c].box})" for c in proven[-5:]))
     for key in view.rejected:
         lines.append(f"  unreadable record: {key}")
     return lines

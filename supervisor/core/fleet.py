@@ -66,6 +66,7 @@ class Verdict:
 
     box: str
     reason: str = ""
+    at: float = 0.0  # seconds since the epoch, by that box's clock (for ordering only)
 
 
 @dataclass
@@ -132,10 +133,12 @@ def parse_record(kind: str, name: object, value: bytes) -> object | None:
             return None
         return SlotRecord(box, commit, token[:64])
     if kind in ("proven", "held"):
-        reason = data.get("reason", "")
+        reason, at = data.get("reason", ""), data.get("at", 0.0)
         if not is_commit(name) or not isinstance(reason, str):
             return None
-        return Verdict(box, reason[:500])
+        if isinstance(at, bool) or not isinstance(at, int | float):
+            at = 0.0
+        return Verdict(box, reason[:500], float(at))
     return None
 
 

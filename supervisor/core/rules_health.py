@@ -148,8 +148,10 @@ def after_unhealthy_stopped(state: State, tail: str) -> Decision:
     state, actions = disarm(state, Timer.STOP)
     rollback = state.rollback or Rollback(None, "unhealthy")
     state = replace(state, rollback=None)
-    if state.settings.fleet and (rollback.to is not None or state.old is not None):
-        actions = actions + [ReleaseSlot()]  # rolled back: the box is back on a good release
+    if state.settings.fleet and state.old is not None:
+        # The old generation never stopped serving: the box is back in. (A rollback by restart
+        # is out until the good release passes its probation, which gives the slot back.)
+        actions = actions + [ReleaseSlot()]
     if state.old is not None:
         return back_to_old_child(state, rollback.reason, tail, actions)
     if rollback.to is None:

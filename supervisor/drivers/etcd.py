@@ -478,11 +478,13 @@ class EtcdClient:
         reply = await self._call("/v3/kv/deleterange", {"key": _key(key)})
         return _int(reply, "deleted")
 
-    async def create(self, key: str, value: bytes, lease: int = 0) -> bool:
-        """Puts the key only if it does not exist, in one transaction; False if it does."""
+    async def create(self, key: str, value: bytes, lease: int = 0,
+                     also_absent: Sequence[str] = ()) -> bool:
+        """Puts the key only if it does not exist, nor any of `also_absent`, in one
+        transaction; False if one does."""
         reply = await self._call("/v3/kv/txn", {
-            "compare": [{"key": _key(key), "target": "CREATE", "result": "EQUAL",
-                         "create_revision": "0"}],
+            "compare": [{"key": _key(name), "target": "CREATE", "result": "EQUAL",
+                         "create_revision": "0"} for name in (key, *also_absent)],
             "success": [{"request_put": {"key": _key(key), "value": _b64(value),
                                          "lease": str(lease)}}],
         }, repeatable=False, what="create")

@@ -105,6 +105,8 @@ class EventLog:
         the log's own lines (log.repeated and the like) carry `self.context`."""
         record = {"ts": None, "event": event, **(self.context if context is None else context)}
         for key, value in facts.items():
+            if key in record and record[key] == value:
+                continue  # the context says it already (a rollout id a fleet line names too)
             record["fact_" + key if key in record else key] = bounded(value)
         now = self.clock()
         if record == self._last:

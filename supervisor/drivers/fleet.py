@@ -49,10 +49,11 @@ class Member:
     keys: Keys = field(init=False)
     go_wanted: str | None = None  # a commit waiting for the group's go
     go_told: str | None = None  # ... already answered (FleetCleared or FleetHeld posted)
+    held_told: set[str] = field(default_factory=set)  # commits FleetHeld was posted for
     slot_wanted: str | None = None  # a deploy waiting for a slot
     slot: tuple[int, str, bytes] | None = None  # (index, commit, the value we wrote)
     attempt: str = ""  # the token of our last slot attempt, to recognise it after a lost reply
-    releasing: list[tuple[int, bytes]] = field(default_factory=list)
+    releasing: list[tuple[int, str, bytes]] = field(default_factory=list)
     reports: deque[tuple[str, bool, str]] = field(default_factory=deque)
     record: dict[str, Any] = field(default_factory=dict)
     published: dict[str, Any] | None = None
@@ -76,9 +77,9 @@ class Member:
         if commit is None or self.slot_wanted == commit:
             self.slot_wanted = None
         if self.slot is not None and (commit is None or self.slot[1] == commit):
-            index, _, value = self.slot
+            index, held_for, value = self.slot
             if index != SOLO:
-                self.releasing.append((index, value))
+                self.releasing.append((index, held_for, value))
             self.slot = None
         self._set_waiting(None)
         self.agent.wake()
@@ -263,17 +264,19 @@ class FleetAgent:
 
     async def _give_back(self, member: Member) -> None:
         while member.releasing:
-            index, value = member.releasing[0]
+            index, commit, value = member.releasing[0]
             await self.client.delete_if(member.keys.slot(index), value)
             member.releasing.pop(0)
             self.views[member.policy.group].slots.pop(index, None)
-            member.log("fleet.slot_released", {"group": member.policy.group, "slot": index})
+            member.log("fleet.slot_released", {
+                "group": member.policy.group, "slot": index, "commit": commit,
+                "rollout": rollout_id(member.policy.group, commit)})
 
     async def _send_reports(self, member: Member) -> None:
         view = self.views[member.policy.group]
         while member.reports:
             commit, healthy, reason = member.reports[0]
-            record: dict[str, Any] = {"box": self.config.box}
+            record: dict[str, Any] = {"box": self.config.box, "at": round(time.time(), 3)}
             if healthy:
                 await self.client.create(member.keys.proven(commit), record_bytes(record))
             else:
@@ -309,22 +312,26 @@ class FleetAgent:
                 self._granted(member, index, commit, _slot_value(self.config.box, commit,
                                                                  record.token))
                 return
+        if commit in view.held:
+            return  # the machine hears of the hold (_answer_go) and gives up the deploy
         for index in range(member.policy.max_parallel):
             if index in view.slots:
                 continue
             member.attempt = os.urandom(6).hex()
             value = _slot_value(self.config.box, commit, member.attempt)
-            if await self.client.create(member.keys.slot(index), value, lease=self.lease or 0):
+            # Never a slot for a commit the group holds, even one held a moment ago.
+            if await self.client.create(member.keys.slot(index), value, lease=self.lease or 0,
+                                        also_absent=(member.keys.held(commit),)):
                 if member.slot_wanted != commit:  # the deploy stopped waiting meanwhile
-                    member.releasing.append((index, value))
+                    member.releasing.append((index, commit, value))
                     await self._give_back(member)
                     return
                 self._granted(member, index, commit, value)
                 return
             self.stale.add(member.policy.group)  # someone was quicker: read again
         holders = sorted(f"{r.box} ({r.commit[:12]})" for r in view.slots.values())
-        member._set_waiting(f"a slot: all {member.policy.max_parallel} taken by "
-                            f"{', '.join(holders) or 'others'}")
+        member._set_waiting(f"a slot (all {member.policy.max_parallel} taken by "
+                            f"{', '.join(holders) or 'others'})")
 
     def _granted(self, member: Member, index: int, commit: str, value: bytes) -> None:
         member.slot = (index, commit, value)
@@ -336,16 +343,22 @@ class FleetAgent:
         member.post(SlotGranted(commit=commit, slot=index))
 
     def _answer_go(self, member: Member) -> None:
+        view = self.views[member.policy.group]
+        # A hold reaches the machine while the commit waits for the go, and also once cleared
+        # (being built, drained, waiting for a slot): it ends the deploy if the app is still up.
+        for wanted in (member.go_wanted, member.slot_wanted):
+            if wanted is not None and wanted in view.held and wanted not in member.held_told:
+                member.held_told.add(wanted)
+                if wanted == member.go_wanted:
+                    member.go_told = wanted
+                member._set_waiting(None)
+                verdict = view.held[wanted]
+                member.post(FleetHeld(commit=wanted, box=verdict.box, reason=verdict.reason))
         commit = member.go_wanted
         if commit is None or member.go_told == commit:
             return
-        go = go_for(self.views[member.policy.group], self.config.box, commit,
-                    member.policy.canary)
-        if go.held:
-            member.go_told = commit
-            member._set_waiting(None)
-            member.post(FleetHeld(commit=commit, box=go.by, reason=go.reason))
-        elif go.cleared:
+        go = go_for(view, self.config.box, commit, member.policy.canary)
+        if go.cleared:
             member.go_told = commit
             member._set_waiting(None)
             member.post(FleetCleared(commit=commit, why=go.why))
@@ -395,13 +408,14 @@ class FleetAgent:
         for member in self.members:
             if (member.go_wanted and member.go_told != member.go_wanted) or (
                     member.slot_wanted and member.slot is None):
-                member._set_waiting(f"etcd out of reach: {error.reason}")
+                member._set_waiting("etcd, out of reach (see fleet.unreachable)")
         self._retry_soon()
 
     def _reachable(self) -> None:
         self.retry = RETRY_MIN
         if self.down_since is not None:
-            self.log("fleet.reachable", {"after": round(time.monotonic() - self.down_since, 1)})
+            self.log("fleet.reachable",
+                     {"down_for": round(time.monotonic() - self.down_since, 1)})
             self.down_since = None
 
     def _retry_soon(self) -> None:

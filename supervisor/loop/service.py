@@ -70,6 +70,8 @@ from supervisor.loop.startup import Claim, StartupError, start_trigger
 from supervisor.loop.status import StatusBoard, facts
 from supervisor.loop.tasks import DriverTasks
 
+SERVING_PROVEN = frozenset({Phase.RUNNING, Phase.UPDATING, Phase.BUILDING, Phase.DRAINING,
+                            Phase.AWAITING_SLOT})
 REQUEST_EVENTS = {"deploy": CheckRequested, "restart": RestartRequested,
                   "stop-child": StopChildRequested, "start-child": StartChildRequested,
                   "rollback": RollbackRequested}
@@ -352,7 +354,7 @@ class Service:
                 # Every line of one deploy attempt carries its id, build output included.
                 self.log.context = {"deploy": f"{self.run_id}.{self.state.deploys}"}
             if self.fleet is not None:
-                self._fleet_context()
+                self._fleet_context(before)
             self.log.transition(event, before.phase, self.state.phase, actions)
             self.status.observe(event, actions, time.time())
             if isinstance(event, BuildSucceeded | BuildFailed):
@@ -365,14 +367,17 @@ class Service:
             self._fleet_context()
         self._publish()
 
-    def _rollout(self) -> str | None:
+    def _rollout(self, state: State | None = None) -> str | None:
         """Fleet mode: the rollout this app takes part in, the same id on every box."""
-        commit = self.state.target or (self.state.awaiting.commit if self.state.awaiting
-                                       else None)
+        state = state or self.state
+        commit = state.target or (state.awaiting.commit if state.awaiting else None)
+        if commit is None and state.phase in DEPLOYING:
+            commit = state.child_commit  # restarted into it: on probation, or rolling back
         return rollout_id(self.fleet.policy.group, commit) if commit else None
 
-    def _fleet_context(self) -> None:
-        rollout = self._rollout()
+    def _fleet_context(self, before: State | None = None) -> None:
+        """The step that ends a rollout (health.passed) still carries its id."""
+        rollout = self._rollout() or (self._rollout(before) if before is not None else None)
         if rollout is not None:
             self.log.context = {**self.log.context, "rollout": rollout}
         else:
@@ -397,7 +402,9 @@ class Service:
                 self.log.write("status.write_failed", {"error": error.strerror})
         if self.fleet is not None:
             state = self.state
-            healthy = state.phase == Phase.RUNNING and state.child is not None
+            # Serving a release that passed its gate: while a new one builds, drains or waits
+            # for a slot the old one still serves.
+            healthy = state.child is not None and state.phase in SERVING_PROVEN
             self.fleet.publish(str(state.phase), state.child_commit, healthy, self._rollout())
         if self.host is not None:
             self.host.changed()

@@ -146,10 +146,9 @@ class StatusBoard:
                        "since": timestamp(self.drain_since or now), "seconds": round(waited, 1)}
         fleet_waits = state.awaiting is not None or state.phase == Phase.AWAITING_SLOT
         if waiting is None and fleet_waits:
-            what = "a slot" if state.phase == Phase.AWAITING_SLOT else "the go"
+            what = "a slot" if state.phase == Phase.AWAITING_SLOT else "the group's go"
             since = self.fleet_since or now
-            waiting = {"reason": f"fleet: waiting for {what}: "
-                                 f"{self.fleet_reason or 'asking etcd'}",
+            waiting = {"reason": f"fleet: waiting for {self.fleet_reason or what}",
                        "since": timestamp(since), "seconds": round(now - since, 1)}
         return {
             "app": self.app, "pid": os.getpid(), "updated": timestamp(now),
