@@ -393,6 +393,8 @@ RUNNING = {"commit": "abc1234f00d", "pid": 4321}
     ("building", {**RUNNING, "target": "def5678beef", "pending": "0123456789"},
      "building def5678beef, abc1234f00d serving, 0123456789 next"),
     ("restarting", {**RUNNING, "target": "def5678beef"}, "restarting into def5678beef"),
+    ("awaiting_slot", {**RUNNING, "target": "def5678beef"},
+     "waiting for a fleet slot for def5678beef, abc1234f00d serving"),
     ("probation", RUNNING, "proving healthy: abc1234f00d"),
     ("rolling_back", RUNNING, "stopping unhealthy abc1234f00d"),
     ("shutting_down", RUNNING, "stopping"),
@@ -415,7 +417,7 @@ def test_every_phase_has_a_short_status_line():
         assert line and "\n" not in line and len(line) <= 80, (phase, line)
         assert line.split()[0].rstrip(",") in (
             "starting", "running", "backing", "draining", "updating", "building", "restarting",
-            "held", "stopping", "stopped", "proving"), line
+            "held", "stopping", "stopped", "proving", "waiting"), line
 
 
 def test_a_line_too_long_for_one_row_drops_words_not_facts():

@@ -197,6 +197,7 @@ _PHASES: dict[str, Callable[[_Facts], list[str | None]]] = {
     "updating": lambda f: [f"updating to {_short(f.target)}", f.serving],
     "building": lambda f: [f"building {_short(f.target)}", f.serving],
     "restarting": lambda f: [f"restarting into {_short(f.target)}"],
+    "awaiting_slot": lambda f: [f"waiting for a fleet slot for {_short(f.target)}", f.serving],
     "probation": lambda f: [_join("proving healthy:", _short(f.commit))],
     "rolling_back": lambda f: [f"stopping unhealthy {_short(f.commit)}"],
     "held": _held,
