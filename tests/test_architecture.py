@@ -133,3 +133,15 @@ def test_the_service_loads_no_tls_and_watchfiles_only_when_a_drain_needs_it():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_supervisor_without_fleet_imports_nothing_of_etcd():
+    """Issue 15: without [fleet] nothing of etcd is imported (the agent and the client come with
+    the first app in a group)."""
+    code = ("import sys, supervisor.loop.footprint as f; f.without_tls(); "
+            "import supervisor.loop.host, supervisor.cli.commands; "
+            "print(sorted(m for m in sys.modules if m in ('supervisor.drivers.etcd', "
+            "'supervisor.drivers.fleet', 'supervisor.cli.fleetstatus')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
