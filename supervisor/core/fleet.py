@@ -128,18 +128,26 @@ def parse_record(kind: str, name: object, value: bytes) -> object | None:
     if kind == "boxes":
         return _box_record(name, data)
     if kind == "slots":
-        commit, token = data.get("commit"), data.get("token", "")
-        if not is_commit(commit) or not isinstance(token, str):
-            return None
-        return SlotRecord(box, commit, token[:64])
+        return _slot_record(box, data)
     if kind in ("proven", "held"):
-        reason, at = data.get("reason", ""), data.get("at", 0.0)
-        if not is_commit(name) or not isinstance(reason, str):
-            return None
-        if isinstance(at, bool) or not isinstance(at, int | float):
-            at = 0.0
-        return Verdict(box, reason[:500], float(at))
+        return _verdict(box, name, data)
     return None
+
+
+def _slot_record(box: str, data: dict) -> SlotRecord | None:
+    commit, token = data.get("commit"), data.get("token", "")
+    if not is_commit(commit) or not isinstance(token, str):
+        return None
+    return SlotRecord(box, commit, token[:64])
+
+
+def _verdict(box: str, commit: object, data: dict) -> Verdict | None:
+    reason, at = data.get("reason", ""), data.get("at", 0.0)
+    if not is_commit(commit) or not isinstance(reason, str):
+        return None
+    if isinstance(at, bool) or not isinstance(at, int | float):
+        at = 0.0
+    return Verdict(box, reason[:500], float(at))
 
 
 def _box_record(name: object, data: dict) -> BoxRecord | None:

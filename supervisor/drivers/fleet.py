@@ -305,13 +305,8 @@ class FleetAgent:
         if commit is None or member.slot is not None:
             return
         view = self.views[member.policy.group]
-        mine = [(i, r) for i, r in view.slots.items()
-                if r.box == self.config.box and r.token and r.token == member.attempt]
-        for index, record in mine:  # a create whose reply was lost did succeed
-            if record.commit == commit:
-                self._granted(member, index, commit, _slot_value(self.config.box, commit,
-                                                                 record.token))
-                return
+        if self._adopt_lost_reply(member, view, commit):
+            return
         if commit in view.held:
             return  # the machine hears of the hold (_answer_go) and gives up the deploy
         for index in range(member.policy.max_parallel):
@@ -332,6 +327,17 @@ class FleetAgent:
         holders = sorted(f"{r.box} ({r.commit[:12]})" for r in view.slots.values())
         member._set_waiting(f"a slot (all {member.policy.max_parallel} taken by "
                             f"{', '.join(holders) or 'others'})")
+
+    def _adopt_lost_reply(self, member: Member, view: GroupView, commit: str) -> bool:
+        """A create whose reply was lost (the outcome unknown) may have succeeded: the slot that
+        holds our last attempt's token is ours."""
+        for index, record in view.slots.items():
+            if (record.box == self.config.box and record.token
+                    and record.token == member.attempt and record.commit == commit):
+                self._granted(member, index, commit,
+                              _slot_value(self.config.box, commit, record.token))
+                return True
+        return False
 
     def _granted(self, member: Member, index: int, commit: str, value: bytes) -> None:
         member.slot = (index, commit, value)
