@@ -142,3 +142,14 @@ def test_a_reload_applies_the_policy_but_a_new_group_or_joining_needs_a_restart(
     plain = app_file(tmp_path / "apps", "web", RELEASES)
     _, _, kept = merge(old, load_host(str(main), ENV).app("web"))
     assert "[fleet]" in kept and plain.exists()
+
+
+def test_two_apps_of_one_box_cannot_share_a_group(tmp_path):
+    main = main_file(tmp_path, ETCD)
+    app_file(tmp_path / "apps", "api", RELEASES + '[fleet]\ngroup = "web"\n')
+    app_file(tmp_path / "apps", "web", RELEASES + "[fleet]\n")
+    host = load_host(str(main), ENV)
+    assert [a.app.name for a in host.apps] == ["api"]
+    (broken,) = host.broken
+    assert broken.name == "web" and broken.problems[0].startswith(
+        "fleet.group: 'web' is the group of ")

@@ -176,6 +176,7 @@ def _load_apps(main: str, globs: tuple[str, ...], state_dir: str, environ: Mappi
     apps: list[Config] = []
     broken: list[BrokenApp] = []
     seen: dict[str, str] = {}
+    groups: dict[str, str] = {}  # fleet group -> the app file that is this box's member
     for file in app_files(main, globs):
         stem = os.path.splitext(os.path.basename(file))[0]
         try:
@@ -187,10 +188,17 @@ def _load_apps(main: str, globs: tuple[str, ...], state_dir: str, environ: Mappi
             broken.append(BrokenApp(file, config.app.name, (
                 "fleet: the main file has no [fleet] (endpoints: how this box reaches etcd)",)))
             continue
+        if config.fleet is not None and config.fleet.group in groups:
+            broken.append(BrokenApp(file, config.app.name, (
+                f"fleet.group: {config.fleet.group!r} is the group of "
+                f"{groups[config.fleet.group]} too; a box is one member of a group",)))
+            continue
         name = config.app.name
         if name in seen:
             raise ConfigError([f"app.name: {name!r} names two apps: {seen[name]} and {file}"])
         seen[name] = file
+        if config.fleet is not None:
+            groups[config.fleet.group] = file
         apps.append(config)
     if not apps:
         problems = [f"supervisor.apps: no valid app file matches {list(globs)}"]

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import replace
 from typing import Any
 
 from supervisor.core.config import Config, ConfigError
@@ -312,6 +313,11 @@ class Host:
             forget_startup_modules()
         if new is not None:
             self.reload_problems = []
+            if new.fleet != self.config.fleet and self.fleet is not None:
+                # The agent's connection and name are the box's identity in its groups.
+                self.own_log.write("fleet.reload_not_applied", {
+                    "reason": "the main file's [fleet] changed: restart the supervisor"})
+                new = replace(new, fleet=self.config.fleet)
             self._reconcile(new)
         if self.notifier is not None:
             self.notifier.ready()
