@@ -153,3 +153,18 @@ def test_two_apps_of_one_box_cannot_share_a_group(tmp_path):
     (broken,) = host.broken
     assert broken.name == "web" and broken.problems[0].startswith(
         "fleet.group: 'web' is the group of ")
+
+
+def test_check_of_a_single_app_file_prints_its_whole_fleet_table(tmp_path):
+    from tests.helpers_git import make_repos
+
+    repos = make_repos(tmp_path)
+    path = tmp_path / "web.toml"
+    path.write_text(f'[app]\ncommand = "./server"\n[git]\nrepo = "{repos.work}"\n'
+                    + RELEASES + ETCD + 'user = "root"\npassword = "secret-words"\n')
+    done = subprocess.run([sys.executable, "-m", "supervisor", "check", "-c", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.split("[fleet]\n", 1)[1]
+    assert 'box = "fra-1"' in table and 'lease_ttl = "10s"' in table
+    assert "secret-words" not in done.stdout and 'password = "(set)"' in table

@@ -12,7 +12,7 @@ from supervisor import __version__
 
 if TYPE_CHECKING:
     from supervisor.core.config import Config
-    from supervisor.core.hostconfig import HostConfig
+    from supervisor.core.hostconfig import FleetConfig, HostConfig
     from supervisor.drivers.childlog import RotatingFile
     from supervisor.drivers.eventlog import EventLog
     from supervisor.loop.startup import Claim
@@ -167,6 +167,8 @@ def _check(host: HostConfig) -> int:
         if problems:
             return _fail(problems)
         print(format_config(host.apps[0]), end="")
+        if host.fleet is not None:  # the [fleet] table printed last: the connection's keys too
+            print(_fleet_connection_toml(host.fleet), end="")
         return 0
     print(f"{host.path}: {len(host.apps)} app{'s' * (len(host.apps) != 1)}, "
           f"max_builds = {host.limits.max_builds}, max_fetches = {host.limits.max_fetches}")
@@ -185,6 +187,23 @@ def _check(host: HostConfig) -> int:
     if problems:
         _fail(problems)
     return EXIT_USAGE if host.broken or problems else 0
+
+
+def _fleet_connection_toml(fleet: FleetConfig) -> str:
+    """The keys of a single-app file's [fleet] that say how to reach etcd (never the password)."""
+    from dataclasses import fields
+
+    from supervisor.core.config import _toml_value
+
+    lines = []
+    for field in fields(fleet):
+        value = getattr(fleet, field.name)
+        if field.name == "password" and value is not None:
+            value = "(set)"
+        if value is not None:
+            value = f"{value:g}s" if field.name in ("lease_ttl", "solo_after") else value
+            lines.append(f"{field.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
 
 
 def _statuses(host: HostConfig, name: str | None, as_json: bool) -> int:
