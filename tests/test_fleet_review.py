@@ -12,14 +12,14 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from supervisor.core.config import FleetPolicy
-from supervisor.core.events import ChildExited, FleetCleared, SlotGranted
+from supervisor.core.events import AwaitFleet, ChildExited, FleetCleared, SlotGranted, UpdateTree
 from supervisor.core.fleet import GroupView, Keys
 from supervisor.core.hostconfig import FleetConfig
-from supervisor.core.machine import Phase
+from supervisor.core.machine import Phase, initial_state
 from supervisor.drivers.etcd import EtcdClient, EtcdUnavailable, KeyValue
 from supervisor.drivers.fleet import FleetAgent
 from tests.etcdtest import EtcdCluster, need_etcd
-from tests.machine_harness import B
+from tests.machine_harness import B, Harness
 from tests.test_fleet_agent import Box, prefix_for, run
 from tests.test_machine_fleet import FLEET, built_and_drained
 from tests.test_machine_releases import live, upstream
@@ -236,3 +236,22 @@ def test_a_crash_while_awaiting_a_slot_does_not_put_the_new_commit_on_probation_
     on_probation_of_b = (harness.state.phase == Phase.PROBATION
                          and harness.state.child_commit == B)
     assert not on_probation_of_b, "a new commit on probation without a slot of the group"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A box with no release yet deploys a commit the group holds
+
+
+@pytest.mark.xfail(strict=True, reason="core/rules_deploy.py _reconcile_releases_at_start: the "
+                   "first deploy never asks the group, so a held commit is built and served")
+def test_a_box_with_no_release_yet_gives_the_group_a_chance_to_say_its_commit_is_held():
+    """Defect (against the issue's "no other box deploys it" and fleet.md's "What it
+    guarantees"): a box with no release deploys upstream at once, with no AwaitFleet, so the
+    agent (which answers holds only for a commit asked about) can never tell it the commit is
+    held. A box added to the pool after a bad push builds and serves the known-bad commit.
+    Fix: ask the group about the first commit too, cleared unless held (no canary wait)."""
+    harness = Harness(initial_state(FLEET))
+    actions = harness.feed(upstream(B))
+    asked = AwaitFleet(B) in actions
+    deployed_at_once = any(isinstance(a, UpdateTree) and a.commit == B for a in actions)
+    assert asked or not deployed_at_once, "deployed B without asking whether the group holds it"
