@@ -12,7 +12,15 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from supervisor.core.config import FleetPolicy
-from supervisor.core.events import AwaitFleet, ChildExited, FleetCleared, SlotGranted, UpdateTree
+from supervisor.core.events import (
+    AwaitFleet,
+    CheckRequested,
+    ChildExited,
+    FleetCleared,
+    SlotGranted,
+    TreeUpdateFailed,
+    UpdateTree,
+)
 from supervisor.core.fleet import GroupView, Keys
 from supervisor.core.hostconfig import FleetConfig
 from supervisor.core.machine import Phase, initial_state
@@ -301,3 +309,27 @@ def test_a_box_does_not_go_solo_while_etcd_answers_but_refuses_writes(tmp_path, 
                 await other.close()
 
         run(scenario())
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. A canary whose deploy failed for a reason of its own holds the whole group
+
+
+@pytest.mark.xfail(strict=True, reason="core/rules_deploy.py on_deploy_failed holds the commit "
+                   "locally for a box-side failure; fleet.md's remedy `supervisor deploy` skips it")
+def test_a_canary_that_failed_for_its_own_reason_deploys_again_when_asked():
+    """Defect (liveness, and fleet.md "The deploy waits for the go" promises otherwise): a
+    canary whose checkout failed for a reason of its own (a full disk) holds the commit
+    locally (rule 4) though nothing is held for the group. fleet.md says "fix it there and
+    `supervisor deploy`", but the fetch that request makes logs deploy.skipped "failed before":
+    the canary never proves the commit, and every other box waits for it until someone pushes
+    a new commit. Fix: in fleet mode, a failure not for_the_fleet should not hold the commit
+    (or `supervisor deploy` should clear a local hold of a box-side failure)."""
+    harness = live(FLEET)
+    harness.feed(upstream(B))
+    harness.feed(FleetCleared(commit=B, why="canary"))
+    harness.feed(TreeUpdateFailed(commit=B, error="No space left on device"))
+    harness.feed(CheckRequested())  # `supervisor deploy`, once the disk has room again
+    actions = harness.feed(upstream(B))
+    assert any(isinstance(a, UpdateTree | AwaitFleet) and a.commit == B for a in actions), \
+        "the canary never deploys B again: the group waits for it forever"
