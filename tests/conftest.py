@@ -68,7 +68,7 @@ SLOW_FILES = frozenset({
     "test_demo.py", "test_fuzz_short.py", "test_gitrepo.py", "test_proc.py", "test_replay.py",
     "test_sdnotify.py", "test_soak_short.py", "test_statsfile.py", "test_trigger.py",
     "test_viewer.py", "test_docs_quickstart.py", "test_docs_init.py", "test_docs_rough_edges.py",
-    "test_etcd.py", "test_fleet_agent.py",  # real etcd members, leases and timeouts
+    "test_etcd.py", "test_fleet_agent.py", "test_fleet_review.py",  # real etcd members
     # Real supervisors, floods and git cut short at its timeout: together 35 s of the quick
     # lane's 75 s on quiet cores.
     "test_output_flood.py", "test_log_pressure.py", "test_signals.py",
