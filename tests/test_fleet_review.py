@@ -1,8 +1,9 @@
-"""Defects found by the review of fleet mode (issue 15), each shown by a test that fails today.
-Every test is marked xfail(strict=True): the branch stays green, and a fix turns its test into
-an XPASS that fails the run until the mark is removed. The agent runs against a real etcd
-member; where a fault must land at one exact moment (a reply lost, a lease lost mid-step), a
-thin subclass of the real client injects it at the client's boundary; etcd is never faked."""
+"""Defects found by the review of fleet mode (issue 15), each shown by a test that failed on the
+code reviewed. Those fixed since are plain tests; those still open are marked xfail(strict=True),
+so a fix turns its test into an XPASS that fails the run until the mark is removed. The agent
+runs against a real etcd member; where a fault must land at one exact moment (a reply lost, a
+lease lost mid-step), a thin subclass of the real client injects it at the client's boundary;
+etcd is never faked."""
 
 from __future__ import annotations
 
@@ -57,8 +58,6 @@ async def until(condition: Callable[[], object], what: str, timeout: float = WAI
 # 1. A key from etcd that raises outside EtcdError: the agent's worker dies on every step
 
 
-@pytest.mark.xfail(strict=True, reason="slots/<non-ASCII digit> passes str.isdigit(), int() "
-                   "raises ValueError (core/fleet.py GroupView.apply)")
 def test_a_slot_key_named_with_a_non_ascii_digit_is_rejected_not_raised():
     """Defect: `name.isdigit()` is true for '²' (and other Unicode digits that int() refuses),
     so GroupView.apply raises ValueError on a key `slots/²` instead of rejecting it."""
@@ -68,8 +67,6 @@ def test_a_slot_key_named_with_a_non_ascii_digit_is_rejected_not_raised():
     assert view.rejected == [keys.root + "slots/²"]
 
 
-@pytest.mark.xfail(strict=True, reason="one odd key under the group kills FleetAgent.work at "
-                   "every read: no go, no slot for any app of the group, ever")
 def test_one_odd_slot_key_in_etcd_does_not_stop_the_agent(etcd, request):
     """Defect: the ValueError above escapes `work()` (only EtcdError is caught), before
     `_read_group` clears the group from `stale`: under DriverTasks the agent crash-loops
@@ -117,8 +114,6 @@ class LosesOneSlotReply(EtcdClient):
         return created
 
 
-@pytest.mark.xfail(strict=True, reason="drivers/fleet.py _take_slot/_adopt_lost_reply: an "
-                   "unadopted slot of a lost reply stays under the live lease forever")
 def test_a_slot_taken_with_a_lost_reply_is_given_back_when_no_longer_wanted(etcd, request):
     """Defect: after a lost create reply the slot exists in etcd under this box's lease, which
     keep_alive renews forever. `_adopt_lost_reply` only adopts it for the same commit still
@@ -176,8 +171,6 @@ class GatedReads(EtcdClient):
         return await super().get_prefix(prefix)
 
 
-@pytest.mark.xfail(strict=True, reason="drivers/fleet.py `lease=self.lease or 0`: after "
-                   "_lease_lost mid-step the slot (and box record) are put with lease 0")
 def test_a_slot_is_never_written_without_the_boxs_lease(etcd, request):
     """Defect: keep_alive's `_lease_lost` sets `agent.lease = None` while `_step` is awaiting
     etcd; the rest of that step writes `lease=self.lease or 0`, i.e. with no lease. A slot
@@ -227,8 +220,6 @@ def test_a_slot_is_never_written_without_the_boxs_lease(etcd, request):
 # 4. The machine: a crash while waiting for a slot takes the box out without a slot
 
 
-@pytest.mark.xfail(strict=True, reason="core/rules_fleet.py on_exit_awaiting_slot starts the "
-                   "new commit on probation and gives the slot request back")
 def test_a_crash_while_awaiting_a_slot_does_not_put_the_new_commit_on_probation_unslotted():
     """Defect: in AWAITING_SLOT the app's death makes the machine start the *new* commit at
     once and release its slot request (on_exit_awaiting_slot). The box is then on probation of
@@ -269,8 +260,6 @@ def test_a_box_with_no_release_yet_gives_the_group_a_chance_to_say_its_commit_is
 # 6. etcd that answers but refuses writes is taken for "out of reach": every box goes solo
 
 
-@pytest.mark.xfail(strict=True, reason="drivers/fleet.py work(): every EtcdError counts as "
-                   "unreachable, so solo_after fires while etcd answers (NOSPACE alarm)")
 def test_a_box_does_not_go_solo_while_etcd_answers_but_refuses_writes(tmp_path, request):
     """Defect: `work()` treats any EtcdError as etcd out of reach (`down_since`), and
     `_go_solo_if_due` then deploys alone. An etcd that answers but refuses every write (its

@@ -147,15 +147,22 @@ def test_a_group_hold_of_a_commit_not_seen_yet_skips_it_when_it_comes():
     assert harness.feed(upstream(C))[0].event == "deploy.skipped"
 
 
-def test_the_app_dying_while_waiting_for_a_slot_starts_the_target_without_one():
+def test_the_app_dying_while_waiting_for_a_slot_restarts_the_live_release_and_keeps_waiting():
     harness = live(FLEET)
     harness.feed(upstream(B))
     built_and_drained(harness, B)
     actions = harness.feed(ChildExited(pid=harness.state.child, exit_code=1))
-    assert of_type(actions, ReleaseSlot) == [ReleaseSlot()]
-    assert of_type(actions, StartChild) == [StartChild(B, "deploy")]
+    assert of_type(actions, StartChild) == [StartChild(A, "crash restart")]
+    assert of_type(actions, ReleaseSlot) == [], "still waiting for its slot"
+    assert harness.state.phase == Phase.AWAITING_SLOT
+    actions = harness.feed(SlotGranted(commit=B, slot=0))
+    assert [a.reason for a in of_type(actions, StopChild)] == [f"deploy {B}"]
+
+
+def test_a_grant_that_comes_when_nothing_waits_for_it_is_given_back():
+    harness = live(FLEET)
     late = harness.feed(SlotGranted(commit=B, slot=0))
-    assert of_type(late, ReleaseSlot) == [ReleaseSlot(B)], "a late grant is given back"
+    assert of_type(late, ReleaseSlot) == [ReleaseSlot(B)]
 
 
 def test_a_newer_commit_found_while_busy_waits_for_its_own_go():

@@ -80,7 +80,6 @@ class NoteName(StrEnum):
     FLEET_CLEARED = "fleet.deploy.cleared"
     FLEET_COMMIT_HELD = "fleet.commit_held"
     FLEET_DEPLOY_WAITING = "fleet.deploy.waiting"
-    FLEET_SLOT_NOT_NEEDED = "fleet.slot_not_needed"
     GIT_DIRTY = "git.dirty"
     GIT_DIVERGED = "git.diverged"
     HEALTH_FAILED = "health.failed"

@@ -92,7 +92,7 @@ class GroupView:
         table: dict = {"boxes": self.boxes, "slots": self.slots, "proven": self.proven,
                        "held": self.held}.get(kind, {})
         if kind == "slots":
-            if not name.isdigit() or len(name) > 4:
+            if not (name.isascii() and name.isdigit()) or len(name) > 4:
                 self.rejected.append(key)
                 return
             name = int(name)  # type: ignore[assignment]

@@ -134,7 +134,6 @@ from supervisor.core.rules_deploy import (
     reconcile_at_start,
 )
 from supervisor.core.rules_fleet import (
-    on_exit_awaiting_slot,
     on_fleet_cleared,
     on_fleet_held,
     on_late_slot,
@@ -346,11 +345,17 @@ def _probation(state: State, event: Event) -> Decision | None:
 
 
 def _awaiting_slot(state: State, event: Event) -> Decision | None:
+    """The live release serves while the deploy waits for a slot: if it dies, it is restarted
+    by the crash rules (as during a build), and the new release still waits for its slot."""
     match event:
         case SlotGranted(commit=commit) if commit == state.target:
             return on_slot_granted(state)
         case ChildExited(exit_code=code, signal=sig):
-            return on_exit_awaiting_slot(state, describe_exit(code, sig))
+            return on_exit_during_build(without_child(state), describe_exit(code, sig))
+        case TimerFired(timer=Timer.BACKOFF):
+            return on_backoff_over_during_build(state)
+        case ChildStartFailed(error=error):
+            return state, [Note(NoteName.CHILD_START_FAILED_DURING_DEPLOY, {"reason": error})]
     return None
 
 
@@ -420,7 +425,7 @@ def _on_child_started(state: State, pid: int, commit: str | None) -> Decision:
     if state.phase == Phase.PROBATION:
         state, more = begin_probation(state)
         return state, actions + more
-    if state.settings.fleet:
+    if state.settings.fleet and state.phase == Phase.RUNNING and not state.settings.health_gate:
         actions.append(ReleaseSlot())  # no health gate to wait for: the restart is over
     state, more = deploy_queued(state)
     return state, actions + more

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from supervisor.core.events import AwaitFleet, Note, NoteName, ReleaseSlot
 from supervisor.core.rules_deploy import begin_deploy, on_deploy_failed, restart_into_target
-from supervisor.core.state import Decision, Deploy, Phase, State, hold, without_child
+from supervisor.core.state import Decision, Deploy, Phase, State, hold
 
 # Built, not yet taken down: a commit the group holds is dropped like a failed one at once.
 _BUILT_NOT_DOWN = (Phase.DRAINING, Phase.AWAITING_SLOT)
@@ -55,14 +55,6 @@ def on_slot_granted(state: State) -> Decision:
     """Built, drained, and now one of the group's slots: take the app down for the target."""
     assert state.deploy is not None
     return restart_into_target(replace(state, deploy=replace(state.deploy, slot=True)))
-
-
-def on_exit_awaiting_slot(state: State, reason: str) -> Decision:
-    """The app died while the deploy waited for a slot: it is down already, so the target
-    starts now and the slot asked for is not needed."""
-    state, actions = restart_into_target(without_child(state))
-    return state, [Note(NoteName.FLEET_SLOT_NOT_NEEDED, {"reason": reason}),
-                   ReleaseSlot()] + actions
 
 
 def on_late_slot(state: State, commit: str) -> Decision:

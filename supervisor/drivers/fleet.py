@@ -28,7 +28,7 @@ from supervisor.core.fleet import (
     rollout_id,
 )
 from supervisor.core.hostconfig import FleetConfig
-from supervisor.drivers.etcd import EtcdClient, EtcdError, LeaseLost
+from supervisor.drivers.etcd import EtcdClient, EtcdError, EtcdUnavailable, LeaseLost
 
 Log = Callable[[str, dict[str, Any]], None]
 RETRY_MIN, RETRY_MAX = 0.5, 5.0  # seconds between tries while etcd is out of reach
@@ -126,6 +126,7 @@ class FleetAgent:
         self.lease: int | None = None
         self.down_since: float | None = None  # monotonic: etcd out of reach since
         self.down_reason = ""
+        self.refused_reason = ""  # the last error etcd answered with, logged once
         self.retry = RETRY_MIN
         self.reported_bad: set[str] = set()
         self._wake = asyncio.Event()
@@ -189,8 +190,12 @@ class FleetAgent:
             self._wake.clear()
             try:
                 await self._step()
-            except EtcdError as error:
+            except EtcdUnavailable as error:
                 self._unreachable(error)
+            except EtcdError as error:
+                # etcd answers but refuses (a full database, a permission): every box hears
+                # the same, so none may go solo on it; the deploy waits and the log says why.
+                self._refused(error)
             else:
                 self._reachable()
             self._go_solo_if_due()
@@ -212,6 +217,7 @@ class FleetAgent:
             await self.client.delete(member.keys.box(self.config.box))
         self._forgotten.clear()
         for member in list(self.members):
+            self._find_strays(member)
             await self._give_back(member)
             await self._send_reports(member)
             await self._publish(member)
@@ -293,17 +299,17 @@ class FleetAgent:
                 member.log("fleet.held_for_group", facts | {"reason": reason})
 
     async def _publish(self, member: Member) -> None:
-        if not member.record or member.record == member.published:
-            return
+        if not member.record or member.record == member.published or self.lease is None:
+            return  # (no lease: lost during this step; the next step takes a new one)
         record = dict(member.record)
         await self.client.put(member.keys.box(self.config.box), record_bytes(record),
-                              lease=self.lease or 0)
+                              lease=self.lease)
         member.published = record
 
     async def _take_slot(self, member: Member) -> None:
         commit = member.slot_wanted
-        if commit is None or member.slot is not None:
-            return
+        if commit is None or member.slot is not None or self.lease is None:
+            return  # a slot lives under the box's lease, or it could outlive the box
         view = self.views[member.policy.group]
         if self._adopt_lost_reply(member, view, commit):
             return
@@ -312,10 +318,12 @@ class FleetAgent:
         for index in range(member.policy.max_parallel):
             if index in view.slots:
                 continue
+            if self.lease is None:
+                return  # lost while we asked for the slot before
             member.attempt = os.urandom(6).hex()
             value = _slot_value(self.config.box, commit, member.attempt)
             # Never a slot for a commit the group holds, even one held a moment ago.
-            if await self.client.create(member.keys.slot(index), value, lease=self.lease or 0,
+            if await self.client.create(member.keys.slot(index), value, lease=self.lease,
                                         also_absent=(member.keys.held(commit),)):
                 if member.slot_wanted != commit:  # the deploy stopped waiting meanwhile
                     member.releasing.append((index, commit, value))
@@ -327,6 +335,19 @@ class FleetAgent:
         holders = sorted(f"{r.box} ({r.commit[:12]})" for r in view.slots.values())
         member._set_waiting(f"a slot (all {member.policy.max_parallel} taken by "
                             f"{', '.join(holders) or 'others'})")
+
+    def _find_strays(self, member: Member) -> None:
+        """A slot our last attempt took though its reply was lost, and that nothing wants any
+        more (the deploy ended meanwhile): given back, or the group would wait on it."""
+        view = self.views[member.policy.group]
+        for index, record in list(view.slots.items()):
+            ours = (record.box == self.config.box and record.token
+                    and record.token == member.attempt)
+            held = member.slot is not None and member.slot[0] == index
+            if ours and not held and record.commit != member.slot_wanted:
+                value = _slot_value(self.config.box, record.commit, record.token)
+                if all(entry[0] != index for entry in member.releasing):
+                    member.releasing.append((index, record.commit, value))
 
     def _adopt_lost_reply(self, member: Member, view: GroupView, commit: str) -> bool:
         """A create whose reply was lost (the outcome unknown) may have succeeded: the slot that
@@ -385,9 +406,11 @@ class FleetAgent:
                 await self.client.keep_alive(self.lease)
             except LeaseLost:
                 self._lease_lost()
-            except EtcdError as error:
+            except EtcdUnavailable as error:
                 self._unreachable(error)
                 self._retry_soon()
+            except EtcdError as error:
+                self._refused(error)
 
     def _lease_lost(self) -> None:
         """Out of reach longer than the lease: the group forgot this box and its slots. A slot
@@ -415,6 +438,14 @@ class FleetAgent:
             if (member.go_wanted and member.go_told != member.go_wanted) or (
                     member.slot_wanted and member.slot is None):
                 member._set_waiting("etcd, out of reach (see fleet.unreachable)")
+        self._retry_soon()
+
+    def _refused(self, error: EtcdError) -> None:
+        self._reachable()
+        if error.reason != self.refused_reason:
+            self.refused_reason = error.reason
+            self.log("fleet.refused", {"error": error.reason})
+        self.stale.update(self.views)
         self._retry_soon()
 
     def _reachable(self) -> None:

@@ -45,7 +45,7 @@ GIVE_UP_AFTER = 3  # steps in a row that do not converge end the run
 HELD_EVENTS = ("fleet.commit_held", "fleet.held_for_group")
 COUNTED = ("fleet.slot_taken", "fleet.proven", "fleet.held_for_group", "fleet.commit_held",
            "fleet.unreachable", "fleet.lease_lost", "fleet.slot_lost", "fleet.solo",
-           "fleet.slot_not_needed", "fleet.bad_record", "child.stale_found",
+           "fleet.bad_record", "child.stale_found",
            "release.rolling_back")
 
 
