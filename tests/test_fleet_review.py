@@ -241,8 +241,6 @@ def test_a_crash_while_awaiting_a_slot_does_not_put_the_new_commit_on_probation_
 # 5. A box with no release yet deploys a commit the group holds
 
 
-@pytest.mark.xfail(strict=True, reason="core/rules_deploy.py _reconcile_releases_at_start: the "
-                   "first deploy never asks the group, so a held commit is built and served")
 def test_a_box_with_no_release_yet_gives_the_group_a_chance_to_say_its_commit_is_held():
     """Defect (against the issue's "no other box deploys it" and fleet.md's "What it
     guarantees"): a box with no release deploys upstream at once, with no AwaitFleet, so the

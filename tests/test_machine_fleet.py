@@ -238,3 +238,23 @@ def test_a_fetch_result_is_never_replaced_by_the_groups_word():
     assert harness.feed(FleetCleared(commit=C, why="canary")) == []
     assert harness.state.phase == Phase.RUNNING and harness.state.awaiting.commit == B
     assert isinstance(upstream(B), FetchSucceeded)
+
+
+def test_a_box_with_no_release_yet_asks_the_group_and_never_builds_a_held_commit():
+    from supervisor.core.machine import initial_state
+
+    fresh = Harness(initial_state(FLEET))
+    actions = fresh.feed(upstream(B))
+    assert of_type(actions, AwaitFleet) == [AwaitFleet(B)] and of_type(actions, UpdateTree) == []
+    fresh.feed(FleetHeld(commit=B, box="fra-1", reason="exited on probation"))
+    assert fresh.state.failed == B and fresh.state.child is None
+    assert of_type(fresh.feed(upstream(B)), UpdateTree) == []
+
+    cleared = Harness(initial_state(FLEET))
+    cleared.feed(upstream(B))
+    actions = cleared.feed(FleetCleared(commit=B, why="proven"))
+    assert of_type(actions, UpdateTree) == [UpdateTree(B)]
+    cleared.feed(TreeUpdated(commit=B))
+    actions = cleared.feed(BuildSucceeded(commit=B))
+    assert of_type(actions, AcquireSlot) == [], "nothing serves: no slot to take"
+    assert [a.commit for a in of_type(actions, StartChild)] == [B]

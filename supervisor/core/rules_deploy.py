@@ -164,6 +164,11 @@ def _reconcile_releases_at_start(state: State, event: FetchSucceeded | FetchFail
         return replace(state, phase=Phase.RUNNING), notes + [
             Note(NoteName.CHILD_NOTHING_TO_RUN,
                  {"reason": "no release yet and no commit to build"})]
+    if not may_go_straight_to(state, Target(first)):
+        # Fleet mode: even a first release asks the group, which may hold the commit (a box
+        # added after a bad push must not serve it); its go starts the deploy (begin_deploy).
+        state, actions = begin_deploy(replace(state, phase=Phase.RUNNING), Target(first))
+        return state, notes + actions
     state = replace(state, deploy=Deploy(Target(first)), phase=Phase.UPDATING,
                     deploys=state.deploys + 1)
     return state, notes + [Note(NoteName.DEPLOY_STARTED, {"commit": first, "reset": False}),
