@@ -73,6 +73,11 @@ def _as_json(view: GroupView, policy: Any) -> dict[str, Any]:
                                                    "canary": policy.canary}}
 
 
+def _shown(text: str) -> str:
+    """What etcd holds is shown, never obeyed: no control character reaches the terminal."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def _lines(name: str, view: GroupView, policy: Any, me: str) -> list[str]:
     rule = "" if policy is None else (f" (here: max_parallel {policy.max_parallel}, "
                                       f"canary {policy.canary})")
@@ -99,4 +104,4 @@ def _lines(name: str, view: GroupView, policy: Any, me: str) -> list[str]:
             f"{c[:12]} ({view.proven[c].box})" for c in proven[-5:]))
     for key in view.rejected:
         lines.append(f"  unreadable record: {key}")
-    return lines
+    return [_shown(line) for line in lines]

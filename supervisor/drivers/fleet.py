@@ -414,7 +414,7 @@ class FleetAgent:
 
     def _lease_lost(self) -> None:
         """Out of reach longer than the lease: the group forgot this box and its slots. A slot
-        in use is taken again if one is free (the deploy it was for cannot be undone)."""
+        in use is gone (`fleet.slot_lost`); the deploy it was for goes on, it cannot be undone."""
         self.log("fleet.lease_lost", {"box": self.config.box,
                                       "lease_ttl": self.config.lease_ttl})
         self.lease = None
