@@ -285,3 +285,28 @@ def test_the_slot_is_never_created_once_the_commit_is_held_in_etcd(etcd, request
         await client.close()
 
     run(scenario())
+
+
+def test_the_agent_loads_only_the_proofs_and_holds_of_the_commits_it_asks_about(etcd, request):
+    """Review: every commit ever pushed leaves a proven/ or held/ record; a tiny box must not
+    load them all on every read."""
+    async def scenario():
+        keys = Keys(prefix_for(request), "web")
+        client = EtcdClient(etcd.endpoints)
+        for number in range(60):
+            commit = f"{number:040x}"
+            await client.put(keys.proven(commit), b'{"v":1,"box":"old"}')
+            await client.put(keys.held(commit), b'{"v":1,"box":"old","reason":"x"}')
+        await client.put(keys.proven(B), b'{"v":1,"box":"fra-0"}')
+        box = Box("fra-1", etcd.endpoints, prefix_for(request), FleetPolicy("web", 1, 1))
+        box.member.publish("running", C, True, None)
+        await client.put(keys.box("fra-0"), b'{"v":1,"box":"fra-0","app":"web",'
+                                           b'"phase":"running","commit":null,"healthy":true}')
+        box.member.await_go(B)
+        assert await box.next() == FleetCleared(commit=B, why="proven")
+        view = box.agent.views["web"]
+        assert set(view.proven) == {B} and view.held == {}
+        await box.close()
+        await client.close()
+
+    run(scenario())

@@ -67,6 +67,8 @@ class Member:
     def await_go(self, commit: str | None) -> None:
         self.go_wanted, self.go_told = commit, None
         self._set_waiting(None)
+        if commit is not None:
+            self.agent.stale.add(self.policy.group)  # its proof or hold is read by key
         self.agent.wake()
 
     def acquire(self, commit: str) -> None:
@@ -225,8 +227,18 @@ class FleetAgent:
             self._answer_go(member)
 
     async def _read_group(self, group: str) -> None:
+        """The group's boxes and slots in full, and of the proofs and holds only those of the
+        commits this box asks about: they pile up with every commit ever pushed, and a tiny box
+        must not load them all. The watch (from the first read on) brings every later change."""
         keys = Keys(self.config.prefix, group)
-        revision, kvs = await self.client.get_prefix(keys.root)
+        revision, kvs = await self.client.get_prefix(keys.root + "boxes/")
+        kvs += (await self.client.get_prefix(keys.root + "slots/"))[1]
+        for commit in sorted({c for m in self.members if m.policy.group == group
+                              for c in (m.go_wanted, m.slot_wanted) if c is not None}):
+            for key in (keys.proven(commit), keys.held(commit)):
+                found = await self.client.get(key)
+                if found is not None:
+                    kvs.append(found)
         view = GroupView.empty()
         for kv in kvs:
             view.apply(keys, kv.key, kv.value)
