@@ -302,8 +302,6 @@ def test_a_box_does_not_go_solo_while_etcd_answers_but_refuses_writes(tmp_path, 
 # 7. A canary whose deploy failed for a reason of its own holds the whole group
 
 
-@pytest.mark.xfail(strict=True, reason="core/rules_deploy.py on_deploy_failed holds the commit "
-                   "locally for a box-side failure; fleet.md's remedy `supervisor deploy` skips it")
 def test_a_canary_that_failed_for_its_own_reason_deploys_again_when_asked():
     """Defect (liveness, and fleet.md "The deploy waits for the go" promises otherwise): a
     canary whose checkout failed for a reason of its own (a full disk) holds the commit

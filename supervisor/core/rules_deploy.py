@@ -339,7 +339,7 @@ def on_tree_updated(state: State, commit: str) -> Decision:
 def on_tree_update_failed(state: State, error: str) -> Decision:
     if state.deploy is not None and state.deploy.kind == DeployKind.REVERT:
         return _on_reverted(state, error)
-    return on_deploy_failed(state, "tree update failed: " + error)
+    return on_deploy_failed(state, "tree update failed: " + error, box_side=True)
 
 
 def on_built(state: State) -> Decision:
@@ -417,11 +417,14 @@ def on_stopped_for_restart(state: State) -> Decision:
 # A failed deploy
 
 
-def on_deploy_failed(state: State, reason: str, for_the_fleet: bool = False) -> Decision:
-    """`for_the_fleet`: the commit itself failed (its build), not this box (a fetch, a full
-    disk): the whole group holds it."""
+def on_deploy_failed(state: State, reason: str, for_the_fleet: bool = False,
+                     box_side: bool = False) -> Decision:
+    """`for_the_fleet`: the commit itself failed (its build), not this box: the whole group
+    holds it. `box_side`: this box failed (a checkout on a full disk), not the commit: in fleet
+    mode it is tried again at the next fetch, since the group waits on it (a canary)."""
     failed = state.target
-    state = hold(state, failed)
+    if not (box_side and state.settings.fleet):
+        state = hold(state, failed)
     actions: list[Action] = [Note(NoteName.DEPLOY_FAILED, {"commit": failed, "reason": reason})]
     if state.settings.fleet:
         if for_the_fleet and failed is not None:
