@@ -47,6 +47,15 @@ def built_and_drained(harness: Harness, commit: str) -> list:
     return actions
 
 
+def on_probation_in_a_slot(harness: Harness, commit: str) -> None:
+    """Upstream moved to `commit`: cleared, built, drained, granted a slot, restarted."""
+    harness.feed(upstream(commit))
+    built_and_drained(harness, commit)
+    harness.feed(SlotGranted(commit=commit, slot=0))
+    harness.feed(ChildExited(pid=harness.state.child, signal="SIGTERM"))
+    assert harness.state.phase == Phase.PROBATION
+
+
 def test_a_new_commit_waits_for_the_groups_go_and_touches_nothing_meanwhile():
     harness = live(FLEET)
     actions = harness.feed(upstream(B))
@@ -85,10 +94,7 @@ def test_with_the_slot_the_app_restarts_and_once_healthy_the_commit_is_proven_an
 
 def test_a_commit_that_fails_its_health_gate_is_held_and_the_slot_freed_once_rolled_back():
     harness = live(FLEET)
-    harness.feed(upstream(B))
-    built_and_drained(harness, B)
-    harness.feed(SlotGranted(commit=B, slot=0))
-    harness.feed(ChildExited(pid=harness.state.child, signal="SIGTERM"))
+    on_probation_in_a_slot(harness, B)
     harness.feed(HealthProbeFailed(pid=harness.state.child, error="refused"))
     actions = harness.fire("health")
     assert [(r.commit, r.healthy) for r in of_type(actions, ReportFleet)] == [(B, False)]
@@ -180,10 +186,7 @@ def test_a_newer_commit_found_while_busy_waits_for_its_own_go():
 
 def test_a_go_that_comes_during_a_probation_deploys_once_healthy():
     harness = live(FLEET)
-    harness.feed(upstream(B))
-    built_and_drained(harness, B)
-    harness.feed(SlotGranted(commit=B, slot=0))
-    harness.feed(ChildExited(pid=harness.state.child, signal="SIGTERM"))
+    on_probation_in_a_slot(harness, B)
     harness.feed(upstream(C))
     assert harness.state.phase == Phase.PROBATION
     harness.state = replace(harness.state, awaiting=harness.state.queued, queued=None)
@@ -202,10 +205,7 @@ def test_upstream_going_back_cancels_the_wait():
 
 def test_a_rollback_by_hand_is_reported_and_needs_a_slot_but_no_go():
     harness = live(FLEET, good=(C, A))
-    harness.feed(upstream(B))
-    built_and_drained(harness, B)
-    harness.feed(SlotGranted(commit=B, slot=0))
-    harness.feed(ChildExited(pid=harness.state.child, signal="SIGTERM"))
+    on_probation_in_a_slot(harness, B)
     prove(harness)
     actions = harness.feed(RollbackRequested())
     assert ReportFleet(B, healthy=False, reason="rolled back by hand") in actions

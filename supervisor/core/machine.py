@@ -298,7 +298,8 @@ def _building(state: State, event: Event) -> Decision | None:
 
 
 def _while_building(state: State, event: Event) -> Decision | None:
-    """UPDATING and BUILDING alike: the old child serves (in place, perhaps drained already)."""
+    """UPDATING and BUILDING alike, and AWAITING_SLOT: the old child serves (in place, perhaps
+    drained already)."""
     match event:
         case StatsRead(values=values) if state.draining:
             return note_stats(state, values), []
@@ -350,13 +351,7 @@ def _awaiting_slot(state: State, event: Event) -> Decision | None:
     match event:
         case SlotGranted(commit=commit) if commit == state.target:
             return on_slot_granted(state)
-        case ChildExited(exit_code=code, signal=sig):
-            return on_exit_during_build(without_child(state), describe_exit(code, sig))
-        case TimerFired(timer=Timer.BACKOFF):
-            return on_backoff_over_during_build(state)
-        case ChildStartFailed(error=error):
-            return state, [Note(NoteName.CHILD_START_FAILED_DURING_DEPLOY, {"reason": error})]
-    return None
+    return _while_building(state, event)  # the drain is over: only its crash rules apply
 
 
 def _rolling_back(state: State, event: Event) -> Decision | None:
