@@ -14,15 +14,10 @@ import sys
 import pytest
 
 from tests.conftest import BASE_ENV
-from tests.etcdtest import EtcdCluster, need_etcd
+from tests.etcdtest import etcd_fixture
 from tests.fleet_harness import Fleet, Prober, most_at_once
 
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    need_etcd()
-    with EtcdCluster(tmp_path_factory.mktemp("etcd"), 3) as cluster:
-        yield cluster
+etcd = etcd_fixture(3, scope="module")
 
 
 @pytest.fixture

@@ -5,8 +5,7 @@ leases) in one test loop, each with a member for the app "web". What each box's 
 from __future__ import annotations
 
 import asyncio
-
-import pytest
+from collections.abc import Callable
 
 from supervisor.core.config import FleetPolicy
 from supervisor.core.events import Event, FleetCleared, FleetHeld, SlotGranted
@@ -14,17 +13,24 @@ from supervisor.core.fleet import Keys
 from supervisor.core.hostconfig import FleetConfig
 from supervisor.drivers.etcd import EtcdClient
 from supervisor.drivers.fleet import FleetAgent
-from tests.etcdtest import EtcdCluster, TcpProxy, need_etcd
+from tests.etcdtest import TcpProxy, etcd_fixture
 
 B, C = "b" * 40, "c" * 40
 WAIT = 10.0
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    need_etcd()
-    with EtcdCluster(tmp_path_factory.mktemp("etcd"), 1) as cluster:
-        yield cluster
+etcd = etcd_fixture(1, scope="module")
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = WAIT) -> None:
+    """For what the agent reports to nobody (its view of the group, a record written)."""
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.02)
+    try:
+        await asyncio.wait_for(poll(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout}s: {what}") from None
 
 
 class Box:
@@ -85,7 +91,8 @@ def test_the_canary_goes_first_and_the_others_follow_once_it_proves_the_commit(e
         # Everyone registered before asking (a box alone is its own canary).
         for box in boxes:
             box.member.publish("running", C, True, None)
-        await asyncio.sleep(0.3)
+        await until(lambda: all(len(b.agent.views["web"].boxes) == 3 for b in boxes),
+                    "every box to see the three registered")
         for box in boxes:
             box.member.await_go(B)
         assert await boxes[0].next() == FleetCleared(commit=B, why="canary")
@@ -150,7 +157,7 @@ def test_a_failure_on_one_box_holds_the_commit_for_the_others(etcd, request):
         two = Box("fra-2", etcd.endpoints, prefix_for(request), policy)
         one.member.publish("running", C, True, None)
         two.member.publish("running", C, True, None)
-        await asyncio.sleep(0.3)
+        await until(lambda: "fra-1" in two.agent.views["web"].boxes, "fra-2 to see fra-1")
         two.member.await_go(B)
         await two.line("fleet.waiting")
         one.member.record_outcome(B, False, "not healthy within 5s")
@@ -173,7 +180,8 @@ def test_a_box_cut_off_from_etcd_waits_says_why_and_goes_solo_after_the_set_time
             box = Box("fra-9", [f"http://{proxy.address}"], prefix_for(request), policy,
                       ttl=3.0, solo_after=2.0)
             await box.line("fleet.started")
-            await asyncio.sleep(0.5)
+            await until(lambda: "fra-0" in box.agent.views["web"].boxes,
+                        "fra-9 to see fra-0 registered")
             proxy.mode = "blackhole"
             box.member.await_go(B)
             facts = await box.line("fleet.unreachable")
@@ -235,10 +243,7 @@ def test_records_vanish_when_the_box_stops(etcd, request):
         box.member.publish("running", C, True, None)
         keys = Keys(prefix_for(request), "web")
         client = EtcdClient(etcd.endpoints)
-        for _ in range(100):
-            if await client.get(keys.box("a")) is not None:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: box.member.published is not None, "the box's record written")
         assert await client.get(keys.box("a")) is not None
         await box.close()
         assert await client.get(keys.box("a")) is None
@@ -263,7 +268,7 @@ def test_a_hold_after_the_go_still_reaches_the_box_and_no_slot_is_taken_for_it(e
                                              reason="exited on probation: exit code 3")
         two.member.acquire(B)  # had the machine asked before hearing of the hold
         client = EtcdClient(etcd.endpoints)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # nothing to wait for: no slot is what is checked
         assert await client.get(Keys(prefix_for(request), "web").slot(0)) is None
         await client.close()
         await one.close()

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
-import pytest
-
 from supervisor.core.config import FleetPolicy
 from supervisor.core.events import (
     AwaitFleet,
@@ -27,9 +25,9 @@ from supervisor.core.hostconfig import FleetConfig
 from supervisor.core.machine import Phase, initial_state
 from supervisor.drivers.etcd import EtcdClient, EtcdUnavailable, KeyValue
 from supervisor.drivers.fleet import FleetAgent
-from tests.etcdtest import EtcdCluster, need_etcd
+from tests.etcdtest import EtcdCluster, etcd_fixture, need_etcd
 from tests.machine_harness import B, Harness
-from tests.test_fleet_agent import Box, prefix_for, run
+from tests.test_fleet_agent import Box, prefix_for, run, until
 from tests.test_machine_fleet import FLEET, built_and_drained
 from tests.test_machine_releases import live, upstream
 
@@ -37,21 +35,7 @@ C = "c" * 40
 WAIT = 5.0
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    need_etcd()
-    with EtcdCluster(tmp_path_factory.mktemp("etcd"), 1) as cluster:
-        yield cluster
-
-
-async def until(condition: Callable[[], object], what: str, timeout: float = WAIT) -> None:
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.02)
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout}s: {what}") from None
+etcd = etcd_fixture(1, scope="module")
 
 
 # ---------------------------------------------------------------------------------------------
