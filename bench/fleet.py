@@ -62,6 +62,7 @@ from harness import (  # noqa: E402
     machine,
     memory_kb,
     run,
+    spread,
     watchdog,
     write_config,
 )
@@ -277,14 +278,6 @@ def idle(python: str, owned: Owned, etcd: EtcdCluster, scratch: Path, seconds: f
 
 # --- the report -----------------------------------------------------------------------------------
 
-def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    if not values:
-        return "n/a"
-    values = [v * scale for v in values]
-    median = statistics.median(values)
-    if len(values) == 1:
-        return f"{median:.{digits}f}"
-    return f"{median:.{digits}f} ({min(values):.{digits}f}\u2013{max(values):.{digits}f})"
 
 
 def report(results: dict[str, Any]) -> str:

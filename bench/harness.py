@@ -18,6 +18,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -53,6 +54,17 @@ class BenchError(Exception):
 
 
 # --- /proc ---------------------------------------------------------------------------------------
+
+def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """The median (min-max) of `values` times `scale`, as every results table writes it."""
+    if not values:
+        return "n/a"
+    values = [v * scale for v in values]
+    median = statistics.median(values)
+    if len(values) == 1:
+        return f"{median:.{digits}f}"
+    return f"{median:.{digits}f} ({min(values):.{digits}f}\u2013{max(values):.{digits}f})"
+
 
 def live_start_ticks(pid: int) -> int | None:
     """start_ticks of a live process; None for a zombie too: signalling it would do nothing."""

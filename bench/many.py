@@ -58,6 +58,7 @@ from harness import (
     memory_kb,
     parse_timestamp,
     running_executable,
+    spread,
     start_ticks,
     wait_http,
 )
@@ -549,14 +550,6 @@ class Bench:
 
 # --- the report -----------------------------------------------------------------------------------
 
-def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    if not values:
-        return "n/a"
-    values = [v * scale for v in values]
-    median = statistics.median(values)
-    if len(values) == 1:
-        return f"{median:.{digits}f}"
-    return f"{median:.{digits}f} ({min(values):.{digits}f}\u2013{max(values):.{digits}f})"
 
 
 def figures(raw: dict[str, Any], when: str, count: int, key: str, field: str,
@@ -585,8 +578,10 @@ def report(results: dict[str, Any]) -> str:
             "alike.", ""]
     for when, title in (("idle", f"after {results['settings']['idle']:g} s idle"),
                         ("after_deploy", "after one deploy of every app")):
-        out += [f"## Memory {title}", "",
-                "| apps | system | PSS MB | RSS MB | private MB | processes |",
+        out += [f"## Memory {title}", ""]
+        if when == "idle":  # drawn from the same results by bench/many_chart.py
+            out += ["![PSS of each tool for 1, 5 and 10 apps](many.png)", ""]
+        out += ["| apps | system | PSS MB | RSS MB | private MB | processes |",
                 "|---:|---|---:|---:|---:|---:|"]
         for count in counts:
             for key in SYSTEMS:
