@@ -156,10 +156,12 @@ def member_to_hit(soak: FleetSoak) -> tuple[int, str]:
     return index, which
 
 
-@fault("kill_member", 2)
-def kill_member(soak: FleetSoak) -> str:
+def member_in_a_rollout(soak: FleetSoak, longest: float) -> tuple[str, int, str, float]:
+    """For the member faults: draws (in this order, so a seed replays) whether a rollout runs,
+    how long the member is out, when in the rollout it is hit; pushes and waits for that
+    moment; then picks the member. (pushed, index, which, how long)."""
     during = soak.rng.random() < 0.6
-    down = soak.rng.uniform(0.5, 4.0)
+    out = soak.rng.uniform(0.5, longest)
     delay = soak.rng.uniform(0.0, 1.5)
     pushed = ""
     if during:
@@ -167,6 +169,12 @@ def kill_member(soak: FleetSoak) -> str:
         pushed = f"pushed {commit}, "
         soak.moment(commit, "slot holder", delay)
     index, which = member_to_hit(soak)
+    return pushed, index, which, out
+
+
+@fault("kill_member", 2)
+def kill_member(soak: FleetSoak) -> str:
+    pushed, index, which, down = member_in_a_rollout(soak, 4.0)
     soak.etcd.kill(index)
     time.sleep(down)
     soak.etcd.restart(index)
@@ -175,15 +183,7 @@ def kill_member(soak: FleetSoak) -> str:
 
 @fault("stop_member", 2)
 def stop_member(soak: FleetSoak) -> str:
-    during = soak.rng.random() < 0.6
-    stopped = soak.rng.uniform(0.5, 5.0)
-    delay = soak.rng.uniform(0.0, 1.5)
-    pushed = ""
-    if during:
-        commit = soak.push("good")
-        pushed = f"pushed {commit}, "
-        soak.moment(commit, "slot holder", delay)
-    index, which = member_to_hit(soak)
+    pushed, index, which, stopped = member_in_a_rollout(soak, 5.0)
     soak.etcd.stop(index)
     soak.stopped_members.add(index)
     try:
