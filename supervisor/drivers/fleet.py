@@ -66,7 +66,7 @@ class Member:
     # What the machine asks (Service._perform): recorded now, carried out by the agent.
     def await_go(self, commit: str | None) -> None:
         self.go_wanted, self.go_told = commit, None
-        self._set_waiting(None)
+        self.set_waiting(None)
         if commit is not None:
             self.agent.stale.add(self.policy.group)  # its proof or hold is read by key
         self.agent.wake()
@@ -83,7 +83,7 @@ class Member:
             if index != SOLO:
                 self.releasing.append((index, held_for, value))
             self.slot = None
-        self._set_waiting(None)
+        self.set_waiting(None)
         self.agent.wake()
 
     def record_outcome(self, commit: str, healthy: bool, reason: str) -> None:
@@ -99,7 +99,7 @@ class Member:
             self.record = record
             self.agent.wake()
 
-    def _set_waiting(self, reason: str | None) -> None:
+    def set_waiting(self, reason: str | None) -> None:
         if reason == self.waiting:
             return
         self.waiting = reason
@@ -345,7 +345,7 @@ class FleetAgent:
                 return
             self.stale.add(member.policy.group)  # someone was quicker: read again
         holders = sorted(f"{r.box} ({r.commit[:12]})" for r in view.slots.values())
-        member._set_waiting(f"a slot (all {member.policy.max_parallel} taken by "
+        member.set_waiting(f"a slot (all {member.policy.max_parallel} taken by "
                             f"{', '.join(holders) or 'others'})")
 
     def _find_strays(self, member: Member) -> None:
@@ -375,7 +375,7 @@ class FleetAgent:
     def _granted(self, member: Member, index: int, commit: str, value: bytes) -> None:
         member.slot = (index, commit, value)
         self.views[member.policy.group].slots[index] = SlotRecord(self.config.box, commit)
-        member._set_waiting(None)
+        member.set_waiting(None)
         member.log("fleet.slot_taken", {"group": member.policy.group, "slot": index,
                                         "commit": commit,
                                         "rollout": rollout_id(member.policy.group, commit)})
@@ -390,7 +390,7 @@ class FleetAgent:
                 member.held_told.add(wanted)
                 if wanted == member.go_wanted:
                     member.go_told = wanted
-                member._set_waiting(None)
+                member.set_waiting(None)
                 verdict = view.held[wanted]
                 member.post(FleetHeld(commit=wanted, box=verdict.box, reason=verdict.reason))
         commit = member.go_wanted
@@ -399,10 +399,10 @@ class FleetAgent:
         go = go_for(view, self.config.box, commit, member.policy.canary)
         if go.cleared:
             member.go_told = commit
-            member._set_waiting(None)
+            member.set_waiting(None)
             member.post(FleetCleared(commit=commit, why=go.why))
         else:
-            member._set_waiting(go.waiting)
+            member.set_waiting(go.waiting)
 
     # -----------------------------------------------------------------------------------------
     # The lease, and etcd out of reach
@@ -449,7 +449,7 @@ class FleetAgent:
         for member in self.members:
             if (member.go_wanted and member.go_told != member.go_wanted) or (
                     member.slot_wanted and member.slot is None):
-                member._set_waiting("etcd, out of reach (see fleet.unreachable)")
+                member.set_waiting("etcd, out of reach (see fleet.unreachable)")
         self._retry_soon()
 
     def _refused(self, error: EtcdError) -> None:
@@ -496,7 +496,7 @@ class FleetAgent:
                 member.log("fleet.solo", {"group": member.policy.group, "commit": commit,
                                           "for": "slot"})
                 member.post(SlotGranted(commit=commit, slot=None))
-            member._set_waiting(None)
+            member.set_waiting(None)
 
 
 def _slot_value(box: str, commit: str, token: str) -> bytes:
